@@ -1,0 +1,209 @@
+"""Calibration: forward hooks record each neuron's activation statistics on domain text.
+
+The paper's score is the mean |activation| over all calibration tokens. We accumulate
+sums (|x|, x, x²) per feature, so other criteria (Wanda, FLAP's fluctuation) and bias
+compensation reuse the same pass. Hooks never return a value: a forward pre-hook that
+returns something silently replaces the module's input.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from . import adapters as adapters_mod
+from .errors import MinigptError
+
+STATS_FILE = "calibration.safetensors"
+
+
+def _linear_modules(model):
+    from transformers.pytorch_utils import Conv1D
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+
+
+class Calibrator:
+    """Accumulates statistics over batches; `state()` is a plain dict of tensors."""
+
+    def __init__(self, model, linears: bool = True):
+        self.model = model
+        self.adapter = adapters_mod.for_model(model)
+        self.mlps = self.adapter.mlps()
+        self.acc: dict[str, torch.Tensor] = {}
+        self.n_tokens = 0
+        self._handles = []
+        for m in self.mlps:
+            w = m.width
+            for k in ("abs", "sum", "sq"):
+                self.acc[f"mlp.{m.layer}.{k}"] = torch.zeros(w, dtype=torch.float64)
+        self.linear_names = []
+        if linears:
+            for name, mod in _linear_modules(model):
+                self.linear_names.append(name)
+                self.acc[f"linear.{name}.in_abs"] = torch.zeros(_in_features(mod), dtype=torch.float64)
+                self.acc[f"linear.{name}.out_abs"] = torch.zeros(_out_features(mod), dtype=torch.float64)
+
+    # hooks -----------------------------------------------------------------------
+    def _mlp_hook(self, layer: int):
+        a, s, q = (self.acc[f"mlp.{layer}.{k}"] for k in ("abs", "sum", "sq"))
+
+        def hook(module, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            a.add_(x.abs().sum(0).double())
+            s.add_(x.sum(0).double())
+            q.add_((x * x).sum(0).double())
+            # returns None on purpose: a returned value would replace the input
+
+        return hook
+
+    def _linear_hook(self, name: str):
+        i, o = self.acc[f"linear.{name}.in_abs"], self.acc[f"linear.{name}.out_abs"]
+
+        def hook(module, args, output):
+            x = args[0].detach()
+            i.add_(x.float().abs().reshape(-1, x.shape[-1]).sum(0).double())
+            y = output.detach()
+            o.add_(y.float().abs().reshape(-1, y.shape[-1]).sum(0).double())
+
+        return hook
+
+    def attach(self) -> "Calibrator":
+        for m in self.mlps:
+            self._handles.append(m.out.module.register_forward_pre_hook(self._mlp_hook(m.layer)))
+        modules = dict(self.model.named_modules())
+        for name in self.linear_names:
+            self._handles.append(modules[name].register_forward_hook(self._linear_hook(name)))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self):
+        return self.attach()
+
+    def __exit__(self, *exc):
+        self.detach()
+
+    @torch.no_grad()
+    def run_batch(self, batch: torch.Tensor) -> None:
+        device = next(self.model.parameters()).device
+        self.model(input_ids=batch.to(device), use_cache=False)
+        self.n_tokens += batch.numel()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return dict(self.acc)
+
+
+def calibrate(model, calib_blocks: torch.Tensor, batch_size: int, progress=None, linears: bool = True,
+              start_batch: int = 0, resume_state: dict | None = None, on_batch=None) -> "Stats":
+    """Run the calibration blocks through the model with hooks attached.
+
+    `resume_state`/`start_batch` continue a partial pass (written by `on_batch`), which
+    makes the result bit-identical to an uninterrupted one.
+    """
+    if calib_blocks.numel() == 0:
+        raise MinigptError("no calibration tokens", "use a larger corpus or a smaller calibrate.block_size")
+    cal = Calibrator(model, linears=linears)
+    if resume_state:
+        for k, v in resume_state.items():
+            if k in cal.acc:
+                cal.acc[k].copy_(v)
+        cal.n_tokens = int(resume_state["n_tokens"].item())
+    n = calib_blocks.shape[0]
+    batches = [calib_blocks[i:i + batch_size] for i in range(0, n, batch_size)]
+    total = calib_blocks.numel()
+    t0 = time.perf_counter()
+    done0 = cal.n_tokens
+    with cal:
+        for bi in range(start_batch, len(batches)):
+            cal.run_batch(batches[bi])
+            if progress:
+                dt = time.perf_counter() - t0
+                rate = (cal.n_tokens - done0) / dt if dt > 0 else 0.0
+                progress(cal.n_tokens, total, rate)
+            if on_batch:
+                on_batch(bi + 1, {**cal.state(), "n_tokens": torch.tensor(cal.n_tokens)})
+    return Stats(cal.state(), cal.n_tokens)
+
+
+def token_counts(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    return torch.bincount(ids.flatten(), minlength=vocab_size)[:max(vocab_size, int(ids.max()) + 1)]
+
+
+class Stats:
+    """Calibration statistics: per-feature sums over `n_tokens` tokens, plus token counts."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], n_tokens: int, meta: dict | None = None):
+        self.t = tensors
+        self.n_tokens = n_tokens
+        self.meta = meta or {}
+
+    def mlp_layers(self) -> list[int]:
+        return sorted({int(k.split(".")[1]) for k in self.t if k.startswith("mlp.")})
+
+    def mlp_mean_abs(self, layer: int) -> torch.Tensor:
+        return self.t[f"mlp.{layer}.abs"] / self.n_tokens
+
+    def mlp_mean(self, layer: int) -> torch.Tensor:
+        return self.t[f"mlp.{layer}.sum"] / self.n_tokens
+
+    def mlp_mean_sq(self, layer: int) -> torch.Tensor:
+        return self.t[f"mlp.{layer}.sq"] / self.n_tokens
+
+    def linear_in(self, name: str) -> torch.Tensor | None:
+        t = self.t.get(f"linear.{name}.in_abs")
+        return None if t is None else t / self.n_tokens
+
+    def linear_out(self, name: str) -> torch.Tensor | None:
+        t = self.t.get(f"linear.{name}.out_abs")
+        return None if t is None else t / self.n_tokens
+
+    @property
+    def token_counts(self) -> torch.Tensor | None:
+        return self.t.get("token_counts")
+
+    def save(self, folder: Path) -> Path:
+        from safetensors.torch import save_file
+
+        from . import atomic
+
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / STATS_FILE
+        tmp = folder / f".{STATS_FILE}.tmp"
+        save_file({k: v.contiguous() for k, v in self.t.items()}, str(tmp),
+                  metadata={"n_tokens": str(self.n_tokens), "meta": json.dumps(self.meta)})
+        import os
+
+        os.replace(tmp, path)
+        atomic.write_json(folder / "calibration.json", {"n_tokens": self.n_tokens, **self.meta})
+        return path
+
+    @classmethod
+    def load(cls, folder: Path) -> "Stats":
+        from safetensors import safe_open
+
+        path = Path(folder) / STATS_FILE
+        if not path.exists():
+            raise MinigptError(f"no calibration statistics in {folder}", "run the calibrate stage first")
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise MinigptError(f"calibration statistics {path} are corrupt ({e})",
+                               "delete the file and rerun: minigpt calibrate SESSION") from None
+        return cls(tensors, int(meta.get("n_tokens", 0)), json.loads(meta.get("meta", "{}")))
+
+
+def _in_features(mod) -> int:
+    return mod.in_features if isinstance(mod, torch.nn.Linear) else mod.weight.shape[0]
+
+
+def _out_features(mod) -> int:
+    return mod.out_features if isinstance(mod, torch.nn.Linear) else mod.weight.shape[1]

@@ -1,0 +1,231 @@
+"""Run configuration: typed sections, strict TOML loading, round-trip dumping.
+
+Every key is checked on load, so a typo fails before a 30-minute calibration, with a
+message naming the key and the accepted ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from .errors import MinigptError
+
+EMBEDDED_DEFAULT = "embedded:smollm2"
+
+
+@dataclass
+class ModelConfig:
+    source: str = EMBEDDED_DEFAULT  # hub id, local folder, .gguf file, or embedded:smollm2
+    gguf_file: str = ""  # file name inside `source` when it is a folder or hub repo with GGUF files
+    revision: str = ""
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin:licenses"  # builtin:NAME, hub id, or local file/folder
+    name: str = ""  # hub dataset config (subset)
+    split: str = "train"
+    column: str = "text"
+    template: str = ""  # e.g. "{en}\n{ch}"; overrides column
+    max_documents: int = 0  # 0 = all
+    seed: int = 0
+    calibrate_fraction: float = 0.4
+    finetune_fraction: float = 0.4
+    evaluate_fraction: float = 0.2
+
+
+@dataclass
+class CalibrateConfig:
+    block_size: int = 2048  # capped by the model's context
+    max_tokens: int = 65536
+    batch_size: int = 2
+
+
+@dataclass
+class PruneConfig:
+    mode: str = "structural"  # structural (weights removed) | mask (paper: zeroed, shapes kept)
+    rule: str = "threshold"  # threshold (score <= activation_threshold) | ratio
+    criterion: str = "paper"  # paper: mean |activation|
+    activation_threshold: float = 1e-3
+    linear_threshold: float = -1.0  # < 0: off. MLP rows/cols (structural), every linear (mask)
+    embedding_threshold: float = -1.0  # < 0: off. 0 prunes tokens never seen in the domain
+    ratio: float = 0.3  # fraction of MLP neurons removed with rule = "ratio"
+    allocation: str = "per_layer"  # per_layer | global (ratio rule)
+    min_keep: int = 8  # neurons kept in every MLP at least
+    allow_layer_collapse: bool = False  # clamp to min_keep instead of failing
+    round_to: int = 1  # kept widths rounded to a multiple of this
+
+
+@dataclass
+class FinetuneConfig:
+    enabled: bool = False
+    lr: float = 5e-5
+    betas: tuple = (0.9, 0.999)
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    batch_size: int = 4
+    block_size: int = 512
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    max_steps: int = 200
+    max_epochs: float = 0.0  # 0 = no epoch limit
+    eval_every: int = 50
+    target_ppl_ratio: float = 1.0  # stop once held-out ppl <= ratio x base ppl
+    checkpoint_every: int = 50
+    gradient_checkpointing: bool = False
+    lora_rank: int = 0  # > 0: LoRA via peft, merged before saving
+    lora_alpha: float = 16.0
+
+
+@dataclass
+class EvaluateConfig:
+    block_size: int = 512
+    stride: int = 0  # 0 = non-overlapping blocks; > 0 = sliding window
+    max_tokens: int = 16384
+    batch_size: int = 4
+    mcq_files: list = field(default_factory=list)
+    mcq_generate: int = 0  # sentence-completion questions generated from held-out text
+    evaluate_base: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = ""
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def validate(self) -> "RunConfig":
+        p = self.prune
+        _choice("prune.mode", p.mode, ("structural", "mask"))
+        _choice("prune.rule", p.rule, ("threshold", "ratio"))
+        _choice("prune.allocation", p.allocation, ("per_layer", "global"))
+        _choice("model.dtype", self.model.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _choice("finetune.schedule", self.finetune.schedule, ("cosine", "linear", "constant"))
+        if not (0.0 <= p.ratio < 1.0):
+            raise MinigptError(f"prune.ratio = {p.ratio} is outside [0, 1)", "use a fraction such as 0.3")
+        if p.min_keep < 1:
+            raise MinigptError("prune.min_keep must be at least 1", "set prune.min_keep = 8")
+        if p.round_to < 1:
+            raise MinigptError("prune.round_to must be at least 1", "use 1, 8 or 64")
+        d = self.data
+        fr = (d.calibrate_fraction, d.finetune_fraction, d.evaluate_fraction)
+        if min(fr) < 0 or d.calibrate_fraction <= 0 or d.evaluate_fraction <= 0 or sum(fr) > 1.0 + 1e-9:
+            raise MinigptError(
+                f"data fractions {fr} are invalid",
+                "calibrate and evaluate must be > 0 and the three must sum to at most 1",
+            )
+        for name, v in (("calibrate.block_size", self.calibrate.block_size),
+                        ("evaluate.block_size", self.evaluate.block_size),
+                        ("calibrate.batch_size", self.calibrate.batch_size),
+                        ("evaluate.batch_size", self.evaluate.batch_size)):
+            if v < 1:
+                raise MinigptError(f"{name} = {v} must be positive", f"set {name} to e.g. 512")
+        return self
+
+    def to_dict(self) -> dict:
+        return _strip(dataclasses.asdict(self))
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+
+def _choice(key: str, value: str, allowed: tuple) -> None:
+    if value not in allowed:
+        raise MinigptError(f"{key} = {value!r} is not valid", f"use one of: {', '.join(allowed)}")
+
+
+def _strip(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return list(obj)
+    return obj
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise MinigptError(f"[{where}] must be a table", f"write it as [{where}] with key = value lines")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise MinigptError(
+            f"unknown config key {prefix}{unknown[0]}",
+            f"valid keys{' in [' + where + ']' if where else ''}: {', '.join(sorted(known))}",
+        )
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key)
+        else:
+            kwargs[name] = _coerce(key, hint, value)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, hint, value):
+    base = get_origin(hint) or hint
+    if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if base is tuple and isinstance(value, list):
+        return tuple(value)
+    if base in (int, str, bool, list) and isinstance(value, base) and not (base is int and isinstance(value, bool)):
+        return value
+    raise MinigptError(
+        f"config key {key} = {value!r} has the wrong type",
+        f"it must be a {getattr(base, '__name__', base)}",
+    )
+
+
+def from_dict(data: dict) -> RunConfig:
+    return _build(RunConfig, data, "").validate()
+
+
+def load(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise MinigptError(f"config file {path} not found", "pass the path to a .toml file (see configs/)")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise MinigptError(f"config {path} is not valid TOML ({e})", "fix the syntax at the position shown") from None
+    return from_dict(data)
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply `section.key=value` overrides (value parsed as TOML, else taken as a string)."""
+    data = cfg.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise MinigptError(f"override {item!r} has no '='", "write it as section.key=value, e.g. prune.ratio=0.3")
+        key, raw = item.split("=", 1)
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                raise MinigptError(f"unknown config section {p!r} in override {item!r}",
+                                   f"sections: {', '.join(k for k, v in data.items() if isinstance(v, dict))}")
+            node = node[p]
+        node[parts[-1]] = value
+    return from_dict(data)

@@ -1,0 +1,175 @@
+"""Domain data: load documents, split them (seeded, by document), tokenize and pack.
+
+The three splits are disjoint at the document level, so held-out perplexity never sees
+a calibration or fine-tuning token, nor another copy of the same document.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import DataConfig
+from .errors import MinigptError
+
+SPLITS = ("calibrate", "finetune", "evaluate")
+_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
+             ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+
+
+def load_documents(cfg: DataConfig) -> list[str]:
+    src = cfg.source.strip()
+    if src.startswith("builtin:"):
+        from .corpora import load_builtin
+
+        docs = load_builtin(src.split(":", 1)[1])
+    else:
+        docs = _from_dataset(cfg)
+    docs = [d for d in docs if d and d.strip()]
+    if cfg.max_documents:
+        docs = docs[: cfg.max_documents]
+    if not docs:
+        raise MinigptError(f"corpus {src!r} is empty (no non-blank text)",
+                           "check data.source, data.split and data.column")
+    return docs
+
+
+def _from_dataset(cfg: DataConfig) -> list[str]:
+    import datasets
+
+    path = Path(cfg.source).expanduser()
+    try:
+        if path.exists():
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in _BUILDERS) if path.is_dir() else [path]
+            if not files:
+                raise MinigptError(f"no data files in {path}",
+                                   f"supported: {', '.join(sorted(_BUILDERS))}")
+            kinds = {_BUILDERS.get(p.suffix.lower()) for p in files}
+            if None in kinds or len(kinds) != 1:
+                raise MinigptError(f"cannot read {path}: mixed or unsupported file types",
+                                   f"use one of {', '.join(sorted(_BUILDERS))}")
+            builder = kinds.pop()
+            kwargs = {}
+            if builder == "text":
+                kwargs["sample_by"] = "document"
+            if files[0].suffix.lower() == ".tsv":
+                kwargs["delimiter"] = "\t"
+            ds = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **kwargs)
+            if builder == "text" and cfg.column == "text" and not cfg.template:
+                pass
+        elif cfg.source.startswith((".", "/", "~")):
+            raise MinigptError(f"data path {cfg.source} not found", "check data.source")
+        else:
+            ds = datasets.load_dataset(cfg.source, cfg.name or None, split=cfg.split)
+    except MinigptError:
+        raise
+    except (FileNotFoundError, ConnectionError, OSError) as e:
+        raise MinigptError(f"cannot load dataset {cfg.source!r}: {str(e).splitlines()[0][:200]}",
+                           "check the hub id and network, or download it and give a local path") from None
+    except ValueError as e:
+        raise MinigptError(f"cannot load dataset {cfg.source!r}: {str(e).splitlines()[0][:200]}",
+                           "check data.name (subset) and data.split") from None
+    except Exception as e:  # datasets raises many types (DatasetNotFoundError, builder errors)
+        raise MinigptError(f"cannot load dataset {cfg.source!r}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+                           "check the hub id, subset and split, or give a local file") from None
+    return texts_from_rows(ds, cfg)
+
+
+def texts_from_rows(ds, cfg: DataConfig) -> list[str]:
+    columns = list(ds.column_names)
+    if cfg.template:
+        import string
+
+        needed = [f for _, f, _, _ in string.Formatter().parse(cfg.template) if f]
+        missing = [f for f in needed if f not in columns]
+        if missing:
+            raise MinigptError(f"data.template uses column {missing[0]!r}, which the dataset lacks",
+                               f"columns are: {', '.join(map(str, columns))}")
+        return [cfg.template.format_map({k: ("" if row[k] is None else row[k]) for k in needed}) for row in ds]
+    if cfg.column not in columns:
+        raise MinigptError(f"column {cfg.column!r} is not in the dataset",
+                           f"set data.column to one of: {', '.join(map(str, columns))} (or data.template)")
+    return [str(t) for t in ds[cfg.column] if t is not None]
+
+
+def split_documents(docs: list[str], cfg: DataConfig) -> dict[str, list[str]]:
+    """Seeded, document-level split by character share (greedy: most-behind split first)."""
+    order = list(range(len(docs)))
+    random.Random(cfg.seed).shuffle(order)
+    target = {"calibrate": cfg.calibrate_fraction, "finetune": cfg.finetune_fraction,
+              "evaluate": cfg.evaluate_fraction}
+    if len(docs) < 2:
+        raise MinigptError(f"corpus has {len(docs)} document(s); held-out evaluation needs at least 2",
+                           "add documents, or split your text into several files/rows")
+    out: dict[str, list[str]] = {s: [] for s in SPLITS}
+    chars = {s: 0 for s in SPLITS}
+    total = 0
+    # the two splits that must not be empty get the first documents
+    for s in ("evaluate", "calibrate"):
+        d = docs[order.pop(0)]
+        out[s].append(d)
+        chars[s] += len(d)
+        total += len(d)
+        if not order:
+            break
+    for i in order:
+        d = docs[i]
+        total += len(d)
+        s = min((s for s in SPLITS if target[s] > 0), key=lambda s: chars[s] / total - target[s])
+        out[s].append(d)
+        chars[s] += len(d)
+    return out
+
+
+def tokenize(tokenizer, docs: list[str], max_tokens: int = 0):
+    """Concatenate documents into one id stream, separated by EOS (or BOS)."""
+    import torch
+
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+    ids: list[int] = []
+    batch = 64
+    for i in range(0, len(docs), batch):
+        for row in tokenizer(docs[i:i + batch], add_special_tokens=False)["input_ids"]:
+            ids.extend(row)
+            if sep is not None:
+                ids.append(sep)
+        if max_tokens and len(ids) >= max_tokens:
+            break
+    if max_tokens:
+        ids = ids[:max_tokens]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def blocks(ids, block_size: int):
+    """Pack a stream into [n, block_size] non-overlapping blocks (the tail is dropped)."""
+    n = ids.numel() // block_size
+    return ids[: n * block_size].view(n, block_size)
+
+
+def model_context(model) -> int:
+    c = model.config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        v = getattr(c, key, None)
+        if v:
+            return int(v)
+    return 2048
+
+
+@dataclass
+class DomainData:
+    """The tokenized splits of a corpus (document-disjoint)."""
+
+    calibrate: object
+    finetune: object
+    evaluate: object
+    eval_texts: list
+
+    @classmethod
+    def build(cls, cfg: DataConfig, tokenizer, max_calib: int = 0, max_eval: int = 0, max_finetune: int = 0):
+        docs = load_documents(cfg)
+        parts = split_documents(docs, cfg)
+        return cls(calibrate=tokenize(tokenizer, parts["calibrate"], max_calib),
+                   finetune=tokenize(tokenizer, parts["finetune"], max_finetune),
+                   evaluate=tokenize(tokenizer, parts["evaluate"], max_eval),
+                   eval_texts=parts["evaluate"])

@@ -1,0 +1,116 @@
+"""Saving and loading Mini-GPTs.
+
+A saved model is a normal HF folder (safetensors + config + tokenizer). The per-layer
+MLP widths are recorded in config.json as `minigpt_mlp_widths`. Uniform widths are
+also written to the family's own width field, so stock `from_pretrained` loads them;
+non-uniform widths (which stock transformers cannot load: it fails, or silently
+re-initialises the MLPs with `ignore_mismatched_sizes`) load through `load_model`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from . import adapters as adapters_mod
+from . import atomic
+from .errors import MinigptError
+
+WIDTHS_KEY = "minigpt_mlp_widths"
+
+
+def is_minigpt_model(source: str) -> bool:
+    cfg = Path(source) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return WIDTHS_KEY in json.loads(cfg.read_text())
+    except ValueError:
+        return False
+
+
+def save_model(model, tokenizer, folder: str | os.PathLike, meta: dict | None = None) -> Path:
+    """Write model + tokenizer atomically (temp folder, then rename)."""
+    folder = Path(folder)
+    adapter = adapters_mod.for_model(model)
+    widths = adapter.widths()
+    cfg = model.config
+    adapter.set_config_width(cfg, widths[0] if len(set(widths)) == 1 else max(widths))
+    setattr(cfg, WIDTHS_KEY, widths)
+    if meta:
+        setattr(cfg, "minigpt", meta)
+    model.hf_quantizer = None
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    atomic.replace_dir(tmp, folder)
+    return folder
+
+
+def load_model(folder: str | os.PathLike, dtype=torch.float32, device="cpu"):
+    """Load a saved Mini-GPT, whatever its per-layer widths; logits equal the saved model's."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    folder = Path(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise MinigptError(f"cannot read saved model {folder}: {e}", "re-export the model") from None
+    adapter_cls = adapters_mod.for_config(config)
+    widths = getattr(config, WIDTHS_KEY, None)
+    if widths is None or len(set(widths)) == 1:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    adapter = adapter_cls(model)
+    for m, w in zip(adapter.mlps(), widths):
+        _resize(m, int(w), dtype)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise MinigptError(f"no safetensors weights in {folder}", "re-export the model")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if "lm_head" in k and getattr(config, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        raise MinigptError(f"saved model {folder} does not match its config "
+                           f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})",
+                           "re-export the model")
+    model.tie_weights()
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _resize(m: adapters_mod.MLP, width: int, dtype) -> None:
+    """Give an MLP's projections the saved width (weights are loaded right after)."""
+    for p in m.ins:
+        _new_shape(m.owner, p, width, p.out_axis, dtype)
+    _new_shape(m.owner, m.out, width, m.out.in_axis, dtype)
+    if hasattr(m.owner, "intermediate_size"):
+        m.owner.intermediate_size = width
+
+
+def _new_shape(owner, proj: adapters_mod.Proj, width: int, axis: int, dtype) -> None:
+    mod = proj.module
+    shape = list(mod.weight.shape)
+    shape[axis] = width
+    mod.weight = torch.nn.Parameter(torch.empty(shape, dtype=dtype))
+    if getattr(mod, "bias", None) is not None and axis == proj.out_axis:
+        mod.bias = torch.nn.Parameter(torch.empty(width, dtype=dtype))
+    if isinstance(mod, torch.nn.Linear):
+        mod.out_features, mod.in_features = shape
+    else:
+        mod.nf = shape[1]

@@ -1,0 +1,264 @@
+"""Choosing and removing MLP neurons (structural), or zeroing them (mask, the paper's way).
+
+Structural pruning slices the tensors: gate/up (fc1, c_fc) lose rows with their bias
+entries, down (fc2, c_proj) loses columns. Mask mode keeps every shape and zeroes the
+same weights, which reproduces the paper and gives identical logits for the same neurons.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import adapters as adapters_mod
+from .calibrate import Stats
+from .config import PruneConfig
+from .errors import MinigptError
+
+
+# ---- scores ------------------------------------------------------------------------
+def neuron_scores(model, stats: Stats, criterion: str = "paper") -> list[torch.Tensor]:
+    """One score per MLP neuron and layer; low scores are pruned first."""
+    from . import criteria
+
+    return criteria.scores(model, stats, criterion)
+
+
+# ---- selection ---------------------------------------------------------------------
+@dataclass
+class Plan:
+    """Neurons kept per MLP layer (sorted indices into the current width)."""
+
+    keep: list[torch.Tensor]
+    widths_before: list[int]
+
+    @property
+    def widths_after(self) -> list[int]:
+        return [int(k.numel()) for k in self.keep]
+
+
+def select(model, stats: Stats, cfg: PruneConfig) -> Plan:
+    adapter = adapters_mod.for_model(model)
+    mlps = adapter.mlps()
+    widths = [m.width for m in mlps]
+    scores = neuron_scores(model, stats, cfg.criterion)
+    if cfg.rule == "threshold":
+        prune = [s <= cfg.activation_threshold for s in scores]
+        if cfg.linear_threshold >= 0:
+            for i, m in enumerate(mlps):
+                for p in m.ins:
+                    out = stats.linear_out(p.name)
+                    if out is not None:
+                        prune[i] |= out.to(prune[i].device) <= cfg.linear_threshold
+        keep_n = [int((~p).sum()) for p in prune]
+        order = [torch.argsort(s, descending=True, stable=True) for s in scores]
+        keep = []
+        for i, (p, s) in enumerate(zip(prune, scores)):
+            keep.append(torch.nonzero(~p).flatten())
+    else:
+        keep_n = _ratio_counts(scores, widths, cfg)
+        order = [torch.argsort(s, descending=True, stable=True) for s in scores]
+        keep = [o[:k] for o, k in zip(order, keep_n)]
+    # minimum width and rounding
+    final = []
+    for i, (k, o, w) in enumerate(zip(keep, order, widths)):
+        n = k.numel()
+        if n < cfg.min_keep:
+            if not cfg.allow_layer_collapse:
+                what = (f"activation_threshold = {cfg.activation_threshold:g}" if cfg.rule == "threshold"
+                        else f"ratio = {cfg.ratio:g}")
+                raise MinigptError(
+                    f"prune.{what} would leave layer {i} ({mlps[i].name}) with {n} of {w} neurons (minimum {cfg.min_keep})",
+                    "lower the threshold, or set prune.allow_layer_collapse = true to keep the top min_keep neurons")
+            k = o[: min(cfg.min_keep, w)]
+        n = k.numel()
+        target = min(w, int(math.ceil(n / cfg.round_to) * cfg.round_to))
+        if target != n:  # rounding up adds back the best-scoring pruned neurons
+            kept = set(k.tolist())
+            extra = [j for j in o.tolist() if j not in kept][: target - n]
+            k = torch.tensor(sorted(kept | set(extra)), dtype=torch.long)
+        final.append(torch.sort(k).values)
+    return Plan(final, widths)
+
+
+def _ratio_counts(scores, widths, cfg: PruneConfig) -> list[int]:
+    if cfg.allocation == "per_layer":
+        return [w - int(round(cfg.ratio * w)) for w in widths]
+    # global: rank scores normalised by their layer mean (layers differ in scale)
+    norm = torch.cat([s / s.mean().clamp_min(1e-12) for s in scores])
+    n_remove = int(round(cfg.ratio * norm.numel()))
+    if n_remove == 0:
+        return list(widths)
+    cut = torch.sort(norm).values[n_remove - 1]
+    counts, start, removed = [], 0, 0
+    below = [(s / s.mean().clamp_min(1e-12)) <= cut for s in scores]
+    # ties at the cut could over-remove; trim them in layer order
+    excess = int(sum(b.sum() for b in below)) - n_remove
+    for b, w in zip(below, widths):
+        r = int(b.sum())
+        if excess > 0:
+            d = min(excess, r)
+            r -= d
+            excess -= d
+        counts.append(w - r)
+    return counts
+
+
+def plan_from_masks(keep: list[torch.Tensor], widths: list[int]) -> Plan:
+    return Plan([torch.sort(k).values for k in keep], widths)
+
+
+# ---- application -------------------------------------------------------------------
+def _param_count(mods) -> int:
+    return sum(p.numel() for m in mods for p in m.parameters(recurse=False))
+
+
+def _slice_proj(proj: adapters_mod.Proj, idx: torch.Tensor, axis: int):
+    """Replace proj.module's weight/bias with the slices along `axis` (in place on the module)."""
+    mod = proj.module
+    w = mod.weight.data.index_select(axis, idx.to(mod.weight.device)).clone()
+    mod.weight = torch.nn.Parameter(w, requires_grad=mod.weight.requires_grad)
+    b = getattr(mod, "bias", None)
+    if b is not None and axis == proj.out_axis:
+        mod.bias = torch.nn.Parameter(b.data.index_select(0, idx.to(b.device)).clone(), requires_grad=b.requires_grad)
+    if isinstance(mod, torch.nn.Linear):
+        mod.out_features, mod.in_features = mod.weight.shape
+    else:  # Conv1D keeps nf = output features
+        mod.nf = mod.weight.shape[1]
+
+
+def apply_structural(model, plan: Plan) -> None:
+    adapter = adapters_mod.for_model(model)
+    for m, keep in zip(adapter.mlps(), plan.keep):
+        if keep.numel() == m.width:
+            continue
+        for p in m.ins:
+            _slice_proj(p, keep, p.out_axis)
+        _slice_proj(m.out, keep, m.out.in_axis)
+        if hasattr(m.owner, "intermediate_size"):
+            m.owner.intermediate_size = int(keep.numel())
+    widths = adapter.widths()
+    if len(set(widths)) == 1:
+        adapter.set_config_width(model.config, widths[0])
+
+
+def mlp_masks(model, plan: Plan) -> dict[str, torch.Tensor]:
+    """Boolean keep-masks for every MLP parameter, shaped like the parameter."""
+    adapter = adapters_mod.for_model(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    masks = {}
+    for m, keep in zip(adapter.mlps(), plan.keep):
+        sel = torch.zeros(m.width, dtype=torch.bool)
+        sel[keep] = True
+        for p in m.ins:
+            w = p.module.weight
+            masks[names[id(w)]] = _expand(sel, w.shape, p.out_axis)
+            if p.bias is not None:
+                masks[names[id(p.bias)]] = sel.clone()
+        w = m.out.module.weight
+        masks[names[id(w)]] = _expand(sel, w.shape, m.out.in_axis)
+    return masks
+
+
+def _expand(sel: torch.Tensor, shape, axis: int) -> torch.Tensor:
+    view = [1, 1]
+    view[axis] = -1
+    return sel.view(view).expand(shape).clone()
+
+
+def linear_masks(model, stats: Stats, threshold: float) -> dict[str, torch.Tensor]:
+    """The paper's linear rule (mask mode): zero input columns and output rows whose mean |x| <= ε."""
+    from .calibrate import _linear_modules
+
+    masks = {}
+    for name, mod in _linear_modules(model):
+        xin, xout = stats.linear_in(name), stats.linear_out(name)
+        if xin is None:
+            continue
+        tr = not isinstance(mod, torch.nn.Linear)
+        w = mod.weight
+        keep = torch.ones(w.shape, dtype=torch.bool)
+        in_axis, out_axis = (0, 1) if tr else (1, 0)
+        keep &= _expand(xin > threshold, w.shape, in_axis)
+        keep &= _expand(xout > threshold, w.shape, out_axis)
+        masks[f"{name}.weight"] = keep
+        if getattr(mod, "bias", None) is not None:
+            masks[f"{name}.bias"] = xout > threshold
+    return masks
+
+
+def embedding_masks(model, tokenizer, counts: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
+    """The paper's embedding rule (mask mode): zero rows of tokens with frequency <= ε_emb."""
+    freq = counts.double() / counts.sum().clamp_min(1)
+    keep = freq > threshold
+    for tid in tokenizer.all_special_ids:
+        if 0 <= tid < keep.numel():
+            keep[tid] = True
+    names = {id(p): n for n, p in model.named_parameters()}
+    masks = {}
+    for mod in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if mod is None:
+            continue
+        w = mod.weight
+        sel = torch.ones(w.shape[0], dtype=torch.bool)
+        sel[: keep.numel()] = keep[: w.shape[0]]
+        masks[names[id(w)]] = sel.view(-1, 1).expand(w.shape).clone()
+    return masks
+
+
+def merge_masks(*dicts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out[k] & v if k in out else v
+    return out
+
+
+@torch.no_grad()
+def apply_masks(model, masks: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for name, keep in masks.items():
+        p = params[name]
+        p.mul_(keep.to(device=p.device, dtype=p.dtype))
+
+
+# ---- report ------------------------------------------------------------------------
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_nonzero(model) -> int:
+    return sum(int(torch.count_nonzero(p)) for p in model.parameters())
+
+
+def layer_report(model, widths_before: list[int], params_before_total: int, mode: str,
+                 mlp_params_before: list[int]) -> dict:
+    adapter = adapters_mod.for_model(model)
+    rows = []
+    for m, wb, pb in zip(adapter.mlps(), widths_before, mlp_params_before):
+        mods = [p.module for p in m.ins] + [m.out.module]
+        if mode == "mask":
+            sel = m.out.module.weight.abs().sum(m.out.out_axis) != 0
+            after = int(sel.sum())
+            pa = sum(int(torch.count_nonzero(p)) for mod in mods for p in mod.parameters(recurse=False))
+        else:
+            after = m.width
+            pa = _param_count(mods)
+        rows.append({"layer": m.layer, "module": m.name, "neurons_before": wb, "neurons_after": after,
+                     "params_before": pb, "params_after": pa,
+                     "pct_removed": round(100.0 * (pb - pa) / pb, 2) if pb else 0.0})
+    total_after = count_nonzero(model) if mode == "mask" else count_params(model)
+    totals = {"params_before": params_before_total, "params_after": total_after,
+              "pct_removed": round(100.0 * (params_before_total - total_after) / params_before_total, 2),
+              "neurons_before": sum(widths_before), "neurons_after": sum(r["neurons_after"] for r in rows)}
+    if mode == "mask":
+        totals["nonzero_params_after"] = total_after
+        totals["stored_params"] = count_params(model)
+    return {"mode": mode, "rows": rows, "totals": totals}
+
+
+def mlp_param_counts(model) -> list[int]:
+    adapter = adapters_mod.for_model(model)
+    return [_param_count([p.module for p in m.ins] + [m.out.module]) for m in adapter.mlps()]

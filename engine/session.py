@@ -1,0 +1,224 @@
+"""Session store: one folder per run, holding config, events, state and artefacts.
+
+Torch-free: the app lists and watches sessions without loading any ML library. The
+runner holds an exclusive flock on `runner.lock` for as long as it runs; a session whose
+state says "running" while nobody holds the lock is reported as "disconnected".
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import atomic
+from . import config as config_mod
+from .errors import MinigptError
+from .events import EVENTS_FILE, EventWriter, read_events
+
+STAGES = ("baseline", "calibrate", "prune", "finetune", "evaluate")
+STATE_FILE = "state.json"
+CONFIG_FILE = "config.toml"
+LOCK_FILE = "runner.lock"
+RESULTS_FILE = "results.json"
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("MINIGPT_SESSIONS", "sessions"))
+
+
+def _slug(text: str) -> str:
+    text = text.rsplit("/", 1)[-1].replace("embedded:", "").replace("builtin:", "")
+    text = re.sub(r"\.gguf$", "", text)
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:24] or "run"
+
+
+@dataclass
+class Session:
+    path: Path
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    # ---- files ---------------------------------------------------------------
+    @property
+    def events_path(self) -> Path:
+        return self.path / EVENTS_FILE
+
+    @property
+    def stats_dir(self) -> Path:
+        return self.path / "stats"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    def config(self) -> config_mod.RunConfig:
+        try:
+            return config_mod.load(self.path / CONFIG_FILE)
+        except MinigptError as e:
+            raise MinigptError(f"session {self.id} is corrupt: {e.problem}",
+                               f"repair or delete {self.path / CONFIG_FILE}") from None
+
+    def state(self) -> dict:
+        path = self.path / STATE_FILE
+        try:
+            state = json.loads(path.read_text())
+            if not isinstance(state, dict):
+                raise ValueError
+        except FileNotFoundError:
+            return {"status": "new", "stage": None, "completed_stages": []}
+        except (ValueError, UnicodeDecodeError):
+            raise MinigptError(f"session {self.id} is corrupt: {STATE_FILE} is not valid JSON",
+                               f"delete {path} to reset its state (stages will be redone)") from None
+        state.setdefault("completed_stages", [])
+        return state
+
+    def update_state(self, **changes: Any) -> dict:
+        state = self.state()
+        state.update(changes, updated=time.time())
+        atomic.write_json(self.path / STATE_FILE, state)
+        return state
+
+    def results(self) -> dict:
+        try:
+            return json.loads((self.path / RESULTS_FILE).read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def write_results(self, results: dict) -> None:
+        atomic.write_json(self.path / RESULTS_FILE, results)
+
+    def events(self) -> list[dict]:
+        return read_events(self.events_path)
+
+    def writer(self) -> EventWriter:
+        return EventWriter(self.events_path)
+
+    # ---- liveness ------------------------------------------------------------
+    def runner_alive(self) -> bool:
+        """True while some process holds the runner lock."""
+        lock = self.path / LOCK_FILE
+        if not lock.exists():
+            return False
+        with open(lock, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+
+    def status(self) -> str:
+        """new | running | stopped | failed | done | disconnected."""
+        state = self.state()
+        status = state.get("status", "new")
+        if status in ("running", "stopping") and not self.runner_alive():
+            return "disconnected"
+        return status
+
+    def acquire(self) -> "RunnerLock":
+        return RunnerLock(self.path / LOCK_FILE, self.id)
+
+
+class RunnerLock:
+    """Exclusive, process-lifetime lock: the kernel drops it when the runner dies."""
+
+    def __init__(self, path: Path, session_id: str):
+        self.path = path
+        self.session_id = session_id
+        self._f = None
+
+    def __enter__(self) -> "RunnerLock":
+        self._f = open(self.path, "a+")
+        try:
+            fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._f.close()
+            raise MinigptError(f"session {self.session_id} is already being run by another process",
+                               f"wait for it, or stop it with: minigpt stop {self.session_id}") from None
+        self._f.seek(0)
+        self._f.truncate()
+        self._f.write(str(os.getpid()))
+        self._f.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._f:
+            fcntl.flock(self._f, fcntl.LOCK_UN)
+            self._f.close()
+
+
+def create(cfg: config_mod.RunConfig, root: Path | None = None, name: str | None = None) -> Session:
+    root = Path(root or default_root())
+    root.mkdir(parents=True, exist_ok=True)
+    base = name or cfg.name or f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(cfg.model.source)}-{_slug(cfg.data.source)}"
+    base = _slug(base) if name or cfg.name else base
+    path = root / base
+    n = 1
+    while path.exists():
+        n += 1
+        path = root / f"{base}-{n}"
+    path.mkdir()
+    atomic.write_text(path / CONFIG_FILE, cfg.to_toml())
+    s = Session(path)
+    s.update_state(status="new", stage=None, completed_stages=[], created=time.time())
+    return s
+
+
+def open_session(ref: str | Path, root: Path | None = None) -> Session:
+    """Open by path or by id under the root."""
+    p = Path(ref)
+    if not (p / CONFIG_FILE).exists():
+        p = Path(root or default_root()) / str(ref)
+    if not p.is_dir():
+        raise MinigptError(f"no session {ref!s}", "list them with: minigpt sessions")
+    if not (p / CONFIG_FILE).exists():
+        raise MinigptError(f"session {p.name} is corrupt: {CONFIG_FILE} is missing",
+                           f"delete the folder {p} or restore its config")
+    return Session(p)
+
+
+def list_sessions(root: Path | None = None) -> list[Session]:
+    root = Path(root or default_root())
+    if not root.is_dir():
+        return []
+    found = [Session(p) for p in root.iterdir() if p.is_dir() and (p / CONFIG_FILE).exists()]
+    return sorted(found, key=lambda s: s.path.stat().st_mtime, reverse=True)
+
+
+def delete(session: Session) -> None:
+    if session.runner_alive():
+        raise MinigptError(f"session {session.id} is running", f"stop it first: minigpt stop {session.id}")
+    shutil.rmtree(session.path)
+
+
+def summary(session: Session) -> dict:
+    """One row for session lists: cheap, torch-free, tolerant of corrupt sessions."""
+    row: dict[str, Any] = {"id": session.id, "path": str(session.path)}
+    try:
+        cfg = session.config()
+        p = cfg.prune
+        row.update(model=cfg.model.source, domain=cfg.data.source, mode=p.mode,
+                   method=(f"{p.criterion} eps={p.activation_threshold:g}" if p.rule == "threshold"
+                           else f"{p.criterion} {p.ratio:.0%} {p.allocation}"))
+    except MinigptError as e:
+        row.update(model="?", domain="?", mode="?", method="?", error=e.problem)
+    try:
+        state = session.state()
+        row.update(status=session.status(), stage=state.get("stage"), updated=state.get("updated"),
+                   completed=state.get("completed_stages", []), progress=state.get("progress"))
+    except MinigptError as e:
+        row.update(status="corrupt", stage=None, updated=None, completed=[], error=e.problem)
+    return row

@@ -1,0 +1,1 @@
+"""minigpt's faces: the Textual workbench (`app`) and the `minigpt` CLI (`cli`)."""

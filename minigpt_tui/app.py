@@ -1,0 +1,148 @@
+"""MinigptApp: the Textual workbench over engine sessions.
+
+Importing this module must stay cheap and must not import torch or transformers (a test
+checks it in a fresh interpreter): the app only reads session folders and launches the
+runner through `engine.runner`, imported lazily in `launcher.EngineLauncher`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+from textual.app import App
+from textual.binding import Binding
+
+from engine import session as session_mod
+from engine.errors import MinigptError
+
+from .commands import MinigptCommands
+from .launcher import EngineLauncher, Launcher
+from .screens.compare import CompareScreen
+from .screens.modals import HelpScreen
+from .screens.monitor import MonitorScreen
+from .screens.new_run import NewRunScreen
+from .screens.sessions import SessionsScreen
+from .themes import DEFAULT_THEME, load_themes
+
+
+class MinigptApp(App):
+    """Sessions → new run / monitor / compare. Arguments exist so tests can pin the clock,
+    speed up polling and replace the runner boundary."""
+
+    TITLE = "minigpt"
+    CSS_PATH = "app.tcss"
+    COMMANDS = App.COMMANDS | {MinigptCommands}
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (110, "-wide")]
+    BINDINGS = [
+        Binding("f1,question_mark", "help", "Help", id="app.help"),
+        Binding("ctrl+t", "cycle_theme", "Theme", id="app.theme"),
+        Binding("q", "quit", "Quit", id="app.quit"),
+    ]
+
+    def __init__(
+        self,
+        root: Path | None = None,
+        attach: str | None = None,
+        *,
+        launcher: Launcher | None = None,
+        clock: Callable[[], float] = time.time,
+        poll_interval: float = 0.5,
+        refresh_interval: float = 2.0,
+        themes_dir: Path | None = None,
+        theme: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root or session_mod.default_root())
+        self.attach = attach
+        self.launcher: Launcher = launcher or EngineLauncher()
+        self.clock = clock
+        self.poll_interval = poll_interval
+        self.refresh_interval = refresh_interval
+        themes, self.theme_errors = load_themes(themes_dir)
+        self.theme_names: list[str] = []
+        for t in themes:
+            self.register_theme(t)
+            self.theme_names.append(t.name)
+        wanted = theme or os.environ.get("MINIGPT_THEME") or DEFAULT_THEME
+        if wanted in self.available_themes:
+            self.theme = wanted
+        elif wanted != DEFAULT_THEME:
+            self.theme_errors.append(f"theme {wanted!r} not found; themes: {', '.join(self.theme_names)}")
+
+    def on_mount(self) -> None:
+        self.push_screen(SessionsScreen())
+        for err in self.theme_errors:
+            self.notify(err, severity="warning", timeout=6)
+        if self.attach:
+            try:
+                self.open_monitor(session_mod.open_session(self.attach, self.root))
+            except MinigptError as e:
+                self.notify(e.line(), severity="error", timeout=8)
+
+    # ---- navigation (screens call these) ----------------------------------------------
+    def open_monitor(self, session: session_mod.Session) -> None:
+        self.push_screen(MonitorScreen(session))
+
+    def open_new_run(self) -> None:
+        self.push_screen(NewRunScreen())
+
+    def open_compare(self, paths: Iterable[Path]) -> None:
+        self.push_screen(CompareScreen(list(paths)))
+
+    # ---- the runner boundary -------------------------------------------------------------
+    def launch_session(self, session: session_mod.Session) -> bool:
+        """Start (or resume) a session's runner as a detached process; report, never raise."""
+        try:
+            pid = self.launcher.launch(session.path)
+        except MinigptError as e:
+            self.notify(e.line(), severity="error", timeout=8)
+            return False
+        except Exception as e:  # a bug in the runner must not take the UI down
+            self.notify(f"launch failed: {type(e).__name__}: {e}", severity="error", timeout=8)
+            return False
+        self.notify(f"Launched {session.id} (pid {pid})")
+        return True
+
+    def stop_session(self, session: session_mod.Session) -> bool:
+        try:
+            self.launcher.stop(session.path)
+        except MinigptError as e:
+            self.notify(e.line(), severity="error", timeout=8)
+            return False
+        except Exception as e:
+            self.notify(f"stop failed: {type(e).__name__}: {e}", severity="error", timeout=8)
+            return False
+        self.notify(f"Asked {session.id} to stop")
+        return True
+
+    # ---- app-wide actions ----------------------------------------------------------------
+    def help_bindings(self) -> list[tuple[str, str, str, str]]:
+        """Bindings active on the current screen and focused widget, for the help screen."""
+        out = []
+        for key, active in self.screen.active_bindings.items():
+            b = active.binding
+            if not b.description:
+                continue
+            out.append((self.get_key_display(b), b.description, b.id or "", type(active.node).__name__))
+        return out
+
+    def action_help(self) -> None:
+        if isinstance(self.screen, HelpScreen):
+            return
+        screen = self.screen
+        self.push_screen(HelpScreen(getattr(screen, "HELP", "") and type(screen).__name__.replace("Screen", ""),
+                                    getattr(screen, "HELP", ""), self.help_bindings()))
+
+    def action_cycle_theme(self) -> None:
+        names = self.theme_names or [self.theme]
+        i = names.index(self.theme) if self.theme in names else -1
+        self.theme = names[(i + 1) % len(names)]
+        self.notify(f"Theme: {self.theme}", timeout=2)
+
+
+def run_app(root: Path | None = None, attach: str | None = None) -> None:
+    """Entry point for `minigpt` (no args) and `minigpt attach SESSION`."""
+    MinigptApp(root=root, attach=attach).run()

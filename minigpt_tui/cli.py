@@ -1,0 +1,230 @@
+"""The `minigpt` command. No torch at import time: `minigpt --help` must be instant.
+
+Engine work happens in `engine` (imported lazily per command). A user-fixable problem
+is one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, invoke_without_command=True,
+                  help="minigpt: contextual pruning workbench. With no command, opens the app.")
+
+RootOpt = typer.Option(None, "--root", help="sessions folder (default: $MINIGPT_SESSIONS or ./sessions)")
+SetOpt = typer.Option([], "--set", "-s", help="override a config key: section.key=value (repeatable)")
+
+
+def _root(root: Optional[Path]) -> Path:
+    from engine.session import default_root
+
+    return Path(root) if root else default_root()
+
+
+@app.callback()
+def _main(ctx: typer.Context, root: Optional[Path] = RootOpt):
+    if ctx.invoked_subcommand is None:
+        from minigpt_tui.app import run_app
+
+        run_app(root=_root(root))
+
+
+def _follow(session, stop_on_end: bool = True, since_offset: int = 0) -> str:
+    """Tail a session's events with the rich display until its run ends or the runner dies."""
+    from engine.events import EventReader
+
+    from .display import Display
+
+    disp = Display()
+    reader = EventReader(session.events_path, offset=since_offset)
+    status = None
+    seen_start = since_offset == 0
+    quiet_since = time.monotonic()
+    try:
+        while True:
+            events = reader.poll()
+            for e in events:
+                seen_start = seen_start or e["type"] == "run_start"
+                disp(e)
+                if e["type"] == "run_end":
+                    status = e.get("status")
+            if status and stop_on_end:
+                return status
+            if events:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > 3 and not session.runner_alive():
+                st = session.status()
+                if st not in ("starting",) or time.monotonic() - quiet_since > 30:
+                    disp.close()
+                    return st
+            time.sleep(0.25)
+    except KeyboardInterrupt:
+        disp.close()
+        typer.echo(f"detached; the run goes on. Follow it again with: minigpt logs {session.id} -f")
+        return "detached"
+    finally:
+        disp.close()
+
+
+def _start(session, foreground: bool, follow: bool, stages=None, redo: bool = False) -> None:
+    if foreground:
+        from engine import pipeline
+
+        from .display import Display
+
+        disp = Display()
+        try:
+            pipeline.run(session, stages=stages, display=disp, handle_signals=True, redo=redo)
+        finally:
+            disp.close()
+        return
+    from engine import runner
+
+    offset = session.events_path.stat().st_size if session.events_path.exists() else 0
+    pid = runner.launch_detached(session.path, stages=stages)
+    typer.echo(f"session {session.id} running detached (pid {pid}); Ctrl-C detaches, `minigpt stop {session.id}` stops")
+    if follow:
+        status = _follow(session, since_offset=offset)
+        if status == "failed":
+            err = session.state().get("error") or "see " + str(session.path / "runner.log")
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1)
+
+
+@app.command()
+def run(config: Path = typer.Argument(..., help="run config (TOML)"),
+        root: Optional[Path] = RootOpt, overrides: list[str] = SetOpt,
+        name: Optional[str] = typer.Option(None, help="session folder name"),
+        foreground: bool = typer.Option(False, "--foreground", "-F", help="run in this process (no detach)"),
+        follow: bool = typer.Option(True, "--follow/--no-follow", help="show live progress after launching")):
+    """Create a session from CONFIG and run calibrate → prune → (finetune) → evaluate."""
+    from engine import config as config_mod
+    from engine import session as session_mod
+
+    cfg = config_mod.apply_overrides(config_mod.load(config), overrides)
+    s = session_mod.create(cfg, _root(root), name=name)
+    typer.echo(f"session {s.id} → {s.path}")
+    _start(s, foreground, follow)
+
+
+def _open(ref: str, root):
+    from engine.session import open_session
+
+    return open_session(ref, _root(root))
+
+
+def _stage_command(stage: str, extra: tuple = ()):
+    def cmd(session: str = typer.Argument(..., help="session id or path"), root: Optional[Path] = RootOpt,
+            overrides: list[str] = SetOpt,
+            foreground: bool = typer.Option(True, "--foreground/--detach", help="run here or detached")):
+        from engine import atomic
+        from engine import config as config_mod
+
+        s = _open(session, root)
+        if overrides:
+            cfg = config_mod.apply_overrides(s.config(), overrides)
+            atomic.write_text(s.path / "config.toml", cfg.to_toml())
+        _start(s, foreground, True, stages=[stage, *extra], redo=True)
+
+    cmd.__doc__ = {"calibrate": "Recalibrate an existing session (statistics are replaced).",
+                   "prune": "Prune again from the saved statistics (no recalibration), then evaluate.",
+                   "evaluate": "Evaluate the session's current model on held-out text."}[stage]
+    return cmd
+
+
+app.command("calibrate")(_stage_command("calibrate"))
+app.command("prune")(_stage_command("prune", ("evaluate",)))
+app.command("eval")(_stage_command("evaluate"))
+
+
+@app.command()
+def resume(session: str = typer.Argument(...), root: Optional[Path] = RootOpt,
+           foreground: bool = typer.Option(False, "--foreground", "-F"),
+           follow: bool = typer.Option(True, "--follow/--no-follow")):
+    """Continue a stopped or failed session from its last completed stage or checkpoint."""
+    s = _open(session, root)
+    if s.status() == "done":
+        typer.echo(f"session {s.id} is already done")
+        return
+    _start(s, foreground, follow)
+
+
+@app.command()
+def stop(session: str = typer.Argument(...), root: Optional[Path] = RootOpt,
+         wait: bool = typer.Option(True, "--wait/--no-wait")):
+    """Stop a running session gracefully (it checkpoints first)."""
+    from engine import runner
+
+    s = _open(session, root)
+    if not runner.request_stop(s.path):
+        typer.echo(f"session {s.id} is not running ({s.status()})")
+        return
+    typer.echo(f"stop requested for {s.id}")
+    while wait and s.runner_alive():
+        time.sleep(0.5)
+    if wait:
+        typer.echo(f"session {s.id}: {s.status()}")
+
+
+@app.command()
+def logs(session: str = typer.Argument(...), root: Optional[Path] = RootOpt,
+         follow: bool = typer.Option(False, "--follow", "-f", help="keep following new events")):
+    """Print a session's events as readable lines."""
+    from engine.events import read_events
+
+    from .display import Display, plain_console
+
+    s = _open(session, root)
+    if follow:
+        _follow(s, stop_on_end=True)
+        return
+    disp = Display(console=plain_console(), plain=True)
+    for e in read_events(s.events_path):
+        disp(e)
+
+
+@app.command()
+def sessions(root: Optional[Path] = RootOpt):
+    """List sessions."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from engine import session as session_mod
+
+    rows = [session_mod.summary(s) for s in session_mod.list_sessions(_root(root))]
+    t = Table()
+    for col in ("id", "model", "domain", "mode", "method", "status", "stage", "updated"):
+        t.add_column(col)
+    for r in rows:
+        upd = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["updated"])) if r.get("updated") else ""
+        t.add_row(r["id"], str(r.get("model")), str(r.get("domain")), str(r.get("mode")), str(r.get("method")),
+                  str(r.get("status")), str(r.get("stage") or ""), upd)
+    Console().print(t if rows else f"no sessions under {_root(root)}")
+
+
+@app.command()
+def attach(session: str = typer.Argument(...), root: Optional[Path] = RootOpt):
+    """Open the app on a session's run monitor."""
+    s = _open(session, root)
+    from minigpt_tui.app import run_app
+
+    run_app(root=s.path.parent, attach=s.id)
+
+
+def main() -> None:
+    from engine.errors import MinigptError
+
+    try:
+        app(standalone_mode=True)
+    except MinigptError as e:
+        typer.echo(f"error: {e.line()}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

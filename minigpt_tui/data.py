@@ -1,0 +1,269 @@
+"""Read-only views of the session store for the tables: session rows, compare rows, exports.
+
+Torch-free and Textual-free: workers call these in threads and post the results; the
+formatting helpers are pure so snapshots do not depend on the clock (pass `now`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+from engine import session as session_mod
+from engine.errors import MinigptError
+
+from .runview import STAGE_ORDER, RunView
+
+TAIL_BYTES = 65536
+
+
+# ---- formatting --------------------------------------------------------------
+def fmt_ago(ts: float | None, now: float) -> str:
+    """"12s ago" / "5m ago" / "3h ago" / "2d ago" relative to an injected `now`."""
+    if not isinstance(ts, (int, float)):
+        return "—"
+    s = max(0, int(now - ts))
+    if s < 60:
+        return f"{s}s ago"
+    if s < 3600:
+        return f"{s // 60}m ago"
+    if s < 86400:
+        return f"{s // 3600}h ago"
+    return f"{s // 86400}d ago"
+
+
+def fmt_duration(s: float | None) -> str:
+    if s is None or not math.isfinite(s):
+        return "—"
+    s = max(0, int(round(s)))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    if h:
+        return f"{h}h{m:02d}m"
+    if m:
+        return f"{m}m{sec:02d}s"
+    return f"{sec}s"
+
+
+def fmt_count(n: float | None) -> str:
+    """1.71B / 135.0M / 12.3K / 950."""
+    if n is None:
+        return "—"
+    a = abs(n)
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if a >= div:
+            return f"{n / div:.2f}{suffix}" if div == 1e9 else f"{n / div:.1f}{suffix}"
+    return f"{n:.0f}" if float(n).is_integer() else f"{n:.3g}"
+
+
+def fmt_rate(rate: float | None, unit: str) -> str:
+    if rate is None:
+        return ""
+    short = {"tokens": "tok", "steps": "step", "items": "it", "blocks": "blk"}.get(unit, unit)
+    return f"{fmt_count(rate)} {short}/s"
+
+
+def fmt_metric(name: str, v: float | None) -> str:
+    if v is None:
+        return "—"
+    if name == "params":
+        return fmt_count(v)
+    if name.startswith("mcq"):
+        return f"{v * 100:.1f}%" if abs(v) <= 1 else f"{v:.1f}%"
+    if name == "seconds":
+        return fmt_duration(v)
+    return f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}"
+
+
+def bar(fraction: float | None, width: int = 12) -> str:
+    """A text bar that stays readable in 16-colour and monochrome terminals."""
+    if fraction is None:
+        return "·" * width
+    fraction = max(0.0, min(1.0, fraction))
+    full = int(fraction * width + 1e-9)
+    return "█" * full + "░" * (width - full)
+
+
+def short_source(source: str) -> str:
+    """"microsoft/phi-1_5" → "phi-1_5", "builtin:licenses" → "licenses"."""
+    s = str(source or "?")
+    for prefix in ("embedded:", "builtin:"):
+        if s.startswith(prefix):
+            return s[len(prefix):]
+    return s.rstrip("/").rsplit("/", 1)[-1] or s
+
+
+def short_method(row: dict) -> str:
+    mode = {"structural": "struct", "mask": "mask"}.get(row.get("mode", ""), row.get("mode", "?"))
+    method = str(row.get("method", "?")).replace("paper ", "").replace(" per_layer", "")
+    return f"{mode} {method}"
+
+
+# ---- session rows ---------------------------------------------------------------
+def last_progress(events_path: Path, tail_bytes: int = TAIL_BYTES) -> dict | None:
+    """The newest `progress`/`train` event, from the log's tail only (cheap on huge logs)."""
+    try:
+        with open(events_path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - tail_bytes))
+            chunk = f.read()
+    except OSError:
+        return None
+    for line in reversed(chunk.split(b"\n")):
+        if b'"progress"' not in line and b'"train"' not in line:
+            continue
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(ev, dict) and ev.get("type") in ("progress", "train"):
+            return ev
+    return None
+
+
+def progress_text(row: dict, tail: dict | None) -> str:
+    completed = row.get("completed") or []
+    status = row.get("status")
+    if status == "done":
+        return "100%"
+    text = f"{len(completed)}/{len(STAGE_ORDER)}"
+    prog = row.get("progress")
+    frac = None
+    if isinstance(prog, (int, float)) and not isinstance(prog, bool):
+        frac = float(prog) if prog <= 1 else float(prog) / 100
+    elif isinstance(prog, dict) and prog.get("total"):
+        frac = float(prog.get("done", 0)) / float(prog["total"])
+    elif tail and status in ("running", "stopping", "disconnected", "stopped"):
+        if tail.get("type") == "train" and tail.get("total_steps"):
+            frac = float(tail.get("step", 0)) / float(tail["total_steps"])
+        elif tail.get("total"):
+            frac = float(tail.get("done", 0)) / float(tail["total"])
+    if frac is not None:
+        text += f" {min(1.0, max(0.0, frac)):.0%}"
+    return text
+
+
+def session_rows(root: Path) -> list[dict]:
+    """Every session under `root`, newest first, as plain dicts (safe to build in a thread)."""
+    rows = []
+    for s in session_mod.list_sessions(root):
+        try:
+            row = session_mod.summary(s)
+        except (OSError, MinigptError) as e:  # vanished or unreadable mid-listing
+            row = {"id": s.id, "path": str(s.path), "model": "?", "domain": "?", "mode": "?",
+                   "method": "?", "status": "corrupt", "stage": None, "updated": None,
+                   "completed": [], "error": str(e)}
+        tail = last_progress(s.events_path) if row.get("status") != "done" else None
+        row["progress_text"] = progress_text(row, tail)
+        rows.append(row)
+    rows.sort(key=lambda r: (-(r.get("updated") or 0), r["id"]))
+    return rows
+
+
+# ---- compare -------------------------------------------------------------------
+# key, label, kind (for formatting and CSV)
+COMPARE_COLUMNS: list[tuple[str, str, str]] = [
+    ("id", "session", "str"),
+    ("model", "model", "str"),
+    ("domain", "domain", "str"),
+    ("method", "method", "str"),
+    ("status", "state", "str"),
+    ("params_base", "params base", "params"),
+    ("params_pruned", "params pruned", "params"),
+    ("pct_removed", "% MLP removed", "pct"),
+    ("ppl_base", "ppl base", "ppl"),
+    ("ppl_pruned", "ppl pruned", "ppl"),
+    ("ppl_finetuned", "ppl ft", "ppl"),
+    ("mcq_base", "MCQ base", "acc"),
+    ("mcq_pruned", "MCQ pruned", "acc"),
+    ("mcq_finetuned", "MCQ ft", "acc"),
+]
+
+
+def _results_metrics(results: dict) -> dict[tuple[str, str], float]:
+    """Tolerant reader for results.json: {model: {name: v}} at the top or under "metrics"."""
+    out: dict[tuple[str, str], float] = {}
+    if not isinstance(results, dict):
+        return out
+    for holder in (results, results.get("metrics")):
+        if not isinstance(holder, dict):
+            continue
+        for model in ("base", "pruned", "finetuned"):
+            vals = holder.get(model)
+            if isinstance(vals, dict):
+                for name, v in vals.items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        out[(model, name)] = float(v)
+    return out
+
+
+def compare_row(s: session_mod.Session) -> dict:
+    """One comparable row: size from the layer report, quality from metric events and results.json."""
+    row = session_mod.summary(s)
+    view = RunView(max_log=1)
+    view.apply(s.events())
+    metrics = dict(view.metrics)
+    metrics.update(_results_metrics(s.results()))
+    totals = (view.layer_report or {}).get("totals") or {}
+    results = s.results()
+    if not totals and isinstance(results.get("layer_report"), dict):
+        totals = results["layer_report"].get("totals") or {}
+    out: dict[str, Any] = {
+        "id": row["id"],
+        "model": row.get("model", "?"),
+        "domain": row.get("domain", "?"),
+        "method": short_method(row),
+        "status": row.get("status", "?"),
+        "params_base": metrics.get(("base", "params"), totals.get("params_before")),
+        "params_pruned": metrics.get(("pruned", "params"),
+                                     totals.get("nonzero_params_after", totals.get("params_after"))),
+        "pct_removed": totals.get("pct_removed"),
+    }
+    for model, key in (("base", "base"), ("pruned", "pruned"), ("finetuned", "finetuned")):
+        out[f"ppl_{key}"] = metrics.get((model, "ppl"))
+        out[f"mcq_{key}"] = metrics.get((model, "mcq_acc"))
+    return out
+
+
+def format_cell(kind: str, v: Any) -> str:
+    if v is None:
+        return "—"
+    if kind == "params":
+        return fmt_count(v)
+    if kind == "pct":
+        return f"{v:.1f}%"
+    if kind == "ppl":
+        return fmt_metric("ppl", v)
+    if kind == "acc":
+        return fmt_metric("mcq_acc", v)
+    return str(v)
+
+
+def sort_key(kind: str) -> Callable[[Any], Any]:
+    if kind == "str":
+        return lambda v: (v is None, str(v or "").lower())
+    return lambda v: (v is None, v if v is not None else 0.0)
+
+
+def to_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([k for k, _, _ in COMPARE_COLUMNS])
+    for r in rows:
+        w.writerow(["" if r.get(k) is None else r.get(k) for k, _, _ in COMPARE_COLUMNS])
+    return buf.getvalue()
+
+
+def to_markdown(rows: list[dict]) -> str:
+    head = "| " + " | ".join(label for _, label, _ in COMPARE_COLUMNS) + " |"
+    sep = "|" + "|".join("---" if kind == "str" else "---:" for _, _, kind in COMPARE_COLUMNS) + "|"
+    lines = [head, sep]
+    for r in rows:
+        cells = [format_cell(kind, r.get(k)).replace("|", "\\|") for k, _, kind in COMPARE_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,51 @@
+"""Messages that workers post to the UI. Workers only read files and post these; the
+handlers on screens are the only code that changes widgets (harlequin's rule)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual.message import Message
+
+
+@dataclass
+class SessionsLoaded(Message):
+    """A fresh listing of the session root (rows from `data.session_rows`)."""
+
+    rows: list[dict]
+    error: str | None = None
+
+    def can_replace(self, message: Message) -> bool:
+        # An older listing still in the queue is stale: drop it.
+        return isinstance(message, SessionsLoaded)
+
+
+@dataclass
+class SessionDeleted(Message):
+    session_id: str
+    error: str | None = None
+
+
+@dataclass
+class RunEvents(Message):
+    """New complete events read from a session's events.jsonl (never coalesced: each batch is new)."""
+
+    events: list[dict]
+
+
+@dataclass
+class RunStatus(Message):
+    """The session's liveness (`Session.status()`) and state.json, when it changed."""
+
+    status: str
+    state: dict
+    error: str | None = None
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, RunStatus)
+
+
+@dataclass
+class CompareLoaded(Message):
+    rows: list[dict]
+    errors: list[str]

@@ -1,0 +1,275 @@
+"""Fold a session's `events.jsonl` into the state a monitor shows.
+
+Pure Python (no Textual, no torch) so the same reducer serves the live monitor, the replay
+of a finished run, the compare table and a headless printout. Replaying is one pass over
+the events; the UI renders the folded state, never each event.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+STAGE_ORDER = ("baseline", "calibrate", "prune", "finetune", "evaluate")
+MODELS = ("base", "pruned", "finetuned")
+# Metrics where smaller is better (deltas are coloured accordingly).
+LOWER_IS_BETTER = {"ppl", "bpb", "params", "seconds", "loss"}
+METRIC_ORDER = ("ppl", "bpb", "mcq_acc", "mcq_acc_norm", "mcq_acc_paper", "params", "seconds")
+
+
+@dataclass
+class StageView:
+    name: str
+    status: str = "pending"  # pending | running | done | skipped | stopped | failed | off
+    done: float = 0
+    total: float = 0
+    unit: str = ""
+    rate: float | None = None
+    eta_s: float | None = None
+    seconds: float | None = None
+    tokens_per_s: float | None = None
+    note: str = ""
+
+    @property
+    def fraction(self) -> float | None:
+        if self.status == "done":
+            return 1.0
+        if self.total and self.total > 0:
+            return max(0.0, min(1.0, self.done / self.total))
+        return None
+
+
+@dataclass
+class LogLine:
+    t: float | None
+    level: str
+    message: str
+
+
+@dataclass
+class RunView:
+    """Everything the monitor displays, built incrementally by `apply(events)`."""
+
+    max_log: int = 2000
+    stages: dict[str, StageView] = field(default_factory=dict)
+    current: str | None = None
+    losses: list[float] = field(default_factory=list)
+    loss_steps: list[int] = field(default_factory=list)
+    eval_ppl: list[tuple[int, float]] = field(default_factory=list)
+    train_last: dict | None = None
+    layer_report: dict | None = None
+    metrics: dict[tuple[str, str], float] = field(default_factory=dict)
+    gpu: dict | None = None
+    gpu_util: list[float] = field(default_factory=list)
+    logs: deque = field(default_factory=deque)
+    log_total: int = 0  # lines ever appended (the deque keeps the last max_log)
+    error: str | None = None
+    end_status: str | None = None
+    last_checkpoint: int | None = None
+    t0: float | None = None
+    last_t: float | None = None
+    n_events: int = 0
+    runs: int = 0
+    # Bumped when the matching part changes, so the UI redraws only what changed.
+    layers_version: int = 0
+    metrics_version: int = 0
+
+    def __post_init__(self) -> None:
+        self.logs = deque(self.logs, maxlen=self.max_log)
+        for name in STAGE_ORDER:
+            self.stages.setdefault(name, StageView(name))
+
+    # ---- folding -------------------------------------------------------------
+    def apply(self, events: Iterable[dict]) -> int:
+        n = 0
+        for ev in events:
+            handler = getattr(self, "_on_" + str(ev.get("type", "")), None)
+            t = ev.get("t")
+            if isinstance(t, (int, float)):
+                if self.t0 is None:
+                    self.t0 = float(t)
+                self.last_t = float(t)
+            if handler is not None:
+                try:
+                    handler(ev)
+                except (TypeError, ValueError, KeyError, AttributeError):
+                    # A malformed event must not take the monitor down; note it and go on.
+                    self._log(ev, "warn", f"unreadable {ev.get('type')} event")
+            n += 1
+        self.n_events += n
+        return n
+
+    def stage(self, name: Any) -> StageView:
+        name = str(name or "?")
+        if name not in self.stages:
+            self.stages[name] = StageView(name)
+        return self.stages[name]
+
+    def _log(self, ev: dict, level: str, message: str) -> None:
+        t = ev.get("t")
+        self.logs.append(LogLine(float(t) if isinstance(t, (int, float)) else None, level, message))
+        self.log_total += 1
+
+    def _on_run_start(self, ev: dict) -> None:
+        self.runs += 1
+        self.end_status = None
+        self.error = None
+        planned = ev.get("stages")
+        if isinstance(planned, list) and planned:
+            for name in list(self.stages):
+                st = self.stages[name]
+                if name not in planned and st.status in ("pending", "off"):
+                    st.status = "off"
+            for name in planned:
+                st = self.stage(name)
+                if st.status in ("off", "stopped", "failed"):
+                    st.status = "pending"
+        verb = "resumed" if ev.get("resumed") else "started"
+        self._log(ev, "info", f"runner {verb} (pid {ev.get('pid', '?')})")
+
+    def _on_stage_start(self, ev: dict) -> None:
+        st = self.stage(ev.get("stage"))
+        st.status, st.done, st.rate, st.eta_s, st.note = "running", 0, None, None, ""
+        self.current = st.name
+        self._log(ev, "info", f"stage {st.name} started")
+
+    def _on_stage_skip(self, ev: dict) -> None:
+        st = self.stage(ev.get("stage"))
+        reason = str(ev.get("reason", ""))
+        if st.status != "done":
+            st.status = "done" if reason in ("completed", "done", "already completed") else "skipped"
+        st.note = reason
+        self._log(ev, "info", f"stage {st.name} skipped: {reason}")
+
+    def _on_progress(self, ev: dict) -> None:
+        st = self.stage(ev.get("stage"))
+        if st.status in ("pending", "off"):
+            st.status = "running"
+        st.done = float(ev.get("done", 0) or 0)
+        st.total = float(ev.get("total", 0) or 0)
+        st.unit = str(ev.get("unit", st.unit) or "")
+        st.rate = _num(ev.get("rate"))
+        st.eta_s = _num(ev.get("eta_s"))
+        if st.unit == "tokens" and st.rate is not None:
+            st.tokens_per_s = st.rate
+        self.current = st.name
+
+    def _on_train(self, ev: dict) -> None:
+        loss = _num(ev.get("loss"))
+        step = int(ev.get("step", len(self.losses)))
+        if loss is not None:
+            self.losses.append(loss)
+            self.loss_steps.append(step)
+        self.train_last = ev
+        st = self.stage("finetune")
+        if st.status in ("pending", "off"):
+            st.status = "running"
+        total = ev.get("total_steps")
+        if total:
+            st.done, st.total, st.unit = float(step), float(total), "steps"
+        st.eta_s = _num(ev.get("eta_s"))
+        st.tokens_per_s = _num(ev.get("tokens_per_s"))
+
+    def _on_eval(self, ev: dict) -> None:
+        ppl = _num(ev.get("ppl"))
+        if ppl is not None:
+            self.eval_ppl.append((int(ev.get("step", 0)), ppl))
+
+    def _on_layer_report(self, ev: dict) -> None:
+        rows = ev.get("rows") or []
+        self.layer_report = {"mode": ev.get("mode", ""), "rows": list(rows), "totals": dict(ev.get("totals") or {})}
+        self.layers_version += 1
+        totals = self.layer_report["totals"]
+        if "pct_removed" in totals:
+            self._log(ev, "info", f"layer report: {_num(totals['pct_removed']) or 0:.1f}% of MLP params removed")
+
+    def _on_metric(self, ev: dict) -> None:
+        value = _num(ev.get("value"))
+        if value is None:
+            return
+        self.metrics[(str(ev.get("model", "?")), str(ev.get("name", "?")))] = value
+        self.metrics_version += 1
+
+    def _on_checkpoint(self, ev: dict) -> None:
+        self.last_checkpoint = ev.get("step")
+        self._log(ev, "info", f"checkpoint at step {ev.get('step')}")
+
+    def _on_stage_end(self, ev: dict) -> None:
+        st = self.stage(ev.get("stage"))
+        st.status = "done"
+        st.seconds = _num(ev.get("seconds"))
+        st.eta_s = None
+        if st.total:
+            st.done = st.total
+        if self.current == st.name:
+            self.current = None
+        secs = f" in {st.seconds:.1f}s" if st.seconds is not None else ""
+        self._log(ev, "info", f"stage {st.name} done{secs}")
+
+    def _on_log(self, ev: dict) -> None:
+        self._log(ev, str(ev.get("level", "info")), str(ev.get("message", "")))
+
+    def _on_error(self, ev: dict) -> None:
+        self.error = str(ev.get("message", "error"))
+        if ev.get("stage"):
+            self.stage(ev["stage"]).status = "failed"
+        self._log(ev, "error", self.error)
+
+    def _on_run_end(self, ev: dict) -> None:
+        self.end_status = str(ev.get("status", "?"))
+        for st in self.stages.values():
+            if st.status == "running":
+                st.status = "failed" if self.end_status == "failed" else ("stopped" if self.end_status == "stopped" else st.status)
+        self._log(ev, "info", f"runner exited: {self.end_status}")
+
+    def _on_gpu(self, ev: dict) -> None:
+        self.gpu = ev
+        util = _num(ev.get("util_pct"))
+        if util is not None:
+            self.gpu_util.append(util)
+            if len(self.gpu_util) > 4096:
+                del self.gpu_util[:2048]
+
+    # ---- derived views --------------------------------------------------------
+    def ordered_stages(self) -> list[StageView]:
+        known = [self.stages[n] for n in STAGE_ORDER if n in self.stages]
+        extra = [s for n, s in self.stages.items() if n not in STAGE_ORDER]
+        return known + extra
+
+    def metric(self, model: str, name: str) -> float | None:
+        return self.metrics.get((model, name))
+
+    def metric_names(self) -> list[str]:
+        names = {n for (_, n) in self.metrics}
+        return [n for n in METRIC_ORDER if n in names] + sorted(names - set(METRIC_ORDER))
+
+    def rel_time(self, t: float | None) -> str:
+        """Time since the first event, so logs read the same on every machine and zone."""
+        if t is None or self.t0 is None:
+            return "     "
+        s = max(0, int(t - self.t0))
+        h, rem = divmod(s, 3600)
+        m, s = divmod(rem, 60)
+        return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v)
+
+
+def delta(name: str, base: float | None, value: float | None) -> tuple[str, int]:
+    """Text of the change from `base` to `value` and its sign for colouring (+1 good, -1 bad, 0 neutral)."""
+    if base is None or value is None:
+        return "", 0
+    if name.startswith("mcq"):
+        d = (value - base) * (100 if abs(base) <= 1 and abs(value) <= 1 else 1)
+        good = 1 if d > 0 else (-1 if d < 0 else 0)
+        return f"{d:+.1f} pp", good
+    if base == 0:
+        return "", 0
+    rel = (value - base) / abs(base) * 100
+    good = 0 if rel == 0 else (1 if (rel < 0) == (name in LOWER_IS_BETTER) else -1)
+    return f"{rel:+.1f}%", good

@@ -1,0 +1,199 @@
+"""Compare: several sessions side by side (size, % removed, perplexities, MCQ accuracy),
+sortable by any column, exported to CSV or Markdown with an atomic write."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from rich.markup import escape
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Static
+
+from engine import atomic
+from engine import session as session_mod
+from engine.errors import MinigptError
+
+from ..data import COMPARE_COLUMNS, compare_row, format_cell, sort_key, to_csv, to_markdown
+from ..messages import CompareLoaded
+from ..styles import theme_style
+from ..widgets import TitleBar
+
+if TYPE_CHECKING:
+    from ..app import MinigptApp
+
+HIGHER_IS_BETTER = {"mcq_base", "mcq_pruned", "mcq_finetuned", "pct_removed"}
+LOWER_IS_BETTER = {"ppl_base", "ppl_pruned", "ppl_finetuned", "params_pruned"}
+
+
+class CompareScreen(Screen):
+    """Rows are sessions; s sorts by the cursor's column (again: reverse), t transposes."""
+
+    HELP = ("Sessions side by side. Move to a column and press s to sort by it (again to reverse), "
+            "or click its header. t swaps rows and columns. e writes CSV, m writes Markdown.")
+    BINDINGS = [
+        Binding("escape", "back", "Back", id="compare.back"),
+        Binding("s", "sort", "Sort", id="compare.sort"),
+        Binding("t", "transpose", "Transpose", id="compare.transpose"),
+        Binding("e", "export('csv')", "CSV", id="compare.export_csv"),
+        Binding("m", "export('md')", "Markdown", id="compare.export_md"),
+    ]
+
+    app: "MinigptApp"
+
+    def __init__(self, paths: list[Path]) -> None:
+        super().__init__()
+        self.paths = [Path(p) for p in paths]
+        self.rows: list[dict] = []
+        self.sort_by: str | None = None
+        self.reverse = False
+        self.transposed = False
+        self.loaded = False
+        self.last_export: Path | None = None
+
+    def compose(self) -> ComposeResult:
+        yield TitleBar(f"minigpt · compare {len(self.paths)} sessions", id="title")
+        yield DataTable(id="compare-table", cursor_type="cell", zebra_stripes=True)
+        yield Static("", id="compare-note", markup=False)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self._load(self.paths)
+        self.app.theme_changed_signal.subscribe(self, lambda _t: self._render_table())
+
+    @work(thread=True, exclusive=True, group="compare-load", exit_on_error=False)
+    def _load(self, paths: list[Path]) -> None:
+        rows, errors = [], []
+        for p in paths:
+            try:
+                rows.append(compare_row(session_mod.Session(p)))
+            except (OSError, MinigptError) as e:
+                errors.append(f"{p.name}: {e}")
+        self.post_message(CompareLoaded(rows, errors))
+
+    def on_compare_loaded(self, msg: CompareLoaded) -> None:
+        self.rows = msg.rows
+        self.loaded = True
+        for err in msg.errors:
+            self.notify(err, severity="error")
+        self._render_table()
+
+    # ---- table -----------------------------------------------------------------
+    def sorted_rows(self) -> list[dict]:
+        if not self.sort_by:
+            return list(self.rows)
+        kind = next(k for key, _, k in COMPARE_COLUMNS if key == self.sort_by)
+        keyf = sort_key(kind)
+        present = [r for r in self.rows if r.get(self.sort_by) is not None]
+        missing = [r for r in self.rows if r.get(self.sort_by) is None]
+        return sorted(present, key=lambda r: keyf(r.get(self.sort_by)), reverse=self.reverse) + missing
+
+    def _best(self) -> dict[str, float]:
+        best = {}
+        for key, _, kind in COMPARE_COLUMNS:
+            vals = [r[key] for r in self.rows if isinstance(r.get(key), (int, float))]
+            if len(vals) >= 2 and key in HIGHER_IS_BETTER | LOWER_IS_BETTER:
+                best[key] = max(vals) if key in HIGHER_IS_BETTER else min(vals)
+        return best
+
+    def _cell(self, key: str, kind: str, value, best: dict) -> Text | str:
+        text = format_cell(kind, value)
+        if key in best and value == best[key]:
+            return Text(text, style=theme_style(self.app, "success", bold=True))
+        return escape(text)
+
+    def _render_table(self) -> None:
+        table = self.query_one(DataTable)
+        cursor = table.cursor_coordinate
+        table.clear(columns=True)
+        rows = self.sorted_rows()
+        best = self._best()
+        if self.transposed:
+            table.add_column("", key="field")
+            for r in rows:
+                table.add_column(escape(r["id"]), key=r["id"])
+            for key, label, kind in COMPARE_COLUMNS[1:]:
+                table.add_row(label, *[self._cell(key, kind, r.get(key), best) for r in rows], key=key)
+        else:
+            for key, label, _ in COMPARE_COLUMNS:
+                mark = ""
+                if key == self.sort_by:
+                    mark = " ▼" if self.reverse else " ▲"
+                table.add_column(label + mark, key=key)
+            for r in rows:
+                table.add_row(*[self._cell(key, kind, r.get(key), best) for key, _, kind in COMPARE_COLUMNS],
+                              key=r["id"])
+        if table.row_count:
+            table.move_cursor(row=min(cursor.row, table.row_count - 1),
+                              column=min(cursor.column, len(table.columns) - 1), animate=False)
+        self._update_note()
+
+    def _update_note(self) -> None:
+        parts = [f"{len(self.rows)} sessions"]
+        if self.sort_by:
+            label = next(lbl for key, lbl, _ in COMPARE_COLUMNS if key == self.sort_by)
+            parts.append(f"sorted by {label} ({'descending' if self.reverse else 'ascending'})")
+        if self.last_export:
+            parts.append(f"exported to {self.last_export}")
+        self.query_one("#compare-note", Static).update(" · ".join(parts))
+
+    # ---- actions ---------------------------------------------------------------
+    def sort_by_column(self, key: str) -> None:
+        if key not in {k for k, _, _ in COMPARE_COLUMNS}:
+            return
+        if self.sort_by == key:
+            self.reverse = not self.reverse
+        else:
+            self.sort_by, self.reverse = key, False
+        self._render_table()
+
+    def action_sort(self) -> None:
+        if self.transposed:
+            self.notify("Sorting works in the untransposed view (t)", severity="warning")
+            return
+        table = self.query_one(DataTable)
+        col = table.cursor_coordinate.column
+        self.sort_by_column(COMPARE_COLUMNS[col][0])
+
+    @on(DataTable.HeaderSelected)
+    def _header(self, event: DataTable.HeaderSelected) -> None:
+        if not self.transposed and event.column_key.value:
+            self.sort_by_column(event.column_key.value)
+
+    def action_transpose(self) -> None:
+        self.transposed = not self.transposed
+        self._render_table()
+
+    def export_path(self, ext: str) -> Path:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.app.clock()))
+        return Path(self.app.root) / "exports" / f"compare-{stamp}.{ext}"
+
+    def action_export(self, fmt: str) -> None:
+        rows = self.sorted_rows()
+        path = self.export_path("csv" if fmt == "csv" else "md")
+        try:
+            atomic.write_text(path, to_csv(rows) if fmt == "csv" else to_markdown(rows))
+        except OSError as e:
+            self.notify(f"cannot write {path}: {e}", severity="error")
+            return
+        self.last_export = path
+        self._update_note()
+        self.notify(f"Wrote {path}")
+
+    def action_back(self) -> None:
+        self.app.pop_screen()
+
+    def palette_commands(self) -> list[tuple[str, str, Callable[[], object]]]:
+        cmds: list[tuple[str, str, Callable[[], object]]] = [
+            ("export: CSV", "Write the comparison as CSV under the session root", lambda: self.action_export("csv")),
+            ("export: Markdown", "Write the comparison as a Markdown table", lambda: self.action_export("md")),
+            ("view: transpose", "Swap rows and columns", self.action_transpose),
+        ]
+        for key, label, _ in COMPARE_COLUMNS:
+            cmds.append((f"sort: {label}", f"Sort sessions by {label}", lambda k=key: self.sort_by_column(k)))
+        return cmds

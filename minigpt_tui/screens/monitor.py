@@ -1,0 +1,348 @@
+"""Run monitor: stage timeline, loss/perplexity plots, layer-by-layer sizes, metrics, log.
+
+A thread worker tails `events.jsonl` with `EventReader.poll()` and checks the runner's
+liveness; it only reads files and posts `RunEvents` / `RunStatus`. Handlers fold events
+into a `RunView` and mark the screen dirty; a 10 Hz timer redraws at most ten times a
+second however fast events arrive, and a finished run's whole log is folded in one pass.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Callable
+
+from rich.markup import escape
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Log, Static, TabbedContent, TabPane
+from textual.worker import get_current_worker
+
+from engine import session as session_mod
+from engine.errors import MinigptError
+from engine.events import EventReader
+
+from ..data import bar, fmt_count, fmt_duration, fmt_metric, fmt_rate, short_method
+from ..messages import RunEvents, RunStatus
+from ..runview import MODELS, RunView, delta
+from ..styles import signed_text, status_text, theme_style
+from ..widgets import TextPlot, TitleBar
+
+if TYPE_CHECKING:
+    from ..app import MinigptApp
+
+RENDER_INTERVAL = 0.1  # seconds: at most 10 redraws per second
+BANNERS = {
+    "disconnected": "disconnected — the runner is gone (state says running but nobody holds runner.lock). "
+                    "r resumes from the last completed stage.",
+    "stopped": "stopped — r resumes from the last completed stage or checkpoint.",
+    "stopping": "stopping — the runner will exit after the current step.",
+    "new": "not started yet — r launches it.",
+    "corrupt": "this session's files are corrupt",
+}
+
+
+class MonitorScreen(Screen):
+    """One session, live or replayed."""
+
+    HELP = ("Follows the session's events.jsonl live (or replays a finished run). 1–4 switch tabs: "
+            "progress, layers, metrics, log. s stops the runner, r resumes a stopped/disconnected run.")
+    BINDINGS = [
+        Binding("escape", "back", "Back", id="monitor.back"),
+        Binding("s", "stop", "Stop", id="monitor.stop"),
+        Binding("r", "resume", "Resume", id="monitor.resume"),
+        Binding("1", "tab('progress')", "Progress", id="monitor.tab_progress"),
+        Binding("2", "tab('layers')", "Layers", id="monitor.tab_layers"),
+        Binding("3", "tab('metrics')", "Metrics", id="monitor.tab_metrics"),
+        Binding("4", "tab('log')", "Log", id="monitor.tab_log"),
+    ]
+
+    app: "MinigptApp"
+
+    def __init__(self, session: session_mod.Session) -> None:
+        super().__init__()
+        self.session = session
+        self.view = RunView()
+        self.status = "?"
+        self.state: dict = {}
+        self.status_error: str | None = None
+        self.loaded = False  # the first poll (whole log so far + status) has been applied
+        self.render_count = 0
+        self._dirty = False
+        self._last_render = 0.0
+        self._log_written = 0
+        self._layers_drawn = -1
+        self._metrics_drawn = -1
+        try:
+            cfg = session.config()
+            p = cfg.prune
+            method = (f"{p.criterion} eps={p.activation_threshold:g}" if p.rule == "threshold"
+                      else f"{p.criterion} {p.ratio:.0%} {p.allocation}")
+            self.describe = (f"{cfg.model.source} · {cfg.data.source} · "
+                             f"{short_method({'mode': p.mode, 'method': method})}"
+                             f"{' · finetune ' + str(cfg.finetune.max_steps) + ' steps' if cfg.finetune.enabled else ''}")
+        except MinigptError as e:
+            self.describe = e.problem
+
+    # ---- layout ----------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield TitleBar(f"minigpt · {self.session.id}", id="title")
+        yield Static("", id="run-info")
+        yield Static("", id="banner", markup=False)
+        with TabbedContent(initial="progress", id="tabs"):
+            with TabPane("Progress", id="progress"):
+                yield DataTable(id="timeline", cursor_type="none", show_cursor=False)
+                yield Static("", id="summary")
+                with Horizontal(id="plots"):
+                    yield TextPlot("loss", id="loss-plot")
+                    yield TextPlot("held-out ppl", id="ppl-plot")
+                yield Static("", id="gpu")
+            with TabPane("Layers", id="layers"):
+                yield DataTable(id="layer-table", cursor_type="row", zebra_stripes=True)
+                yield Static("no layer report yet (written by the prune stage)", id="layer-totals")
+                yield TextPlot("% removed by layer", id="layer-chart")
+            with TabPane("Metrics", id="metrics"):
+                yield DataTable(id="metric-table", cursor_type="row", zebra_stripes=True)
+                yield Static("", id="metric-note")
+            with TabPane("Log", id="log"):
+                yield Log(id="log-view", max_lines=self.view.max_log, auto_scroll=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#banner").display = False
+        tl = self.query_one("#timeline", DataTable)
+        for label, key in (("stage", "stage"), ("state", "state"), ("progress", "bar"), ("done", "done"),
+                           ("rate", "rate"), ("eta / time", "eta")):
+            tl.add_column(label, key=key)
+        lt = self.query_one("#layer-table", DataTable)
+        for label, key in (("layer", "layer"), ("module", "module"), ("neurons", "neurons"),
+                           ("params before", "before"), ("after", "after"), ("removed", "pct"), ("", "bar")):
+            lt.add_column(label, key=key)
+        mt = self.query_one("#metric-table", DataTable)
+        for label, key in (("metric", "metric"), ("base", "base"), ("pruned", "pruned"), ("Δ pruned", "d_pruned"),
+                           ("finetuned", "finetuned"), ("Δ finetuned", "d_finetuned")):
+            mt.add_column(label, key=key)
+        self._render_all()
+        self.set_interval(RENDER_INTERVAL, self._flush)
+        self._tail(self.session, self.app.poll_interval)
+        self.app.theme_changed_signal.subscribe(self, lambda _t: self._render_all(force=True))
+
+    # ---- reading (worker thread: files only, then post) ------------------------------
+    @work(thread=True, exclusive=True, group="monitor-tail", exit_on_error=False)
+    def _tail(self, session: session_mod.Session, interval: float) -> None:
+        worker = get_current_worker()
+        reader = EventReader(session.events_path)
+        last = None
+        while not worker.is_cancelled:
+            events = reader.poll()
+            if events:
+                self.post_message(RunEvents(events))
+            try:
+                status, state, err = session.status(), session.state(), None
+            except MinigptError as e:
+                status, state, err = "corrupt", {}, e.line()
+            except OSError as e:
+                status, state, err = "corrupt", {}, f"cannot read the session: {e}"
+            key = (status, state.get("stage"), state.get("error"), tuple(state.get("completed_stages") or ()), err)
+            if key != last:
+                self.post_message(RunStatus(status, state, err))
+                last = key
+            if worker.cancelled_event.wait(interval):
+                break
+
+    # ---- handlers (UI thread: the only place widgets change) -------------------------
+    def on_run_events(self, msg: RunEvents) -> None:
+        self.view.apply(msg.events)
+        self._dirty = True
+
+    def on_run_status(self, msg: RunStatus) -> None:
+        self.status, self.state, self.status_error = msg.status, msg.state, msg.error
+        self.loaded = True
+        self._dirty = True
+
+    def _flush(self) -> None:
+        if self._dirty:
+            self._render_all()
+
+    @property
+    def settled(self) -> bool:
+        """Loaded and nothing waiting to be drawn (tests and snapshots wait for this)."""
+        return self.loaded and not self._dirty
+
+    # ---- rendering ---------------------------------------------------------------
+    def _render_all(self, force: bool = False) -> None:
+        self._dirty = False
+        self._last_render = time.monotonic()
+        self.render_count += 1
+        with self.app.batch_update():
+            self._render_header()
+            self._render_timeline()
+            self._render_plots()
+            if force or self._layers_drawn != self.view.layers_version:
+                self._render_layers()
+            if force or self._metrics_drawn != self.view.metrics_version:
+                self._render_metrics()
+            self._render_log()
+
+    def _render_header(self) -> None:
+        info = Text()
+        info.append_text(status_text(self.app, self.status.upper() if self.loaded else "loading"))
+        info.append("  " + self.describe)
+        if self.view.runs > 1:
+            info.append(f" · run {self.view.runs}")
+        self.query_one("#run-info", Static).update(info)
+        banner = self.query_one("#banner", Static)
+        text = BANNERS.get(self.status)
+        if self.status == "failed":
+            text = f"failed: {self.view.error or self.state.get('error') or 'see the log'} — fix it, then r resumes."
+        if self.status == "corrupt" and self.status_error:
+            text = self.status_error
+        banner.display = bool(text) and self.loaded
+        banner.set_classes(f"banner-{self.status}")
+        banner.update(text or "")
+
+    def _render_timeline(self) -> None:
+        tl = self.query_one("#timeline", DataTable)
+        tl.clear()
+        for st in self.view.ordered_stages():
+            frac = st.fraction
+            if st.status in ("off", "skipped"):
+                frac_txt, done = "", st.note if st.status == "skipped" else "disabled"
+            else:
+                frac_txt = bar(frac, 16) + (f" {frac:4.0%}" if frac is not None else "     ")
+                done = (f"{fmt_count(st.done)}/{fmt_count(st.total)} {st.unit}" if st.total else "")
+            rate = fmt_rate(st.tokens_per_s, "tokens") if st.tokens_per_s else fmt_rate(st.rate, st.unit)
+            if st.status == "done":
+                eta = fmt_duration(st.seconds) if st.seconds is not None else "done"
+            elif st.status == "running":
+                eta = f"eta {fmt_duration(st.eta_s)}" if st.eta_s is not None else "…"
+            else:
+                eta = ""
+            tl.add_row(st.name, status_text(self.app, st.status), frac_txt, done, rate, eta, key=st.name)
+        v = self.view
+        parts = []
+        for name in ("ppl", "mcq_acc"):
+            base = v.metric("base", name)
+            cells = []
+            for model in MODELS:
+                val = v.metric(model, name)
+                if val is None:
+                    continue
+                d, _ = delta(name, base, val) if model != "base" else ("", 0)
+                cells.append(f"{model} {fmt_metric(name, val)}{' (' + d + ')' if d else ''}")
+            if cells:
+                parts.append(f"{name}: " + " → ".join(cells))
+        if v.train_last:
+            t = v.train_last
+            parts.append(f"step {t.get('step')}/{t.get('total_steps')} lr {t.get('lr', 0):.2e}")
+        self.query_one("#summary", Static).update(escape("  ·  ".join(parts)) if parts else "")
+
+    def _render_plots(self) -> None:
+        v = self.view
+        if v.losses:
+            cap = f"loss {v.losses[-1]:.3f} (min {min(v.losses):.3f}, {len(v.losses)} steps)"
+        else:
+            cap = "loss (fine-tuning steps)"
+        self.query_one("#loss-plot", TextPlot).set_data(v.losses, cap)
+        ppl = [p for _, p in v.eval_ppl]
+        base = v.metric("base", "ppl")
+        if ppl:
+            cap = f"held-out ppl {ppl[-1]:.2f}" + (f" (base {base:.2f})" if base else "")
+        else:
+            cap = "held-out ppl" + (f" (base {base:.2f})" if base else "")
+        self.query_one("#ppl-plot", TextPlot).set_data(ppl, cap)
+        g = v.gpu
+        gpu = self.query_one("#gpu", Static)
+        if g:
+            used, total = g.get("mem_used_mb") or 0, g.get("mem_total_mb") or 0
+            frac = used / total if total else None
+            gpu.update(f"GPU mem {used / 1024:.1f}/{total / 1024:.1f} GB {bar(frac, 10)}  "
+                       f"util {g.get('util_pct', 0):.0f}%")
+        else:
+            gpu.update("GPU: no samples (CPU run, or not started)")
+
+    def _render_layers(self) -> None:
+        self._layers_drawn = self.view.layers_version
+        rep = self.view.layer_report
+        lt = self.query_one("#layer-table", DataTable)
+        lt.clear()
+        if not rep:
+            return
+        rows = rep["rows"]
+        for r in rows:
+            pct = float(r.get("pct_removed", 0) or 0)
+            lt.add_row(str(r.get("layer", "?")), escape(str(r.get("module", ""))),
+                       f"{r.get('neurons_before', '?')}→{r.get('neurons_after', '?')}",
+                       fmt_count(r.get("params_before")), fmt_count(r.get("params_after")),
+                       f"{pct:5.1f}%", Text(bar(pct / 100, 12), style=theme_style(self.app, "accent")),
+                       key=f"layer-{r.get('layer')}-{r.get('module')}")
+        t = rep["totals"]
+        mode = rep.get("mode") or ""
+        extra = ""
+        if t.get("nonzero_params_after") is not None:
+            extra = f" · non-zero after {fmt_count(t['nonzero_params_after'])}"
+        self.query_one("#layer-totals", Static).update(
+            f"total ({mode}): {fmt_count(t.get('params_before'))} → {fmt_count(t.get('params_after'))} params, "
+            f"{float(t.get('pct_removed', 0) or 0):.1f}% removed · neurons "
+            f"{t.get('neurons_before', '?')}→{t.get('neurons_after', '?')}{extra}")
+        pcts = [float(r.get("pct_removed", 0) or 0) for r in rows]
+        self.query_one("#layer-chart", TextPlot).set_data(pcts, f"% removed by layer (0–{len(rows) - 1})")
+
+    def _render_metrics(self) -> None:
+        self._metrics_drawn = self.view.metrics_version
+        v = self.view
+        mt = self.query_one("#metric-table", DataTable)
+        mt.clear()
+        for name in v.metric_names():
+            base = v.metric("base", name)
+            cells: list = [name, fmt_metric(name, base)]
+            for model in ("pruned", "finetuned"):
+                val = v.metric(model, name)
+                d, sign = delta(name, base, val)
+                cells += [fmt_metric(name, val), signed_text(self.app, d, sign)]
+            mt.add_row(*cells, key=name)
+        note = self.query_one("#metric-note", Static)
+        note.update("" if v.metrics else "no metrics yet (baseline and evaluate stages write them)")
+
+    def _render_log(self) -> None:
+        v = self.view
+        new = v.log_total - self._log_written
+        if new <= 0:
+            return
+        lines = list(v.logs)[-min(new, len(v.logs)):]
+        self.query_one("#log-view", Log).write_lines(
+            f"{v.rel_time(line.t)} {line.level:<5} {line.message}" for line in lines)
+        self._log_written = v.log_total
+
+    # ---- actions ---------------------------------------------------------------
+    def action_back(self) -> None:
+        self.app.pop_screen()
+
+    def action_tab(self, tab: str) -> None:
+        self.query_one(TabbedContent).active = tab
+
+    def action_stop(self) -> None:
+        if self.status not in ("running",):
+            self.notify(f"not running ({self.status})", severity="warning")
+            return
+        self.app.stop_session(self.session)
+
+    def action_resume(self) -> None:
+        if self.status in ("running", "stopping", "done"):
+            self.notify(f"nothing to resume ({self.status})", severity="warning")
+            return
+        self.app.launch_session(self.session)
+
+    def palette_commands(self) -> list[tuple[str, str, Callable[[], object]]]:
+        cmds: list[tuple[str, str, Callable[[], object]]] = []
+        if self.status == "running":
+            cmds.append(("run: stop", f"Ask the runner of {self.session.id} to stop", self.action_stop))
+        if self.status in ("stopped", "failed", "disconnected", "new"):
+            cmds.append(("run: resume", f"Launch {self.session.id} again from its last stage", self.action_resume))
+        for tab, label in (("progress", "progress"), ("layers", "layer sizes"), ("metrics", "metrics"), ("log", "log")):
+            cmds.append((f"view: {label}", f"Show the {label} tab", lambda t=tab: self.action_tab(t)))
+        cmds.append(("run: back to sessions", "Return to the session list", self.action_back))
+        return cmds

@@ -1,0 +1,75 @@
+"""Tiny random models of every supported family, built from configs, plus a tokenizer
+trained in-process: fast, offline stand-ins for real checkpoints."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+TEXT = ("The licence grants permission to use, copy, modify and distribute the software. "
+        "A function returns a value; a class defines methods and attributes. "
+        "Permission is hereby granted, free of charge, to any person obtaining a copy. ") * 20
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def config(family: str, vocab: int = 320):
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, OPTConfig, PhiConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab)
+    if family == "llama":
+        return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common)
+    if family == "mistral":
+        return MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=256, **common)
+    if family == "qwen2":
+        return Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=256, **common)
+    if family == "opt":
+        return OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                         word_embed_proj_dim=32, max_position_embeddings=256, **common)
+    if family == "phi":
+        return PhiConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=256, **common)
+    if family == "gpt2":
+        return GPT2Config(n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=256, **common)
+    raise ValueError(family)
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "opt", "phi", "gpt2")
+
+
+def model(family: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    m = AutoModelForCausalLM.from_config(config(family), dtype=torch.float32)
+    # random init leaves tiny activations; scale so scores spread and pruning bites
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return m.eval()
+
+
+def save(family: str, folder: Path, seed: int = 0) -> Path:
+    m = model(family, seed)
+    m.save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    return folder
