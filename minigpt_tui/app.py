@@ -121,20 +121,25 @@ class MinigptApp(App):
     # ---- app-wide actions ----------------------------------------------------------------
     def help_bindings(self) -> list[tuple[str, str, str, str]]:
         """Bindings active on the current screen and focused widget, for the help screen."""
+        from textual.screen import Screen
+
         out = []
         for key, active in self.screen.active_bindings.items():
             b = active.binding
             if not b.description:
                 continue
-            out.append((self.get_key_display(b), b.description, b.id or "", type(active.node).__name__))
-        return out
+            # minigpt's own (with ids) first: screen, then app; then Textual's and the widget's
+            rank = (0 if b.id else 3) + (0 if isinstance(active.node, Screen) else (1 if active.node is self else 2))
+            out.append((rank, self.get_key_display(b), b.description, b.id or "", type(active.node).__name__))
+        out.sort(key=lambda r: r[0])
+        return [r[1:] for r in out]
 
     def action_help(self) -> None:
         if isinstance(self.screen, HelpScreen):
             return
         screen = self.screen
-        self.push_screen(HelpScreen(getattr(screen, "HELP", "") and type(screen).__name__.replace("Screen", ""),
-                                    getattr(screen, "HELP", ""), self.help_bindings()))
+        title = type(screen).__name__.removesuffix("Screen")
+        self.push_screen(HelpScreen(title, getattr(screen, "HELP", ""), self.help_bindings()))
 
     def action_cycle_theme(self) -> None:
         names = self.theme_names or [self.theme]

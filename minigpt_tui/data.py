@@ -138,7 +138,7 @@ def progress_text(row: dict, tail: dict | None) -> str:
         frac = float(prog) if prog <= 1 else float(prog) / 100
     elif isinstance(prog, dict) and prog.get("total"):
         frac = float(prog.get("done", 0)) / float(prog["total"])
-    elif tail and status in ("running", "stopping", "disconnected", "stopped"):
+    elif tail and status in ("running", "starting", "stopping", "disconnected", "stopped"):
         if tail.get("type") == "train" and tail.get("total_steps"):
             frac = float(tail.get("step", 0)) / float(tail["total_steps"])
         elif tail.get("total"):
@@ -175,7 +175,7 @@ COMPARE_COLUMNS: list[tuple[str, str, str]] = [
     ("status", "state", "str"),
     ("params_base", "params base", "params"),
     ("params_pruned", "params pruned", "params"),
-    ("pct_removed", "% MLP removed", "pct"),
+    ("pct_removed", "% removed", "pct"),
     ("ppl_base", "ppl base", "ppl"),
     ("ppl_pruned", "ppl pruned", "ppl"),
     ("ppl_finetuned", "ppl ft", "ppl"),
@@ -186,11 +186,12 @@ COMPARE_COLUMNS: list[tuple[str, str, str]] = [
 
 
 def _results_metrics(results: dict) -> dict[tuple[str, str], float]:
-    """Tolerant reader for results.json: {model: {name: v}} at the top or under "metrics"."""
+    """Tolerant reader for results.json: {model: {name: v}} under "models" (what the pipeline
+    writes), "metrics", or at the top level."""
     out: dict[tuple[str, str], float] = {}
     if not isinstance(results, dict):
         return out
-    for holder in (results, results.get("metrics")):
+    for holder in (results, results.get("models"), results.get("metrics")):
         if not isinstance(holder, dict):
             continue
         for model in ("base", "pruned", "finetuned"):
@@ -211,8 +212,13 @@ def compare_row(s: session_mod.Session) -> dict:
     metrics.update(_results_metrics(s.results()))
     totals = (view.layer_report or {}).get("totals") or {}
     results = s.results()
-    if not totals and isinstance(results.get("layer_report"), dict):
-        totals = results["layer_report"].get("totals") or {}
+    if not totals:  # the pipeline also keeps the totals under results["prune"]
+        for key in ("prune", "layer_report"):
+            held = results.get(key)
+            if isinstance(held, dict):
+                totals = held.get("totals", held) if isinstance(held.get("totals", held), dict) else {}
+                if totals.get("params_before") is not None:
+                    break
     out: dict[str, Any] = {
         "id": row["id"],
         "model": row.get("model", "?"),

@@ -182,7 +182,7 @@ class RunView:
         self.layers_version += 1
         totals = self.layer_report["totals"]
         if "pct_removed" in totals:
-            self._log(ev, "info", f"layer report: {_num(totals['pct_removed']) or 0:.1f}% of MLP params removed")
+            self._log(ev, "info", f"layer report: {_num(totals['pct_removed']) or 0:.1f}% of parameters removed")
 
     def _on_metric(self, ev: dict) -> None:
         value = _num(ev.get("value"))

@@ -9,6 +9,7 @@ from textual.color import Color, ColorParseError
 
 STATUS_VAR = {
     "running": "accent",
+    "starting": "accent",
     "stopping": "warning",
     "stopped": "warning",
     "failed": "error",

@@ -14,10 +14,13 @@ BLOCKS = " ▁▂▃▄▅▆▇█"
 
 
 def resample(values: Sequence[float], width: int) -> list[float]:
-    """Mean of equal buckets so a 100k-step loss curve fits the width without aliasing."""
+    """Mean of equal buckets so a 100k-step loss curve fits the width without aliasing;
+    a short series is stretched into steps instead."""
     n = len(values)
-    if n <= width:
-        return list(values)
+    if n == 0:
+        return []
+    if n <= width:  # stretch short series into steps so they fill the plot
+        return [values[i * n // width] for i in range(width)]
     out = []
     for i in range(width):
         a, b = i * n // width, max(i * n // width + 1, (i + 1) * n // width)

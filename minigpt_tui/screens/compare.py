@@ -19,7 +19,7 @@ from engine import atomic
 from engine import session as session_mod
 from engine.errors import MinigptError
 
-from ..data import COMPARE_COLUMNS, compare_row, format_cell, sort_key, to_csv, to_markdown
+from ..data import COMPARE_COLUMNS, compare_row, format_cell, short_source, sort_key, to_csv, to_markdown
 from ..messages import CompareLoaded
 from ..styles import theme_style
 from ..widgets import TitleBar
@@ -32,10 +32,12 @@ LOWER_IS_BETTER = {"ppl_base", "ppl_pruned", "ppl_finetuned", "params_pruned"}
 
 
 class CompareScreen(Screen):
-    """Rows are sessions; s sorts by the cursor's column (again: reverse), t transposes."""
+    """Sessions side by side. Narrow terminals start transposed (one column per session);
+    s sorts the sessions by the field under the cursor (again: reverse) in either layout."""
 
-    HELP = ("Sessions side by side. Move to a column and press s to sort by it (again to reverse), "
-            "or click its header. t swaps rows and columns. e writes CSV, m writes Markdown.")
+    HELP = ("Sessions side by side. Put the cursor on a field and press s to sort the sessions by it "
+            "(again to reverse), or click a column header. t swaps rows and columns. "
+            "e writes CSV, m writes Markdown, under <root>/exports/.")
     BINDINGS = [
         Binding("escape", "back", "Back", id="compare.back"),
         Binding("s", "sort", "Sort", id="compare.sort"),
@@ -52,7 +54,7 @@ class CompareScreen(Screen):
         self.rows: list[dict] = []
         self.sort_by: str | None = None
         self.reverse = False
-        self.transposed = False
+        self.transposed: bool | None = None  # decided on mount from the terminal width
         self.loaded = False
         self.last_export: Path | None = None
 
@@ -63,6 +65,8 @@ class CompareScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
+        if self.transposed is None:
+            self.transposed = self.app.size.width < 110
         self._load(self.paths)
         self.app.theme_changed_signal.subscribe(self, lambda _t: self._render_table())
 
@@ -103,6 +107,8 @@ class CompareScreen(Screen):
 
     def _cell(self, key: str, kind: str, value, best: dict) -> Text | str:
         text = format_cell(kind, value)
+        if key in ("model", "domain"):
+            text = short_source(text)
         if key in best and value == best[key]:
             return Text(text, style=theme_style(self.app, "success", bold=True))
         return escape(text)
@@ -118,7 +124,8 @@ class CompareScreen(Screen):
             for r in rows:
                 table.add_column(escape(r["id"]), key=r["id"])
             for key, label, kind in COMPARE_COLUMNS[1:]:
-                table.add_row(label, *[self._cell(key, kind, r.get(key), best) for r in rows], key=key)
+                mark = (" ▼" if self.reverse else " ▲") if key == self.sort_by else ""
+                table.add_row(label + mark, *[self._cell(key, kind, r.get(key), best) for r in rows], key=key)
         else:
             for key, label, _ in COMPARE_COLUMNS:
                 mark = ""
@@ -153,12 +160,12 @@ class CompareScreen(Screen):
         self._render_table()
 
     def action_sort(self) -> None:
-        if self.transposed:
-            self.notify("Sorting works in the untransposed view (t)", severity="warning")
-            return
         table = self.query_one(DataTable)
-        col = table.cursor_coordinate.column
-        self.sort_by_column(COMPARE_COLUMNS[col][0])
+        if self.transposed:  # rows are fields: sort the session columns by the cursor's row
+            row = table.cursor_coordinate.row
+            self.sort_by_column(COMPARE_COLUMNS[1:][row][0])
+        else:
+            self.sort_by_column(COMPARE_COLUMNS[table.cursor_coordinate.column][0])
 
     @on(DataTable.HeaderSelected)
     def _header(self, event: DataTable.HeaderSelected) -> None:

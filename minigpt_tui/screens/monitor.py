@@ -41,6 +41,7 @@ BANNERS = {
     "stopped": "stopped — r resumes from the last completed stage or checkpoint.",
     "stopping": "stopping — the runner will exit after the current step.",
     "new": "not started yet — r launches it.",
+    "starting": "starting — waiting for the runner to take the lock.",
     "corrupt": "this session's files are corrupt",
 }
 
@@ -66,7 +67,7 @@ class MonitorScreen(Screen):
         super().__init__()
         self.session = session
         self.view = RunView()
-        self.status = "?"
+        self.status = "loading"
         self.state: dict = {}
         self.status_error: str | None = None
         self.loaded = False  # the first poll (whole log so far + status) has been applied
@@ -119,7 +120,7 @@ class MonitorScreen(Screen):
             tl.add_column(label, key=key)
         lt = self.query_one("#layer-table", DataTable)
         for label, key in (("layer", "layer"), ("module", "module"), ("neurons", "neurons"),
-                           ("params before", "before"), ("after", "after"), ("removed", "pct"), ("", "bar")):
+                           ("params", "params"), ("removed", "pct"), ("", "bar")):
             lt.add_column(label, key=key)
         mt = self.query_one("#metric-table", DataTable)
         for label, key in (("metric", "metric"), ("base", "base"), ("pruned", "pruned"), ("Δ pruned", "d_pruned"),
@@ -189,7 +190,7 @@ class MonitorScreen(Screen):
 
     def _render_header(self) -> None:
         info = Text()
-        info.append_text(status_text(self.app, self.status.upper() if self.loaded else "loading"))
+        info.append_text(status_text(self.app, self.status.upper()))
         info.append("  " + self.describe)
         if self.view.runs > 1:
             info.append(f" · run {self.view.runs}")
@@ -201,19 +202,21 @@ class MonitorScreen(Screen):
         if self.status == "corrupt" and self.status_error:
             text = self.status_error
         banner.display = bool(text) and self.loaded
-        banner.set_classes(f"banner-{self.status}")
+        banner.set_classes("banner-" + "".join(c for c in self.status if c.isalnum()))
         banner.update(text or "")
 
     def _render_timeline(self) -> None:
         tl = self.query_one("#timeline", DataTable)
         tl.clear()
+        width = 20 if self.app.size.width >= 110 else 10
         for st in self.view.ordered_stages():
             frac = st.fraction
             if st.status in ("off", "skipped"):
                 frac_txt, done = "", st.note if st.status == "skipped" else "disabled"
             else:
-                frac_txt = bar(frac, 16) + (f" {frac:4.0%}" if frac is not None else "     ")
-                done = (f"{fmt_count(st.done)}/{fmt_count(st.total)} {st.unit}" if st.total else "")
+                frac_txt = bar(frac, width) + (f" {frac:4.0%}" if frac is not None else "     ")
+                unit = {"tokens": "tok"}.get(st.unit, st.unit)
+                done = (f"{fmt_count(st.done)}/{fmt_count(st.total)} {unit}" if st.total else "")
             rate = fmt_rate(st.tokens_per_s, "tokens") if st.tokens_per_s else fmt_rate(st.rate, st.unit)
             if st.status == "done":
                 eta = fmt_duration(st.seconds) if st.seconds is not None else "done"
@@ -235,15 +238,15 @@ class MonitorScreen(Screen):
                 cells.append(f"{model} {fmt_metric(name, val)}{' (' + d + ')' if d else ''}")
             if cells:
                 parts.append(f"{name}: " + " → ".join(cells))
-        if v.train_last:
-            t = v.train_last
-            parts.append(f"step {t.get('step')}/{t.get('total_steps')} lr {t.get('lr', 0):.2e}")
-        self.query_one("#summary", Static).update(escape("  ·  ".join(parts)) if parts else "")
+        summary = self.query_one("#summary", Static)
+        summary.update(escape("\n".join(parts)) if parts else "no metrics yet")
 
     def _render_plots(self) -> None:
         v = self.view
         if v.losses:
-            cap = f"loss {v.losses[-1]:.3f} (min {min(v.losses):.3f}, {len(v.losses)} steps)"
+            t = v.train_last or {}
+            cap = (f"loss {v.losses[-1]:.3f} · min {min(v.losses):.3f} · step {t.get('step')}/"
+                   f"{t.get('total_steps')}")
         else:
             cap = "loss (fine-tuning steps)"
         self.query_one("#loss-plot", TextPlot).set_data(v.losses, cap)
@@ -272,12 +275,13 @@ class MonitorScreen(Screen):
         if not rep:
             return
         rows = rep["rows"]
+        width = 20 if self.app.size.width >= 110 else 10
         for r in rows:
             pct = float(r.get("pct_removed", 0) or 0)
             lt.add_row(str(r.get("layer", "?")), escape(str(r.get("module", ""))),
                        f"{r.get('neurons_before', '?')}→{r.get('neurons_after', '?')}",
-                       fmt_count(r.get("params_before")), fmt_count(r.get("params_after")),
-                       f"{pct:5.1f}%", Text(bar(pct / 100, 12), style=theme_style(self.app, "accent")),
+                       f"{fmt_count(r.get('params_before'))}→{fmt_count(r.get('params_after'))}",
+                       f"{pct:5.1f}%", Text(bar(pct / 100, width), style=theme_style(self.app, "accent")),
                        key=f"layer-{r.get('layer')}-{r.get('module')}")
         t = rep["totals"]
         mode = rep.get("mode") or ""
@@ -325,20 +329,20 @@ class MonitorScreen(Screen):
         self.query_one(TabbedContent).active = tab
 
     def action_stop(self) -> None:
-        if self.status not in ("running",):
+        if self.status not in ("running", "starting"):
             self.notify(f"not running ({self.status})", severity="warning")
             return
         self.app.stop_session(self.session)
 
     def action_resume(self) -> None:
-        if self.status in ("running", "stopping", "done"):
+        if self.status in ("running", "starting", "stopping", "done"):
             self.notify(f"nothing to resume ({self.status})", severity="warning")
             return
         self.app.launch_session(self.session)
 
     def palette_commands(self) -> list[tuple[str, str, Callable[[], object]]]:
         cmds: list[tuple[str, str, Callable[[], object]]] = []
-        if self.status == "running":
+        if self.status in ("running", "starting"):
             cmds.append(("run: stop", f"Ask the runner of {self.session.id} to stop", self.action_stop))
         if self.status in ("stopped", "failed", "disconnected", "new"):
             cmds.append(("run: resume", f"Launch {self.session.id} again from its last stage", self.action_resume))

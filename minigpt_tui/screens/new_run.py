@@ -14,7 +14,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Input, Label, Select, Static, Switch
+from textual.widgets import Button, Checkbox, Footer, Input, Label, Select, Static
 
 from engine import config as config_mod
 from engine import session as session_mod
@@ -76,43 +76,45 @@ class NewRunScreen(Screen):
         d = config_mod.RunConfig()
         yield TitleBar("minigpt · new run", id="title")
         with VerticalScroll(id="form"):
-            yield from _section("Model")
+            yield Label("Model", classes="form-section first")
             yield from _row("preset", Select(MODEL_PRESETS, value="embedded:smollm2", allow_blank=False,
-                                             id="f-model-preset"))
+                                             id="f-model-preset", compact=True))
             yield from _row("model", Input(d.model.source, placeholder="hub id, local folder or .gguf",
-                                           id="f-model"))
-            yield from _row("name", Input("", placeholder="optional; default: date-model-domain", id="f-name"))
+                                           id="f-model", compact=True))
+            yield from _row("name", Input("", placeholder="optional; default: date-model-domain", id="f-name", compact=True))
             yield from _section("Domain corpus")
             yield from _row("corpus", Select(DOMAIN_PRESETS, value="builtin:licenses", allow_blank=False,
-                                             id="f-domain-preset"))
-            yield from _row("source", Input(d.data.source, id="f-domain"))
+                                             id="f-domain-preset", compact=True))
+            yield from _row("source", Input(d.data.source, id="f-domain", compact=True))
             yield from _row("column", Input(d.data.column, placeholder="text column of a hub/JSONL dataset",
-                                            id="f-column"))
+                                            id="f-column", compact=True))
             yield from _row("template", Input("", placeholder='e.g. "{question}\\n{answer}" (overrides column)',
-                                              id="f-template"))
+                                              id="f-template", compact=True))
             yield from _section("Pruning")
             yield from _row("mode", Select([("structural (weights removed)", "structural"),
                                             ("mask (zeroed, shapes kept)", "mask")],
-                                           value=d.prune.mode, allow_blank=False, id="f-mode"))
+                                           value=d.prune.mode, allow_blank=False, id="f-mode", compact=True))
             yield from _row("rule", Select([("threshold ε on mean |activation|", "threshold"),
                                             ("ratio of MLP neurons", "ratio")],
-                                           value=d.prune.rule, allow_blank=False, id="f-rule"))
-            yield from _row("threshold ε", Input(f"{d.prune.activation_threshold:g}", id="f-threshold"))
-            yield from _row("ratio", Input(f"{d.prune.ratio:g}", id="f-ratio", disabled=True))
+                                           value=d.prune.rule, allow_blank=False, id="f-rule", compact=True))
+            yield from _row("threshold ε", Input(f"{d.prune.activation_threshold:g}", id="f-threshold", compact=True))
+            yield from _row("ratio", Input(f"{d.prune.ratio:g}", id="f-ratio", compact=True, disabled=True))
             yield from _section("Fine-tune")
-            yield from _row("enabled", Switch(value=d.finetune.enabled, id="f-finetune"))
-            yield from _row("max steps", Input(str(d.finetune.max_steps), id="f-steps",
+            yield from _row("", Checkbox("fine-tune after pruning", d.finetune.enabled, id="f-finetune",
+                                         compact=True))
+            yield from _row("max steps", Input(str(d.finetune.max_steps), id="f-steps", compact=True,
                                                disabled=not d.finetune.enabled))
-            yield from _row("learning rate", Input(f"{d.finetune.lr:g}", id="f-lr",
+            yield from _row("learning rate", Input(f"{d.finetune.lr:g}", id="f-lr", compact=True,
                                                    disabled=not d.finetune.enabled))
             yield from _section("Evaluate")
-            yield from _row("max tokens", Input(str(d.evaluate.max_tokens), id="f-eval-tokens"))
-            yield from _row("MCQ questions", Input(str(d.evaluate.mcq_generate), id="f-mcq"))
-            yield from _row("eval base", Switch(value=d.evaluate.evaluate_base, id="f-eval-base"))
+            yield from _row("max tokens", Input(str(d.evaluate.max_tokens), id="f-eval-tokens", compact=True))
+            yield from _row("MCQ questions", Input(str(d.evaluate.mcq_generate), id="f-mcq", compact=True))
+            yield from _row("", Checkbox("also evaluate the unpruned base model", d.evaluate.evaluate_base,
+                                         id="f-eval-base", compact=True))
             yield Static("", id="form-error", markup=False)
             with Horizontal(id="form-buttons"):
-                yield Button("Create & launch (ctrl+s)", variant="primary", id="submit")
-                yield Button("Cancel (esc)", id="cancel")
+                yield Button("Create & launch (ctrl+s)", variant="primary", id="submit", compact=True)
+                yield Button("Cancel (esc)", id="cancel", compact=True)
         yield Footer()
 
     def on_mount(self) -> None:
@@ -144,8 +146,8 @@ class NewRunScreen(Screen):
         self.query_one("#f-threshold", Input).disabled = event.value != "threshold"
         self.query_one("#f-ratio", Input).disabled = event.value != "ratio"
 
-    @on(Switch.Changed, "#f-finetune")
-    def _finetune(self, event: Switch.Changed) -> None:
+    @on(Checkbox.Changed, "#f-finetune")
+    def _finetune(self, event: Checkbox.Changed) -> None:
         self.query_one("#f-steps", Input).disabled = not event.value
         self.query_one("#f-lr", Input).disabled = not event.value
 

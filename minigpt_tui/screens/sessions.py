@@ -149,7 +149,7 @@ class SessionsScreen(Screen):
             if wide:
                 cells += [escape(_trunc(short_source(r.get("model", "?")), 18)),
                           escape(_trunc(short_source(r.get("domain", "?")), 16))]
-            cells.append(escape(_trunc(short_method(r), 20 if wide else 15)))
+            cells.append(escape(_trunc(short_method(r), 20 if wide else 17)))
             if wide:
                 cells.append(escape(str(r.get("stage") or "—")))
             cells += [status_text(self.app, str(r.get("status", "?"))),
@@ -241,7 +241,7 @@ class SessionsScreen(Screen):
         r, s = self.current_row(), self._session()
         if r is None or s is None:
             return
-        if r.get("status") in ("running", "stopping", "done"):
+        if r.get("status") in ("running", "starting", "stopping", "done"):
             self.notify(f"{r['id']} is {r.get('status')}; nothing to resume", severity="warning")
             return
         if self.app.launch_session(s):
@@ -251,7 +251,7 @@ class SessionsScreen(Screen):
         r, s = self.current_row(), self._session()
         if r is None or s is None:
             return
-        if r.get("status") not in ("running", "stopping"):
+        if r.get("status") not in ("running", "starting", "stopping"):
             self.notify(f"{r['id']} is not running ({r.get('status')})", severity="warning")
             return
         self.app.stop_session(s)
@@ -276,7 +276,7 @@ class SessionsScreen(Screen):
         r = self.current_row()
         if r is None:
             return
-        if r.get("status") in ("running", "stopping"):
+        if r.get("status") in ("running", "starting", "stopping"):
             self.notify(f"{r['id']} is running; stop it first (s)", severity="warning")
             return
         path = Path(r["path"])

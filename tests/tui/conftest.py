@@ -1,0 +1,64 @@
+"""Fixtures for the TUI tests: isolated session roots, a fixed clock, no cursor blink,
+and the runner boundary (`engine.runner.launch_detached` / `request_stop`) mocked."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tui_helpers import NOW, FakeRunner  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _deterministic(monkeypatch):
+    """No blinking cursor, no animations, no user theme choice: snapshots are stable."""
+    from textual.widgets import Input
+
+    monkeypatch.setattr(Input, "_toggle_cursor", lambda self: None)
+    monkeypatch.setenv("TEXTUAL_ANIMATIONS", "none")
+    monkeypatch.delenv("MINIGPT_THEME", raising=False)
+    monkeypatch.delenv("MINIGPT_THEMES", raising=False)
+
+
+@pytest.fixture
+def runner(monkeypatch) -> FakeRunner:
+    """Mock exactly the launch boundary: engine.runner's two functions."""
+    import importlib
+
+    fake = FakeRunner()
+    try:
+        mod = importlib.import_module("engine.runner")
+    except ImportError:  # runner not written yet: provide the module the app imports lazily
+        import types
+
+        mod = types.ModuleType("engine.runner")
+        monkeypatch.setitem(sys.modules, "engine.runner", mod)
+    monkeypatch.setattr(mod, "launch_detached", fake.launch_detached, raising=False)
+    monkeypatch.setattr(mod, "request_stop", fake.request_stop, raising=False)
+    return fake
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch) -> Path:
+    """A relative session root, so absolute tmp paths never reach a snapshot."""
+    monkeypatch.chdir(tmp_path)
+    return Path("sessions")
+
+
+@pytest.fixture
+def make_app(root, runner):
+    from minigpt_tui.app import MinigptApp
+
+    def make(**kw):
+        kw.setdefault("root", root)
+        kw.setdefault("clock", lambda: NOW)
+        kw.setdefault("poll_interval", 0.05)
+        kw.setdefault("refresh_interval", 60.0)
+        return MinigptApp(**kw)
+
+    return make

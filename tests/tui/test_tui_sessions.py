@@ -1,0 +1,178 @@
+"""Sessions screen: listing, states, filter, marks, resume/stop at the runner boundary,
+delete behind a confirmation, periodic refresh."""
+
+from __future__ import annotations
+
+from textual.widgets import DataTable
+
+from minigpt_tui.screens.compare import CompareScreen
+from minigpt_tui.screens.modals import ConfirmModal
+from minigpt_tui.screens.monitor import MonitorScreen
+from minigpt_tui.screens.sessions import SessionsScreen
+from tui_helpers import NOW, finished_events, make_session, screen_text, standard_root, wait_for
+
+
+def _row(table: DataTable, key: str) -> list:
+    return [str(c) for c in table.get_row(key)]
+
+
+async def _home(pilot) -> SessionsScreen:
+    screen = pilot.app.screen
+    assert isinstance(screen, SessionsScreen)
+    await wait_for(pilot, lambda: screen.loaded)
+    return screen
+
+
+async def test_lists_every_session_with_state_progress_and_age(root, make_app):
+    standard_root(root)
+    app = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await _home(pilot)
+        table = screen.query_one(DataTable)
+        assert table.row_count == 3
+        # newest update first
+        assert [r["id"] for r in screen.visible_rows()] == ["smollm2-licenses-eps", "phi-stdlib-ratio",
+                                                             "opt-licenses-mask"]
+        done = _row(table, "smollm2-licenses-eps")
+        assert done[2:] == ["smollm2", "licenses", "struct eps=0.001", "—", "done", "100%", "10m ago"]
+        # state.json says running but nobody holds runner.lock → disconnected, progress from the log tail
+        lost = _row(table, "opt-licenses-mask")
+        assert lost[2:] == ["opt-1.3b", "licenses", "mask eps=0.001", "calibrate", "disconnected",
+                            "1/5 50%", "1d ago"]
+        assert _row(table, "phi-stdlib-ratio")[4] == "struct 30%"
+        assert "disconnected" in screen_text(app)
+
+
+async def test_narrow_terminal_moves_details_to_the_detail_line(root, make_app):
+    standard_root(root)
+    app = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await _home(pilot)
+        table = screen.query_one(DataTable)
+        assert [c.label.plain for c in table.columns.values()] == [" ", "session", "method", "state",
+                                                                   "progress", "updated"]
+        text = screen_text(app)
+        assert "embedded:smollm2 on builtin:licenses" in text  # detail line of the highlighted row
+
+
+async def test_filter_with_slash_and_clear_with_escape(root, make_app):
+    standard_root(root)
+    app = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await _home(pilot)
+        table = screen.query_one(DataTable)
+        await pilot.press("slash")
+        await pilot.press(*"phi")
+        assert table.row_count == 1
+        assert table.coordinate_to_cell_key((0, 0)).row_key.value == "phi-stdlib-ratio"
+        await pilot.press("enter")  # back to the table, filter kept
+        assert table.has_focus and table.row_count == 1
+        await pilot.press("slash", "backspace", "backspace", "backspace", *"disconn")  # state is filterable too
+        assert table.row_count == 1
+        await pilot.press("escape")
+        assert table.row_count == 3 and screen.filter_text == ""
+        await pilot.press("slash", *"nothing-matches")
+        assert table.row_count == 0
+        assert "No session matches" in screen_text(app)
+
+
+async def test_delete_asks_first_and_only_yes_deletes(root, make_app):
+    sessions = standard_root(root)
+    target = sessions["disconnected"].path
+    app = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await _home(pilot)
+        table = screen.query_one(DataTable)
+        await pilot.press("down", "down")
+        assert screen.current_row()["id"] == "opt-licenses-mask"
+        await pilot.press("d")
+        assert isinstance(app.screen, ConfirmModal)
+        assert "Delete session opt-licenses-mask?" in screen_text(app)
+        await pilot.press("n")
+        assert isinstance(app.screen, SessionsScreen) and target.exists()
+        await pilot.press("d")
+        await pilot.press("y")
+        await wait_for(pilot, lambda: not target.exists() and table.row_count == 2)
+        assert "opt-licenses-mask" not in [r["id"] for r in screen.rows]
+
+
+async def test_cannot_delete_a_running_session(root, make_app):
+    s = make_session(root, "live", finished_events()[:10], status="running", stage="calibrate",
+                     completed=["baseline"], updated=NOW)
+    app = make_app()
+    with s.acquire():  # this process plays the runner: it holds runner.lock
+        async with app.run_test(size=(120, 40)) as pilot:
+            screen = await _home(pilot)
+            assert screen.rows[0]["status"] == "running"
+            await pilot.press("d")
+            assert isinstance(app.screen, SessionsScreen)  # no dialog
+            assert s.path.exists()
+
+
+async def test_resume_and_stop_go_through_the_runner_boundary(root, make_app, runner):
+    sessions = standard_root(root)
+    live = make_session(root, "zz-live", finished_events()[:10], status="running", stage="calibrate",
+                        completed=["baseline"], updated=NOW)
+    app = make_app()
+    with live.acquire():
+        async with app.run_test(size=(120, 40)) as pilot:
+            screen = await _home(pilot)
+            ids = [r["id"] for r in screen.rows]
+            assert ids[0] == "zz-live"
+            await pilot.press("r")  # running: nothing to resume
+            assert runner.launched == []
+            await pilot.press("s")
+            assert [p.name for p in runner.stopped] == ["zz-live"]
+            await pilot.press("down")  # a done session: stop is refused
+            await pilot.press("s")
+            assert len(runner.stopped) == 1
+            await pilot.press("down", "down")  # the disconnected one resumes
+            assert screen.current_row()["id"] == "opt-licenses-mask"
+            await pilot.press("r")
+            assert runner.launched == [sessions["disconnected"].path]
+
+
+async def test_mark_two_and_compare(root, make_app):
+    standard_root(root)
+    app = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await _home(pilot)
+        await pilot.press("c")  # nothing marked: stays
+        assert isinstance(app.screen, SessionsScreen)
+        await pilot.press("space", "down", "space")
+        assert screen.marked == {"smollm2-licenses-eps", "phi-stdlib-ratio"}
+        assert str(screen.query_one(DataTable).get_cell("phi-stdlib-ratio", "mark")) == "●"
+        await pilot.press("c")
+        assert isinstance(app.screen, CompareScreen)
+        await wait_for(pilot, lambda: app.screen.loaded)
+        assert [r["id"] for r in app.screen.rows] == ["smollm2-licenses-eps", "phi-stdlib-ratio"]
+
+
+async def test_enter_opens_the_monitor(root, make_app):
+    standard_root(root)
+    app = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _home(pilot)
+        await pilot.press("down", "enter")
+        assert isinstance(app.screen, MonitorScreen)
+        assert app.screen.session.id == "phi-stdlib-ratio"
+        await pilot.press("escape")
+        assert isinstance(app.screen, SessionsScreen)
+
+
+async def test_periodic_refresh_picks_up_new_sessions(root, make_app):
+    standard_root(root)
+    app = make_app(refresh_interval=0.1)
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await _home(pilot)
+        assert len(screen.rows) == 3
+        make_session(root, "arrived-later", status="new", updated=NOW)
+        await wait_for(pilot, lambda: screen.query_one(DataTable).row_count == 4)
+        assert screen.rows[0]["id"] == "arrived-later"
+
+
+async def test_empty_root_says_how_to_start(root, make_app):
+    app = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await _home(pilot)
+        assert "No sessions under sessions yet. Press n to start a run." in screen_text(app)
