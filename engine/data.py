@@ -38,6 +38,7 @@ def load_documents(cfg: DataConfig) -> list[str]:
 def _from_dataset(cfg: DataConfig) -> list[str]:
     import datasets
 
+    datasets.disable_progress_bars()  # progress is ours to show (events / rich)
     path = Path(cfg.source).expanduser()
     try:
         if path.exists():

@@ -124,6 +124,9 @@ def load(cfg: ModelConfig, progress=None):
 
     from . import adapters, export
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress/events replace HF's tqdm bars
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     source = resolve_source(cfg, progress)

@@ -23,6 +23,7 @@ def launch_detached(session_path: str | os.PathLike, stages: list[str] | None = 
     from .session import open_session
 
     s = open_session(session_path)
+    s.config()  # a corrupt session fails here, in the caller, with its one-line message
     if s.runner_alive():
         raise MinigptError(f"session {s.id} is already running", f"follow it with: minigpt logs {s.id} -f")
     cmd = [sys.executable, "-m", "engine.runner", str(s.path.resolve())]
