@@ -46,6 +46,7 @@ class CalibrateConfig:
     block_size: int = 2048  # capped by the model's context
     max_tokens: int = 65536
     batch_size: int = 2
+    checkpoint_every: int = 8  # batches between partial-statistics saves (resume point); 0 = only on stop
 
 
 @dataclass
@@ -80,6 +81,8 @@ class FinetuneConfig:
     eval_every: int = 50
     target_ppl_ratio: float = 1.0  # stop once held-out ppl <= ratio x base ppl
     checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    eps: float = 1e-8  # AdamW epsilon
     gradient_checkpointing: bool = False
     lora_rank: int = 0  # > 0: LoRA via peft, merged before saving
     lora_alpha: float = 16.0
@@ -133,6 +136,17 @@ class RunConfig:
                         ("evaluate.batch_size", self.evaluate.batch_size)):
             if v < 1:
                 raise MinigptError(f"{name} = {v} must be positive", f"set {name} to e.g. 512")
+        ft = self.finetune
+        for name, v in (("finetune.batch_size", ft.batch_size), ("finetune.grad_accum", ft.grad_accum),
+                        ("finetune.block_size", ft.block_size), ("finetune.keep_checkpoints", ft.keep_checkpoints)):
+            if v < 1:
+                raise MinigptError(f"{name} = {v} must be at least 1", f"set {name} to e.g. 1, 4 or 512")
+        if not ft.lr > 0 or len(ft.betas) != 2 or not all(0.0 <= b < 1.0 for b in ft.betas):
+            raise MinigptError(f"finetune.lr = {ft.lr} / betas = {list(ft.betas)} are invalid",
+                               "use lr > 0 (e.g. 5e-5) and two betas in [0, 1), e.g. [0.9, 0.999]")
+        if min(ft.warmup_steps, ft.eval_every, ft.checkpoint_every, ft.lora_rank, self.calibrate.checkpoint_every) < 0:
+            raise MinigptError("finetune.warmup_steps, eval_every, checkpoint_every, lora_rank and "
+                               "calibrate.checkpoint_every must not be negative", "use 0 to turn one off")
         return self
 
     def to_dict(self) -> dict:
