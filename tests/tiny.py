@@ -55,11 +55,11 @@ def config(family: str, vocab: int = 320):
 FAMILIES = ("llama", "mistral", "qwen2", "opt", "phi", "gpt2")
 
 
-def model(family: str, seed: int = 0):
+def model(family: str, seed: int = 0, vocab: int = 320):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    m = AutoModelForCausalLM.from_config(config(family), dtype=torch.float32)
+    m = AutoModelForCausalLM.from_config(config(family, vocab), dtype=torch.float32)
     # random init leaves tiny activations; scale so scores spread and pruning bites
     with torch.no_grad():
         for p in m.parameters():
