@@ -8,6 +8,8 @@ read what it writes.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -112,19 +114,31 @@ def stage_calibrate(ctx: Context) -> None:
         raise MinigptError(f"calibration split has {d.calibrate.numel()} tokens, fewer than one block of {bs}",
                            "use a larger corpus, raise data.calibrate_fraction, or lower calibrate.block_size")
     partial = ctx.session.stats_dir / "partial.pt"
-    start, resume = 0, None
+    every = ctx.cfg.calibrate.checkpoint_every
+    # a partial pass is reused only for the very same blocks, model and statistics wanted
+    setup = {k: v for k, v in dataclasses.asdict(ctx.cfg.calibrate).items() if k != "checkpoint_every"}
+    key = json.dumps({"blocks": int(calib.shape[0]), "block_size": bs, "calibrate": setup,
+                      "prune": dataclasses.asdict(ctx.cfg.prune), "model": ctx.cfg.model.source,
+                      "data": dataclasses.asdict(ctx.cfg.data)}, sort_keys=True, default=list)
+    start, resume, before = 0, None, 0.0
     if partial.exists():
-        saved = torch.load(partial, weights_only=True)
-        start, resume = int(saved["batch"]), saved["state"]
-        ctx.rep.log(f"resuming calibration at batch {start}")
+        try:
+            saved = torch.load(partial, weights_only=True)
+        except Exception:  # unreadable: never happens with atomic writes, unless edited by hand
+            saved = {}
+        if saved.get("key") == key:
+            start, resume, before = int(saved["batch"]), saved["state"], float(saved.get("seconds", 0.0))
+            ctx.rep.log(f"resuming calibration at batch {start}")
+        else:
+            ctx.rep.log("discarding partial calibration statistics from another setup", level="warning")
     t0 = time.perf_counter()
 
     def on_batch(done_batches, state):
         if ctx.rep.stop_requested():
-            _save_partial(partial, done_batches, state)
+            _save_partial(partial, done_batches, state, key, before + time.perf_counter() - t0)
             raise StopRequested()
-        if done_batches % 8 == 0:
-            _save_partial(partial, done_batches, state)
+        if every and done_batches % every == 0:
+            _save_partial(partial, done_batches, state, key, before + time.perf_counter() - t0)
 
     stats = cal_mod.calibrate(model, calib, ctx.cfg.calibrate.batch_size,
                               progress=ctx.rep.progress_fn("calibrate", "tokens"),
@@ -132,7 +146,7 @@ def stage_calibrate(ctx: Context) -> None:
     vocab = max(model.get_input_embeddings().weight.shape[0], len(ctx.tokenizer))
     train_ids = torch.cat([d.calibrate, d.finetune])
     stats.t["token_counts"] = cal_mod.token_counts(train_ids, vocab)
-    secs = time.perf_counter() - t0
+    secs = before + time.perf_counter() - t0
     stats.meta = {"block_size": bs, "blocks": int(calib.shape[0]), "seconds": round(secs, 2),
                   "model": ctx.cfg.model.source, "corpus": ctx.cfg.data.source}
     stats.save(ctx.session.stats_dir)
@@ -143,14 +157,15 @@ def stage_calibrate(ctx: Context) -> None:
     ctx.results["calibration"] = {"tokens": stats.n_tokens, "seconds": round(secs, 2), "block_size": bs}
 
 
-def _save_partial(path, batch, state) -> None:
+def _save_partial(path, batch, state, key, seconds) -> None:
+    import io
+
     import torch
 
     from . import atomic
-    import io
 
     buf = io.BytesIO()
-    torch.save({"batch": batch, "state": state}, buf)
+    torch.save({"batch": batch, "state": state, "key": key, "seconds": seconds}, buf)
     atomic.write_bytes(path, buf.getvalue())
 
 
@@ -200,6 +215,7 @@ def stage_prune(ctx: Context) -> None:
 
 def stage_finetune(ctx: Context) -> None:
     if not ctx.cfg.finetune.enabled:
+        ctx.rep.log("fine-tuning is off (finetune.enabled = false)")
         return
     from . import finetune
 

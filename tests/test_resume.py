@@ -1,0 +1,138 @@
+"""Kill -9 mid-run, resume, and finish with the numbers of a run that was never interrupted.
+
+The runner is a real subprocess (`python -m engine.runner SESSION`, the detached child's
+entry point). It is frozen with SIGSTOP, checked to be inside the stage under test, then
+SIGKILLed: no handler, no graceful checkpoint. The resumed run must reproduce the
+uninterrupted run's final training loss, its whole held-out perplexity curve and the
+calibration statistics (equal within 1e-6; in practice bit for bit).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import ft_case
+
+# structural pruning of a GPT-2 with dropout 0.1: resuming must restore the RNG stream too
+SECTIONS = dict(
+    calibrate={"block_size": 32, "max_tokens": 16384, "batch_size": 1, "checkpoint_every": 4},
+    finetune={"max_steps": 40, "eval_every": 10, "checkpoint_every": 5},
+)
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    from engine import pipeline
+
+    tmp = tmp_path_factory.mktemp("resume")
+    ft_case.corpus(tmp / "data", docs=150)
+    cfg = ft_case.config(tmp, "gpt2", **SECTIONS)
+    ref = ft_case.session(tmp, "reference", cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the runners get OMP_NUM_THREADS=1 (ft_case.env)
+    try:
+        results = pipeline.run(ref)
+    finally:
+        torch.set_num_threads(threads)
+    assert ref.status() == "done"
+    return tmp, cfg, ref, results
+
+
+def _stats(sess) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(sess.stats_dir / "calibration.safetensors"))
+
+
+def _losses(sess) -> dict[int, set]:
+    out: dict[int, set] = {}
+    for e in ft_case.events(sess):
+        if e["type"] == "train":
+            out.setdefault(e["step"], set()).add(e["loss"])
+    return out
+
+
+def _assert_same_finish(sess, ref, ref_results) -> None:
+    res = json.loads((sess.path / "results.json").read_text())
+    ft, rft = res["finetune"], ref_results["finetune"]
+    assert ft["steps"] == rft["steps"] == 40
+    assert abs(ft["final_loss"] - rft["final_loss"]) <= 1e-6, (ft["final_loss"], rft["final_loss"])
+    assert [s for s, _ in ft["curve"]] == [s for s, _ in rft["curve"]] == [0, 10, 20, 30, 40]
+    for (_, a), (_, b) in zip(ft["curve"], rft["curve"]):
+        assert abs(a - b) <= 1e-6 * b
+    for label in ("base", "pruned", "finetuned"):  # finetuned: re-measured from the saved model
+        a, b = res["models"][label]["ppl"], ref_results["models"][label]["ppl"]
+        assert abs(a - b) <= 1e-6 * b, (label, a, b)
+    # every step logged twice (before the kill and on replay) logged the same loss, the reference's
+    ref_losses = _losses(ref)
+    for step, seen in _losses(sess).items():
+        assert seen == ref_losses[step], (step, seen, ref_losses[step])
+    stats, ref_stats = _stats(sess), _stats(ref)
+    assert stats.keys() == ref_stats.keys()
+    for k in stats:
+        assert torch.equal(stats[k], ref_stats[k]), k
+
+
+def _logs(sess) -> list[str]:
+    return [e["message"] for e in ft_case.events(sess) if e["type"] == "log"]
+
+
+def test_sigkill_during_finetune_then_resume_matches_uninterrupted(case):
+    tmp, cfg, ref, ref_results = case
+    sess = ft_case.session(tmp, "killed-in-finetune", cfg)
+    proc = ft_case.start_runner(sess)
+    seen = {}
+
+    def past_checkpoint():
+        ev = ft_case.events(sess)
+        ck = [e["step"] for e in ev if e["type"] == "checkpoint"]
+        tr = [e["step"] for e in ev if e["type"] == "train"]
+        if ck and ck[-1] >= 10 and tr and tr[-1] >= ck[-1] + 2:
+            seen.update(ckpt=ck[-1], step=tr[-1])
+            return True
+        return False
+
+    ft_case.wait_for(past_checkpoint, proc, what="two steps past a fine-tuning checkpoint at step >= 10")
+    ft_case.freeze_and_kill(proc, lambda: sess.state().get("model_is") == "pruned"
+                            and not any(e["type"] == "stage_end" and e["stage"] == "finetune"
+                                        for e in ft_case.events(sess)))
+    assert sess.status() == "disconnected"  # state says running, nobody holds the lock
+
+    proc = ft_case.start_runner(sess)
+    assert proc.wait(timeout=120) == 0, (sess.path / "test-runner.log").read_text()[-3000:]
+    assert sess.status() == "done"
+    resumed = [m for m in _logs(sess) if m.startswith("resuming fine-tuning from checkpoint at step")]
+    assert len(resumed) == 1
+    step = int(resumed[0].split("step ")[1].split()[0])
+    assert seen["ckpt"] <= step < seen["step"] + 5  # resumed from a checkpoint, replaying steps already done
+    starts = [e for e in ft_case.events(sess) if e["type"] == "run_start"]
+    assert [e["resumed"] for e in starts] == [False, True]
+    skipped = [e["stage"] for e in ft_case.events(sess) if e["type"] == "stage_skip"]
+    assert skipped == ["baseline", "calibrate", "prune"]  # completed stages are not redone
+    _assert_same_finish(sess, ref, ref_results)
+    # at most keep_checkpoints complete checkpoints remain, the last one is the end of the stage
+    from engine import checkpoint
+
+    kept = checkpoint.complete(sess.checkpoints_dir)
+    assert len(kept) == 2 and kept[-1][0] == 40
+
+
+def test_sigkill_during_calibration_then_resume_matches_uninterrupted(case):
+    tmp, cfg, ref, ref_results = case
+    sess = ft_case.session(tmp, "killed-in-calibration", cfg)
+    partial = sess.stats_dir / "partial.pt"
+    proc = ft_case.start_runner(sess)
+    ft_case.wait_for(lambda: partial.exists() and torch.load(partial, weights_only=True)["batch"] >= 40, proc,
+                     what="a partial calibration save at batch >= 40")
+    ft_case.freeze_and_kill(proc, lambda: partial.exists()
+                            and not (sess.stats_dir / "calibration.safetensors").exists())
+
+    proc = ft_case.start_runner(sess)
+    assert proc.wait(timeout=120) == 0, (sess.path / "test-runner.log").read_text()[-3000:]
+    resumed = [m for m in _logs(sess) if m.startswith("resuming calibration at batch")]
+    assert len(resumed) == 1 and int(resumed[0].rsplit(" ", 1)[1]) >= 40
+    assert not partial.exists()
+    _assert_same_finish(sess, ref, ref_results)
