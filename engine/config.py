@@ -15,11 +15,16 @@ from typing import Any, get_args, get_origin, get_type_hints
 from .errors import MinigptError
 
 EMBEDDED_DEFAULT = "embedded:smollm2"
+# choices checked on load (engine.criteria / engine.compensate hold the implementations)
+CRITERIA = ("paper", "rms", "random", "magnitude", "wanda", "fluctuation", "obs")
+ALLOCATIONS = ("per_layer", "global", "sensitivity")
+COMPENSATIONS = ("none", "bias", "lstsq")
 
 
 @dataclass
 class ModelConfig:
     source: str = EMBEDDED_DEFAULT  # hub id, local folder, .gguf file, or embedded:smollm2
+    preset: str = ""  # engine.presets model name (fills source); see engine/presets.py
     gguf_file: str = ""  # file name inside `source` when it is a folder or hub repo with GGUF files
     revision: str = ""
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16
@@ -29,11 +34,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "builtin:licenses"  # builtin:NAME, hub id, or local file/folder
+    source: str = "builtin:licenses"  # builtin:NAME, hub id, URL, or local file/folder
+    preset: str = ""  # engine.presets domain name (fills source, columns, MCQ set); keys given here win
     name: str = ""  # hub dataset config (subset)
+    files: list = field(default_factory=list)  # data files (globs) inside the hub repo / folder; [] = all
     split: str = "train"
     column: str = "text"
     template: str = ""  # e.g. "{en}\n{ch}"; overrides column
+    delimiter: str = ""  # CSV/TSV field separator; "" = by extension ("," for .csv, tab for .tsv)
+    skip_header: bool = False  # with a positional column ("#7"): drop the file's first row
     max_documents: int = 0  # 0 = all
     seed: int = 0
     calibrate_fraction: float = 0.4
@@ -53,15 +62,21 @@ class CalibrateConfig:
 class PruneConfig:
     mode: str = "structural"  # structural (weights removed) | mask (paper: zeroed, shapes kept)
     rule: str = "threshold"  # threshold (score <= activation_threshold) | ratio
-    criterion: str = "paper"  # paper: mean |activation|
+    criterion: str = "paper"  # paper (mean |activation|) | rms | random | magnitude | wanda | fluctuation | obs
     activation_threshold: float = 1e-3
     linear_threshold: float = -1.0  # < 0: off. MLP rows/cols (structural), every linear (mask)
     embedding_threshold: float = -1.0  # < 0: off. 0 prunes tokens never seen in the domain
     ratio: float = 0.3  # fraction of MLP neurons removed with rule = "ratio"
-    allocation: str = "per_layer"  # per_layer | global (ratio rule)
+    allocation: str = "per_layer"  # per_layer | global | sensitivity (ratio rule)
     min_keep: int = 8  # neurons kept in every MLP at least
     allow_layer_collapse: bool = False  # clamp to min_keep instead of failing
     round_to: int = 1  # kept widths rounded to a multiple of this
+    compensation: str = "none"  # none | bias (FLAP: mean into the output bias) | lstsq (refit down_proj)
+    damping: float = 0.01  # lstsq/obs ridge, as a fraction of the mean Gram diagonal
+    sequential: bool = False  # layer by layer, each calibrated on the already pruned layers' outputs
+    sensitivity_probe: float = 0.5  # fraction of one layer pruned to measure its sensitivity
+    sensitivity_tokens: int = 2048  # calibration tokens used to measure each layer's loss rise
+    sensitivity_max_ratio: float = 0.9  # no layer loses more than this fraction (sensitivity allocation)
 
 
 @dataclass
@@ -114,7 +129,19 @@ class RunConfig:
         p = self.prune
         _choice("prune.mode", p.mode, ("structural", "mask"))
         _choice("prune.rule", p.rule, ("threshold", "ratio"))
-        _choice("prune.allocation", p.allocation, ("per_layer", "global"))
+        _choice("prune.allocation", p.allocation, ALLOCATIONS)
+        _choice("prune.criterion", p.criterion, CRITERIA)
+        _choice("prune.compensation", p.compensation, COMPENSATIONS)
+        if p.damping < 0:
+            raise MinigptError(f"prune.damping = {p.damping} is negative", "use a small fraction such as 0.01")
+        if not (0.0 < p.sensitivity_probe < 1.0) or not (0.0 < p.sensitivity_max_ratio < 1.0):
+            raise MinigptError("prune.sensitivity_probe and prune.sensitivity_max_ratio must be in (0, 1)",
+                               "use e.g. sensitivity_probe = 0.5, sensitivity_max_ratio = 0.9")
+        if p.sensitivity_tokens < 1:
+            raise MinigptError("prune.sensitivity_tokens must be positive", "use e.g. 2048")
+        if p.sequential and p.rule != "ratio":
+            raise MinigptError("prune.sequential needs prune.rule = \"ratio\"",
+                               "set prune.rule = \"ratio\" (sequential re-chooses neurons layer by layer)")
         _choice("model.dtype", self.model.dtype, ("auto", "float32", "bfloat16", "float16"))
         _choice("finetune.schedule", self.finetune.schedule, ("cosine", "linear", "constant"))
         if not (0.0 <= p.ratio < 1.0):
@@ -209,7 +236,9 @@ def _coerce(key: str, hint, value):
 
 
 def from_dict(data: dict) -> RunConfig:
-    return _build(RunConfig, data, "").validate()
+    from . import presets
+
+    return _build(RunConfig, presets.expand(data), "").validate()
 
 
 def load(path: str | Path) -> RunConfig:
@@ -234,8 +263,14 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw
-        node = data
         parts = key.strip().split(".")
+        if len(parts) == 2 and parts[1] == "preset" and isinstance(data.get(parts[0]), dict):
+            from . import presets  # switching presets: drop what the old one filled in
+
+            old = data[parts[0]].get("preset")
+            if old and old != value:
+                data = presets.unexpand(data, parts[0], old)
+        node = data
         for p in parts[:-1]:
             if not isinstance(node.get(p), dict):
                 raise MinigptError(f"unknown config section {p!r} in override {item!r}",

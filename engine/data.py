@@ -18,14 +18,15 @@ _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", "
              ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
 
-def load_documents(cfg: DataConfig) -> list[str]:
+def load_documents(cfg: DataConfig, progress=None) -> list[str]:
+    """`progress(done, total, rate)` reports downloads (URL sources, hub files)."""
     src = cfg.source.strip()
     if src.startswith("builtin:"):
         from .corpora import load_builtin
 
         docs = load_builtin(src.split(":", 1)[1])
     else:
-        docs = _from_dataset(cfg)
+        docs = _from_dataset(cfg, progress)
     docs = [d for d in docs if d and d.strip()]
     if cfg.max_documents:
         docs = docs[: cfg.max_documents]
@@ -35,17 +36,31 @@ def load_documents(cfg: DataConfig) -> list[str]:
     return docs
 
 
-def _from_dataset(cfg: DataConfig) -> list[str]:
+def _from_dataset(cfg: DataConfig, progress=None) -> list[str]:
     import datasets
 
+    from . import download
+
     datasets.disable_progress_bars()  # progress is ours to show (events / rich)
-    path = Path(cfg.source).expanduser()
+    if download.is_url(cfg.source):
+        path = download.fetch(cfg.source, "data.source", progress)
+    elif cfg.files and not cfg.source.startswith((".", "/", "~")) and not Path(cfg.source).expanduser().exists():
+        path = download.hub_snapshot(cfg.source, "dataset", cfg.files, "data.source", progress)
+    else:
+        path = Path(cfg.source).expanduser()
     try:
-        if path.exists():
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in _BUILDERS) if path.is_dir() else [path]
+        if path.is_dir() and not cfg.files and _is_saved_dataset(path):
+            ds = datasets.load_from_disk(str(path))
+            ds = ds[cfg.split] if isinstance(ds, datasets.DatasetDict) else ds
+        elif path.is_dir() and not cfg.files and _is_hub_folder(path):
+            ds = datasets.load_dataset(str(path), cfg.name or None, split=cfg.split)
+        elif path.exists():
+            files = _data_files(path, cfg.files)
             if not files:
                 raise MinigptError(f"no data files in {path}",
                                    f"supported: {', '.join(sorted(_BUILDERS))}")
+            if cfg.column.startswith("#") and not cfg.template:
+                return _positional_column(files, cfg)
             kinds = {_BUILDERS.get(p.suffix.lower()) for p in files}
             if None in kinds or len(kinds) != 1:
                 raise MinigptError(f"cannot read {path}: mixed or unsupported file types",
@@ -54,8 +69,8 @@ def _from_dataset(cfg: DataConfig) -> list[str]:
             kwargs = {}
             if builder == "text":
                 kwargs["sample_by"] = "document"
-            if files[0].suffix.lower() == ".tsv":
-                kwargs["delimiter"] = "\t"
+            if builder == "csv" and (cfg.delimiter or files[0].suffix.lower() == ".tsv"):
+                kwargs["delimiter"] = cfg.delimiter or "\t"
             ds = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **kwargs)
             if builder == "text" and cfg.column == "text" and not cfg.template:
                 pass
@@ -65,7 +80,10 @@ def _from_dataset(cfg: DataConfig) -> list[str]:
             ds = datasets.load_dataset(cfg.source, cfg.name or None, split=cfg.split)
     except MinigptError:
         raise
-    except (FileNotFoundError, ConnectionError, OSError) as e:
+    except ConnectionError as e:  # datasets: "Couldn't reach X on the Hub (OfflineModeIsEnabled)"
+        raise download.hub_unavailable(cfg.source, "dataset", cfg.files, "data.source",
+                                       reason=str(e).splitlines()[0][:120]) from None
+    except (FileNotFoundError, OSError) as e:
         raise MinigptError(f"cannot load dataset {cfg.source!r}: {str(e).splitlines()[0][:200]}",
                            "check the hub id and network, or download it and give a local path") from None
     except ValueError as e:
@@ -75,6 +93,59 @@ def _from_dataset(cfg: DataConfig) -> list[str]:
         raise MinigptError(f"cannot load dataset {cfg.source!r}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
                            "check the hub id, subset and split, or give a local file") from None
     return texts_from_rows(ds, cfg)
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """A `save_to_disk` folder (the paper shipped its legal corpus as one)."""
+    return (path / "state.json").exists() and (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+
+
+def _is_hub_folder(path: Path) -> bool:
+    """A hub dataset repo downloaded as is (`hf download ... --local-dir`): README card + data files."""
+    return (path / "README.md").exists() and any(p.suffix.lower() in (".parquet", ".arrow", ".jsonl", ".csv")
+                                                 for p in path.rglob("*") if ".cache" not in p.parts)
+
+
+def _data_files(path: Path, patterns: list) -> list[Path]:
+    if not path.is_dir():
+        return [path]
+    if patterns:
+        found = sorted({p for pat in patterns for p in path.glob(pat) if p.is_file()})
+        if not found:
+            raise MinigptError(f"no files matching {', '.join(patterns)} in {path}",
+                               "check data.files (globs relative to data.source)")
+        return found
+    return sorted(p for p in path.rglob("*") if p.suffix.lower() in _BUILDERS and ".cache" not in p.parts)
+
+
+def _positional_column(files: list[Path], cfg: DataConfig) -> list[str]:
+    """Column `#N` (1-based) of headerless delimited files, e.g. tab-separated dumps."""
+    import csv
+    import sys
+
+    try:
+        n = int(cfg.column[1:])
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise MinigptError(f"data.column = {cfg.column!r} is not a column position", "write #1, #2, ... (1-based)")
+    csv.field_size_limit(sys.maxsize)
+    texts: list[str] = []
+    for f in files:
+        if f.suffix.lower() not in (".csv", ".tsv", ".txt"):
+            raise MinigptError(f"a positional column ({cfg.column}) needs delimited text files, not {f.name}",
+                               "name the column instead, e.g. data.column = \"text\"")
+        delim = cfg.delimiter or ("\t" if f.suffix.lower() == ".tsv" else ",")
+        quoting = csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL
+        with open(f, encoding="utf-8", errors="replace", newline="") as fh:
+            rows = csv.reader(fh, delimiter=delim, quoting=quoting)
+            if cfg.skip_header:
+                next(rows, None)
+            texts += [r[n - 1] for r in rows if len(r) >= n]
+    if not texts:
+        raise MinigptError(f"no row of {files[0].name} has {n} columns (delimiter {cfg.delimiter or 'by extension'!r})",
+                           "check data.delimiter and data.column")
+    return texts
 
 
 def texts_from_rows(ds, cfg: DataConfig) -> list[str]:
@@ -167,8 +238,9 @@ class DomainData:
     eval_texts: list
 
     @classmethod
-    def build(cls, cfg: DataConfig, tokenizer, max_calib: int = 0, max_eval: int = 0, max_finetune: int = 0):
-        docs = load_documents(cfg)
+    def build(cls, cfg: DataConfig, tokenizer, max_calib: int = 0, max_eval: int = 0, max_finetune: int = 0,
+              progress=None):
+        docs = load_documents(cfg, progress)
         parts = split_documents(docs, cfg)
         return cls(calibrate=tokenize(tokenizer, parts["calibrate"], max_calib),
                    finetune=tokenize(tokenizer, parts["finetune"], max_finetune),
