@@ -33,7 +33,7 @@ class MinigptApp(App):
     speed up polling and replace the runner boundary."""
 
     TITLE = "minigpt"
-    CSS_PATH = "app.tcss"
+    CSS_PATH = str(Path(__file__).with_name("app.tcss"))  # absolute: subclasses elsewhere still find it
     COMMANDS = App.COMMANDS | {MinigptCommands}
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (110, "-wide")]
     BINDINGS = [

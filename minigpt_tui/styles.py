@@ -33,8 +33,9 @@ def theme_style(app: App, var: str, bold: bool = False) -> Style:
         return Style(bold=bold)
 
 
-def status_text(app: App, status: str) -> Text:
-    return Text(status, style=theme_style(app, STATUS_VAR.get(status, "foreground"), bold=status == "running"))
+def status_text(app: App, status: str, label: str | None = None, bold: bool = False) -> Text:
+    style = theme_style(app, STATUS_VAR.get(status, "foreground"), bold=bold or status == "running")
+    return Text(label if label is not None else status, style=style)
 
 
 def signed_text(app: App, text: str, sign: int) -> Text:

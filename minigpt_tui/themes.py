@@ -18,6 +18,7 @@ import tomllib
 from dataclasses import fields
 from pathlib import Path
 
+from textual.color import ColorParseError
 from textual.theme import Theme
 
 THEMES_DIR = Path(__file__).resolve().parent.parent / "themes"
@@ -51,6 +52,6 @@ def load_themes(directory: Path | None = None) -> tuple[list[Theme], list[str]]:
     for path in sorted(directory.glob("*.toml")):
         try:
             themes.append(load_theme_file(path))
-        except (OSError, ValueError, TypeError, tomllib.TOMLDecodeError) as e:
+        except (OSError, ValueError, TypeError, ColorParseError, tomllib.TOMLDecodeError) as e:
             errors.append(f"theme {path.name}: {e}")
     return themes, errors

@@ -27,12 +27,14 @@ from ..widgets import TitleBar
 if TYPE_CHECKING:
     from ..app import MinigptApp
 
+WIDE_ENOUGH = 180  # columns needed to show one row per session without scrolling
 HIGHER_IS_BETTER = {"mcq_base", "mcq_pruned", "mcq_finetuned", "pct_removed"}
 LOWER_IS_BETTER = {"ppl_base", "ppl_pruned", "ppl_finetuned", "params_pruned"}
 
 
 class CompareScreen(Screen):
-    """Sessions side by side. Narrow terminals start transposed (one column per session);
+    """Sessions side by side. Terminals narrower than the full table start transposed (one
+    column per session);
     s sorts the sessions by the field under the cursor (again: reverse) in either layout."""
 
     HELP = ("Sessions side by side. Put the cursor on a field and press s to sort the sessions by it "
@@ -66,7 +68,7 @@ class CompareScreen(Screen):
 
     def on_mount(self) -> None:
         if self.transposed is None:
-            self.transposed = self.app.size.width < 110
+            self.transposed = self.app.size.width < WIDE_ENOUGH
         self._load(self.paths)
         self.app.theme_changed_signal.subscribe(self, lambda _t: self._render_table())
 
@@ -101,7 +103,7 @@ class CompareScreen(Screen):
         best = {}
         for key, _, kind in COMPARE_COLUMNS:
             vals = [r[key] for r in self.rows if isinstance(r.get(key), (int, float))]
-            if len(vals) >= 2 and key in HIGHER_IS_BETTER | LOWER_IS_BETTER:
+            if len(set(vals)) >= 2 and key in HIGHER_IS_BETTER | LOWER_IS_BETTER:
                 best[key] = max(vals) if key in HIGHER_IS_BETTER else min(vals)
         return best
 

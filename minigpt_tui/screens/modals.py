@@ -20,16 +20,16 @@ class ConfirmModal(ModalScreen[bool]):
 
     def __init__(self, title: str, body: str, yes_label: str = "Delete") -> None:
         super().__init__()
-        self._title = title
-        self._body = body
-        self._yes = yes_label
+        self._dialog_title = title
+        self._body_text = body
+        self._yes_label = yes_label
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
-            yield Label(self._title, id="dialog-title")
-            yield Static(self._body, id="dialog-body", markup=False)
+            yield Label(self._dialog_title, id="dialog-title")
+            yield Static(self._body_text, id="dialog-body", markup=False)
             with Horizontal(id="dialog-buttons"):
-                yield Button(f"{self._yes} (y)", variant="error", id="yes")
+                yield Button(f"{self._yes_label} (y)", variant="error", id="yes")
                 yield Button("Cancel (n)", id="no")
 
     def on_mount(self) -> None:
@@ -50,18 +50,18 @@ class HelpScreen(ModalScreen[None]):
 
     def __init__(self, title: str, help_text: str, bindings: list[tuple[str, str, str, str]]) -> None:
         super().__init__()
-        self._title = title
-        self._help = help_text
-        self._bindings = bindings
+        self._dialog_title = title
+        self._help_text = help_text
+        self._key_rows = bindings
 
     def compose(self) -> ComposeResult:
         with Vertical(id="help-dialog"):
-            yield Label(f"Help — {self._title}", id="help-title")
-            if self._help:
-                yield Static(escape(self._help), id="help-text")
+            yield Label(f"Help — {self._dialog_title}", id="help-title")
+            if self._help_text:
+                yield Static(escape(self._help_text), id="help-text")
             table: DataTable = DataTable(id="help-keys", cursor_type="row", zebra_stripes=True)
             table.add_columns("key", "action", "id", "from")
-            for key, desc, bid, where in self._bindings:
+            for key, desc, bid, where in self._key_rows:
                 table.add_row(escape(key), escape(desc), escape(bid), escape(where))
             yield table
             yield Static("esc closes · ctrl+p opens the command palette", id="help-foot")

@@ -127,7 +127,7 @@ class MonitorScreen(Screen):
                            ("finetuned", "finetuned"), ("Δ finetuned", "d_finetuned")):
             mt.add_column(label, key=key)
         self._render_all()
-        self.set_interval(RENDER_INTERVAL, self._flush)
+        self.set_interval(RENDER_INTERVAL, self._flush_if_dirty)
         self._tail(self.session, self.app.poll_interval)
         self.app.theme_changed_signal.subscribe(self, lambda _t: self._render_all(force=True))
 
@@ -164,7 +164,7 @@ class MonitorScreen(Screen):
         self.loaded = True
         self._dirty = True
 
-    def _flush(self) -> None:
+    def _flush_if_dirty(self) -> None:
         if self._dirty:
             self._render_all()
 
@@ -190,7 +190,7 @@ class MonitorScreen(Screen):
 
     def _render_header(self) -> None:
         info = Text()
-        info.append_text(status_text(self.app, self.status.upper()))
+        info.append_text(status_text(self.app, self.status, self.status.upper(), bold=True))
         info.append("  " + self.describe)
         if self.view.runs > 1:
             info.append(f" · run {self.view.runs}")

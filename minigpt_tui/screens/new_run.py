@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, Checkbox, Footer, Input, Label, Select, Static
 
@@ -283,8 +283,5 @@ def _section(title: str) -> ComposeResult:
 
 
 def _row(label: str, widget) -> ComposeResult:
-    yield Vertical(
-        Horizontal(Label(label, classes="field-label"), widget, classes="field-row"),
-        Static("", id=f"err-{widget.id}", classes="field-error", markup=False),
-        classes="field",
-    )
+    yield Horizontal(Label(label, classes="field-label"), widget, classes="field-row")
+    yield Static("", id=f"err-{widget.id}", classes="field-error", markup=False)

@@ -59,6 +59,8 @@ def make_app(root, runner):
         kw.setdefault("clock", lambda: NOW)
         kw.setdefault("poll_interval", 0.05)
         kw.setdefault("refresh_interval", 60.0)
-        return MinigptApp(**kw)
+        app = MinigptApp(**kw)
+        app.animation_level = "none"  # tab underline etc. land at once: stable snapshots
+        return app
 
     return make

@@ -195,6 +195,7 @@ async def wait_for(pilot, predicate, timeout: float = 5.0, step: float = 0.02) -
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {getattr(predicate, '__name__', predicate)}")
         await pilot.pause(step)
+    await pilot.pause()  # let layout and paint catch up with the state just reached
 
 
 def screen_text(app) -> str:

@@ -1,0 +1,93 @@
+"""Compare screen: sessions side by side from metric events and results.json, sortable,
+exported atomically to CSV and Markdown under <root>/exports/."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+from textual.widgets import DataTable
+
+from engine import session as session_mod
+from minigpt_tui.data import compare_row
+from minigpt_tui.screens.compare import CompareScreen
+from tui_helpers import NOW, head_events, make_session, screen_text, standard_root, wait_for
+
+
+async def _compare(pilot, paths) -> CompareScreen:
+    await pilot.pause()
+    pilot.app.open_compare(paths)
+    screen = pilot.app.screen
+    await wait_for(pilot, lambda: screen.loaded)
+    return screen
+
+
+def test_compare_row_merges_events_and_results_json(root):
+    """results.json (what the pipeline writes under "models") fills what the events lack."""
+    s = make_session(root, "partial", head_events(), status="stopped", completed=["baseline"],
+                     results={"models": {"pruned": {"ppl": 20.5, "params": 100_000_000, "mcq_acc": 0.5}},
+                              "prune": {"mode": "mask", "params_before": 134_515_008,
+                                        "params_after": 100_000_000, "pct_removed": 25.66}})
+    row = compare_row(session_mod.Session(s.path))
+    assert row["ppl_base"] == 12.4031 and row["mcq_base"] == 0.62  # from metric events
+    assert row["ppl_pruned"] == 20.5 and row["params_pruned"] == 100_000_000  # from results.json
+    assert row["pct_removed"] == 25.66 and row["ppl_finetuned"] is None
+    assert row["status"] == "stopped"
+
+
+async def test_two_sessions_side_by_side_sort_and_export(root, make_app):
+    sessions = standard_root(root)
+    app = make_app()
+    async with app.run_test(size=(200, 30)) as pilot:
+        screen = await _compare(pilot, [sessions["done"].path, sessions["ratio"].path])
+        assert not screen.transposed  # wide enough for one row per session
+        table = screen.query_one(DataTable)
+        assert table.row_count == 2
+        assert [str(c) for c in table.get_row("phi-stdlib-ratio")][8:11] == ["12.40", "18.59", "15.15"]
+        # sort by "ppl ft": move the cursor to that column and press s; again reverses
+        col = [k for k in table.columns].index("ppl_finetuned")
+        table.move_cursor(column=col)
+        await pilot.press("s")
+        assert [r["id"] for r in screen.sorted_rows()] == ["smollm2-licenses-eps", "phi-stdlib-ratio"]
+        await pilot.press("s")
+        assert [r["id"] for r in screen.sorted_rows()] == ["phi-stdlib-ratio", "smollm2-licenses-eps"]
+        assert table.coordinate_to_cell_key((0, 0)).row_key.value == "phi-stdlib-ratio"
+        assert "sorted by ppl ft (descending)" in screen_text(app)
+
+        await pilot.press("e")
+        csv_path = screen.last_export
+        assert csv_path is not None and csv_path.parent == root / "exports" and csv_path.suffix == ".csv"
+        rows = list(csv.DictReader(io.StringIO(csv_path.read_text())))
+        assert [r["id"] for r in rows] == ["phi-stdlib-ratio", "smollm2-licenses-eps"]
+        assert rows[1]["ppl_finetuned"] == "13.7718" and rows[1]["pct_removed"] == "3.7"
+        assert f"exported to {csv_path}" in screen_text(app)
+
+        await pilot.press("m")
+        md = screen.last_export.read_text().splitlines()
+        assert screen.last_export.suffix == ".md"
+        assert md[0].startswith("| session | model | domain | method | state | params base |")
+        assert md[2].startswith("| phi-stdlib-ratio | microsoft/phi-1_5 | builtin:stdlib-docs | struct 30% | done |")
+        assert "| 13.77 |" in md[3]
+        # atomic writes leave no temp files behind
+        assert sorted(p.suffix for p in (root / "exports").iterdir()) == [".csv", ".md"]
+
+
+async def test_narrow_terminal_transposes_and_still_sorts(root, make_app):
+    sessions = standard_root(root)
+    app = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await _compare(pilot, [sessions["done"].path, sessions["ratio"].path,
+                                        sessions["disconnected"].path])
+        assert screen.transposed
+        table = screen.query_one(DataTable)
+        assert [c.label.plain for c in table.columns.values()] == ["", "smollm2-licenses-eps",
+                                                                   "phi-stdlib-ratio", "opt-licenses-mask"]
+        # cursor on the "ppl pruned" row, s sorts sessions by it (no value sorts last)
+        table.move_cursor(row=[k.value for k in table.rows].index("ppl_pruned"))
+        await pilot.press("s")
+        assert [r["id"] for r in screen.sorted_rows()] == ["smollm2-licenses-eps", "phi-stdlib-ratio",
+                                                           "opt-licenses-mask"]
+        await pilot.press("t")
+        assert not screen.transposed and table.row_count == 3
+        await pilot.press("escape")
+        assert not isinstance(app.screen, CompareScreen)

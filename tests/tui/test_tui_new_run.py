@@ -1,0 +1,130 @@
+"""New-run form: a valid form writes config.toml through engine.session.create and launches
+it detached (mocked only at engine.runner); invalid input is shown inline and launches nothing."""
+
+from __future__ import annotations
+
+from textual.widgets import Checkbox, Input, Select
+
+from engine import config as config_mod
+from engine import session as session_mod
+from minigpt_tui.screens.monitor import MonitorScreen
+from minigpt_tui.screens.new_run import NewRunScreen
+from minigpt_tui.screens.sessions import SessionsScreen
+from tui_helpers import screen_text, wait_for
+
+
+async def _open_form(pilot) -> NewRunScreen:
+    await wait_for(pilot, lambda: isinstance(pilot.app.screen, SessionsScreen) and pilot.app.screen.loaded)
+    await pilot.press("n")
+    assert isinstance(pilot.app.screen, NewRunScreen)
+    return pilot.app.screen
+
+
+async def _type_into(pilot, form: NewRunScreen, fid: str, text: str) -> None:
+    box = form.query_one(f"#{fid}", Input)
+    box.focus()
+    await pilot.pause()
+    box.value = ""
+    await pilot.press(*text)
+
+
+async def test_submit_creates_the_session_and_launches_it(root, make_app, runner):
+    app = make_app()
+    async with app.run_test(size=(100, 40)) as pilot:
+        form = await _open_form(pilot)
+        form.query_one("#f-model-preset", Select).value = "microsoft/phi-1_5"
+        await pilot.pause()
+        assert form.query_one("#f-model", Input).value == "microsoft/phi-1_5"  # preset fills the field
+        form.query_one("#f-domain-preset", Select).value = "builtin:stdlib-docs"
+        form.query_one("#f-rule", Select).value = "ratio"
+        await pilot.pause()
+        assert form.query_one("#f-threshold", Input).disabled and not form.query_one("#f-ratio", Input).disabled
+        await _type_into(pilot, form, "f-ratio", "0.25")
+        await _type_into(pilot, form, "f-name", "phi docs")
+        form.query_one("#f-finetune", Checkbox).value = True
+        await pilot.pause()
+        await _type_into(pilot, form, "f-steps", "120")
+        await _type_into(pilot, form, "f-mcq", "50")
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: isinstance(app.screen, MonitorScreen))
+
+        created = session_mod.list_sessions(root)
+        assert [s.id for s in created] == ["phi-docs"]
+        cfg = config_mod.load(created[0].path / "config.toml")
+        assert cfg.model.source == "microsoft/phi-1_5"
+        assert cfg.data.source == "builtin:stdlib-docs"
+        assert (cfg.prune.rule, cfg.prune.ratio) == ("ratio", 0.25)
+        assert (cfg.finetune.enabled, cfg.finetune.max_steps) == (True, 120)
+        assert cfg.evaluate.mcq_generate == 50
+        assert runner.launched == [created[0].path]
+        assert app.screen.session.id == "phi-docs"
+        await pilot.press("escape")  # back home, the new session is listed
+        home = app.screen
+        assert isinstance(home, SessionsScreen)
+        await wait_for(pilot, lambda: [r["id"] for r in home.rows] == ["phi-docs"])
+
+
+async def test_engine_validation_error_is_shown_under_its_field(root, make_app, runner):
+    app = make_app()
+    async with app.run_test(size=(100, 40)) as pilot:
+        form = await _open_form(pilot)
+        form.query_one("#f-rule", Select).value = "ratio"
+        await pilot.pause()
+        await _type_into(pilot, form, "f-ratio", "1.5")
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert isinstance(app.screen, NewRunScreen)
+        errors = form.errors()
+        # the engine's own MinigptError.line(), placed under the ratio field
+        assert errors == {"f-ratio": "prune.ratio = 1.5 is outside [0, 1) — use a fraction such as 0.3"}
+        assert form.query_one("#f-ratio", Input).has_class("-invalid")
+        assert "prune.ratio = 1.5 is outside [0, 1)" in screen_text(app)
+        assert session_mod.list_sessions(root) == [] and runner.launched == []
+        # fixing it clears the error and goes through
+        await _type_into(pilot, form, "f-ratio", "0.5")
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: isinstance(app.screen, MonitorScreen))
+        assert len(runner.launched) == 1
+
+
+async def test_bad_numbers_and_missing_local_path_are_caught_before_the_engine(root, make_app, runner):
+    app = make_app()
+    async with app.run_test(size=(100, 40)) as pilot:
+        form = await _open_form(pilot)
+        await _type_into(pilot, form, "f-threshold", "abc")
+        form.query_one("#f-domain-preset", Select).value = "local"
+        await pilot.pause()
+        assert form.query_one("#f-domain", Input).value == ""
+        await _type_into(pilot, form, "f-domain", "no/such/corpus.txt")
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        errors = form.errors()
+        assert errors["f-threshold"] == "threshold ε must be a number, got 'abc'"
+        assert errors["f-domain"] == "local path no/such/corpus.txt does not exist — check the path"
+        assert runner.launched == [] and session_mod.list_sessions(root) == []
+
+
+async def test_launch_failure_keeps_the_session_and_says_why(root, make_app, monkeypatch):
+    import engine.runner as runner_mod
+    from engine.errors import MinigptError
+
+    def broken(path, stages=None):
+        raise MinigptError("session x is already running", "follow it with: minigpt logs x -f")
+
+    monkeypatch.setattr(runner_mod, "launch_detached", broken)
+    app = make_app()
+    async with app.run_test(size=(100, 40)) as pilot:
+        await _open_form(pilot)
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: isinstance(app.screen, MonitorScreen))
+        assert len(session_mod.list_sessions(root)) == 1
+        assert any("already running" in str(n.message) for n in app._notifications)
+
+
+async def test_escape_cancels_without_creating(root, make_app, runner):
+    app = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await _open_form(pilot)
+        await pilot.press("escape")
+        assert isinstance(app.screen, SessionsScreen)
+        assert session_mod.list_sessions(root) == [] and runner.launched == []
