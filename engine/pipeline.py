@@ -273,7 +273,7 @@ def load_masks(folder) -> dict:
 
 # ---- driver ------------------------------------------------------------------------------
 def run(session: session_mod.Session, stages: list[str] | None = None, display=None,
-        handle_signals: bool = False, redo: bool = False) -> dict:
+        handle_signals: bool = False, redo_from: str | None = None) -> dict:
     """Run (or resume) a session's stages under its runner lock. Returns results."""
     import torch
 
@@ -286,11 +286,9 @@ def run(session: session_mod.Session, stages: list[str] | None = None, display=N
         if handle_signals:
             rep.install_signal_handlers()
         state = session.state()
-        completed = [] if redo else list(state.get("completed_stages", []))
-        if redo:
-            for s in wanted:
-                if s in completed:
-                    completed.remove(s)
+        completed = list(state.get("completed_stages", []))
+        if redo_from:
+            completed = _forget_from(session, completed, redo_from)
         ctx = Context(cfg, session, rep, results=session.results())
         torch.manual_seed(cfg.seed)
         rep.emit("run_start", pid=os.getpid(), resumed=bool(completed), stages=wanted)
@@ -333,6 +331,23 @@ def run(session: session_mod.Session, stages: list[str] | None = None, display=N
             raise
         finally:
             writer.close()
+
+
+def _forget_from(session: session_mod.Session, completed: list[str], stage: str) -> list[str]:
+    """Redo `stage` and everything after it: later artefacts depend on it."""
+    import shutil
+
+    order = session_mod.STAGES
+    if stage not in order:
+        raise MinigptError(f"unknown stage {stage!r}", f"stages: {', '.join(order)}")
+    cut = order.index(stage)
+    kept = [s for s in completed if order.index(s) < cut]
+    if cut <= order.index("prune"):
+        session.update_state(model_is="base")
+    if cut <= order.index("finetune") and session.checkpoints_dir.exists():
+        shutil.rmtree(session.checkpoints_dir)
+    session.update_state(completed_stages=kept)
+    return kept
 
 
 _NEEDS = {"prune": "calibrate", "finetune": "prune", "evaluate": "prune"}

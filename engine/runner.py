@@ -15,11 +15,12 @@ from pathlib import Path
 
 from .errors import MinigptError
 from .reporter import STOP_FILE
+from .session import LOCK_FILE as LOCK_NAME
 
 LOG_FILE = "runner.log"
 
 
-def launch_detached(session_path: str | os.PathLike, stages: list[str] | None = None) -> int:
+def launch_detached(session_path: str | os.PathLike, redo_from: str | None = None) -> int:
     from .session import open_session
 
     s = open_session(session_path)
@@ -27,16 +28,28 @@ def launch_detached(session_path: str | os.PathLike, stages: list[str] | None = 
     if s.runner_alive():
         raise MinigptError(f"session {s.id} is already running", f"follow it with: minigpt logs {s.id} -f")
     cmd = [sys.executable, "-m", "engine.runner", str(s.path.resolve())]
-    if stages:
-        cmd += ["--stages", ",".join(stages)]
+    if redo_from:
+        cmd += ["--redo-from", redo_from]
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # written before the child exists: it rewrites state.json itself once it holds the lock
+    s.update_state(status="starting", pid=None, error=None)
     with open(s.path / LOG_FILE, "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, close_fds=True, env=env)
-    s.update_state(status="starting", pid=proc.pid)
+    if s.state().get("pid") is None:
+        s.update_state(pid=proc.pid)
     return proc.pid
+
+
+def runner_pid(session) -> int | None:
+    """The pid of the process holding the session's lock (it writes it there), else state.json's."""
+    try:
+        return int((session.path / LOCK_NAME).read_text().strip())
+    except (OSError, ValueError):
+        pid = session.state().get("pid")
+        return int(pid) if pid else None
 
 
 def request_stop(session_path: str | os.PathLike) -> bool:
@@ -47,10 +60,10 @@ def request_stop(session_path: str | os.PathLike) -> bool:
     if not s.runner_alive():
         return False
     (s.path / STOP_FILE).write_text("stop\n")
-    pid = s.state().get("pid")
+    pid = runner_pid(s)
     if pid:
         try:
-            os.kill(int(pid), signal.SIGTERM)
+            os.kill(pid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
     return True
@@ -59,16 +72,19 @@ def request_stop(session_path: str | os.PathLike) -> bool:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    # until the pipeline installs its handlers (after importing torch: seconds), a hangup
+    # must not kill us either; the own process session already shields us from the terminal's
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from . import pipeline
     from .session import open_session
 
     ap = argparse.ArgumentParser(prog="python -m engine.runner")
     ap.add_argument("session")
-    ap.add_argument("--stages", default="")
+    ap.add_argument("--redo-from", default=None, help="redo this stage and the ones after it")
     args = ap.parse_args(argv)
     try:
         s = open_session(args.session)
-        pipeline.run(s, stages=[x for x in args.stages.split(",") if x] or None, handle_signals=True)
+        pipeline.run(s, handle_signals=True, redo_from=args.redo_from)
     except MinigptError as e:
         print(f"error: {e.line()}", file=sys.stderr)
         return 2

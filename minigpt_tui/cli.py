@@ -50,6 +50,8 @@ def _follow(session, stop_on_end: bool = True, since_offset: int = 0) -> str:
             events = reader.poll()
             for e in events:
                 seen_start = seen_start or e["type"] == "run_start"
+                if e["type"] == "run_start":  # a resumed session: an earlier run's end is not the end
+                    status = None
                 disp(e)
                 if e["type"] == "run_end":
                     status = e.get("status")
@@ -71,7 +73,7 @@ def _follow(session, stop_on_end: bool = True, since_offset: int = 0) -> str:
         disp.close()
 
 
-def _start(session, foreground: bool, follow: bool, stages=None, redo: bool = False) -> None:
+def _start(session, foreground: bool, follow: bool, redo_from: str | None = None) -> None:
     if foreground:
         from engine import pipeline
 
@@ -79,14 +81,14 @@ def _start(session, foreground: bool, follow: bool, stages=None, redo: bool = Fa
 
         disp = Display()
         try:
-            pipeline.run(session, stages=stages, display=disp, handle_signals=True, redo=redo)
+            pipeline.run(session, display=disp, handle_signals=True, redo_from=redo_from)
         finally:
             disp.close()
         return
     from engine import runner
 
     offset = session.events_path.stat().st_size if session.events_path.exists() else 0
-    pid = runner.launch_detached(session.path, stages=stages)
+    pid = runner.launch_detached(session.path, redo_from=redo_from)
     typer.echo(f"session {session.id} running detached (pid {pid}); Ctrl-C detaches, `minigpt stop {session.id}` stops")
     if follow:
         status = _follow(session, since_offset=offset)
@@ -118,7 +120,7 @@ def _open(ref: str, root):
     return open_session(ref, _root(root))
 
 
-def _stage_command(stage: str, extra: tuple = ()):
+def _stage_command(stage: str):
     def cmd(session: str = typer.Argument(..., help="session id or path"), root: Optional[Path] = RootOpt,
             overrides: list[str] = SetOpt,
             foreground: bool = typer.Option(True, "--foreground/--detach", help="run here or detached")):
@@ -129,16 +131,16 @@ def _stage_command(stage: str, extra: tuple = ()):
         if overrides:
             cfg = config_mod.apply_overrides(s.config(), overrides)
             atomic.write_text(s.path / "config.toml", cfg.to_toml())
-        _start(s, foreground, True, stages=[stage, *extra], redo=True)
+        _start(s, foreground, True, redo_from=stage)
 
-    cmd.__doc__ = {"calibrate": "Recalibrate an existing session (statistics are replaced).",
-                   "prune": "Prune again from the saved statistics (no recalibration), then evaluate.",
-                   "evaluate": "Evaluate the session's current model on held-out text."}[stage]
+    cmd.__doc__ = {"calibrate": "Recalibrate a session, then redo the stages after it.",
+                   "prune": "Prune again from the saved statistics (no recalibration), then fine-tune/evaluate.",
+                   "evaluate": "Evaluate the session's current model on held-out text again."}[stage]
     return cmd
 
 
 app.command("calibrate")(_stage_command("calibrate"))
-app.command("prune")(_stage_command("prune", ("evaluate",)))
+app.command("prune")(_stage_command("prune"))
 app.command("eval")(_stage_command("evaluate"))
 
 
@@ -199,7 +201,7 @@ def sessions(root: Optional[Path] = RootOpt):
     rows = [session_mod.summary(s) for s in session_mod.list_sessions(_root(root))]
     t = Table()
     for col in ("id", "model", "domain", "mode", "method", "status", "stage", "updated"):
-        t.add_column(col)
+        t.add_column(col, no_wrap=col in ("id", "status"))
     for r in rows:
         upd = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["updated"])) if r.get("updated") else ""
         t.add_row(r["id"], str(r.get("model")), str(r.get("domain")), str(r.get("mode")), str(r.get("method")),

@@ -21,7 +21,7 @@ def _fmt_rate(rate, unit) -> str:
 def layer_table(report: dict) -> Table:
     t = Table(title=f"pruning report ({report.get('mode')})", show_lines=False)
     for col in ("module", "neurons before", "after", "params before", "after", "% removed"):
-        t.add_column(col, justify="left" if col == "module" else "right")
+        t.add_column(col, justify="left" if col == "module" else "right", no_wrap=True)
     for r in report.get("rows", []):
         t.add_row(r["module"], str(r["neurons_before"]), str(r["neurons_after"]), f"{r['params_before']:,}",
                   f"{r['params_after']:,}", f"{r['pct_removed']:.1f}")
