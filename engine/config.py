@@ -111,6 +111,11 @@ class EvaluateConfig:
     batch_size: int = 4
     mcq_files: list = field(default_factory=list)
     mcq_generate: int = 0  # sentence-completion questions generated from held-out text
+    mcq_choices: int = 4  # choices per generated question
+    mcq_fewshot: int = 0  # solved examples (from the same set, seeded) before each question
+    mcq_context: str = ""  # line before every prompt; "" = the set's own (e.g. "Economics Test:")
+    mcq_template: str = ""  # "" = "Question: {question}\nAnswer:" ("{question}" for generated sets)
+    mcq_columns: list = field(default_factory=list)  # hub sets: ["question=COL", "choices=A,B,C,D", "answer=COL"]
     evaluate_base: bool = True
 
 
@@ -157,6 +162,13 @@ class RunConfig:
                 f"data fractions {fr} are invalid",
                 "calibrate and evaluate must be > 0 and the three must sum to at most 1",
             )
+        e = self.evaluate
+        if e.mcq_generate < 0 or e.mcq_fewshot < 0 or e.mcq_choices < 2:
+            raise MinigptError("evaluate.mcq_generate/mcq_fewshot must be >= 0 and mcq_choices >= 2",
+                               "e.g. mcq_generate = 100, mcq_fewshot = 0, mcq_choices = 4")
+        if e.mcq_template and not _template_ok(e.mcq_template):
+            raise MinigptError(f"evaluate.mcq_template {e.mcq_template!r} is not a template of {{question}} alone",
+                               'e.g. mcq_template = "Question: {question}\\nAnswer:" (write {{ }} for braces)')
         for name, v in (("calibrate.block_size", self.calibrate.block_size),
                         ("evaluate.block_size", self.evaluate.block_size),
                         ("calibrate.batch_size", self.calibrate.batch_size),
@@ -183,6 +195,13 @@ class RunConfig:
         import tomli_w
 
         return tomli_w.dumps(self.to_dict())
+
+
+def _template_ok(template: str) -> bool:
+    try:
+        return "{question}" in template and template.format(question="") is not None
+    except (KeyError, IndexError, ValueError):
+        return False
 
 
 def _choice(key: str, value: str, allowed: tuple) -> None:
