@@ -173,6 +173,7 @@ def linear_masks(model, stats: Stats, threshold: float) -> dict[str, torch.Tenso
     from .calibrate import _linear_modules
 
     masks = {}
+    canonical = {id(p): n for n, p in model.named_parameters()}  # a tied lm_head's weight is the embedding's
     for name, mod in _linear_modules(model):
         xin, xout = stats.linear_in(name), stats.linear_out(name)
         if xin is None:
@@ -183,7 +184,8 @@ def linear_masks(model, stats: Stats, threshold: float) -> dict[str, torch.Tenso
         in_axis, out_axis = (0, 1) if tr else (1, 0)
         keep &= _expand(xin > threshold, w.shape, in_axis)
         keep &= _expand(xout > threshold, w.shape, out_axis)
-        masks[f"{name}.weight"] = keep
+        key = canonical.get(id(w), f"{name}.weight")
+        masks[key] = masks[key] & keep if key in masks else keep
         if getattr(mod, "bias", None) is not None:
             masks[f"{name}.bias"] = xout > threshold
     return masks
