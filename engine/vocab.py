@@ -1,0 +1,412 @@
+"""Vocabulary pruning for real: a smaller BPE tokenizer and embedding/LM-head rows to match.
+
+The paper zeroes the embedding rows of tokens that are rare in the domain (mask mode,
+`prune.embedding_masks`), which keeps every shape. Here the pruned tokens leave the
+tokenizer and the model: the BPE vocab and merges are filtered, ids renumbered
+contiguously (kept tokens stay in their original order), and the embedding, the LM head
+(tied or not, bias included) and the special-token ids in the config follow. The result
+is a standard HF folder that stock `AutoTokenizer` / `AutoModelForCausalLM` load.
+
+Which tokens stay (`plan`): frequency > ε_emb in the domain's training text, special
+tokens, what the tokenizer needs to encode any text (the 256-symbol byte-level alphabet,
+or the `<0xNN>` byte-fallback tokens and unk), and every token in the merge derivation of
+a kept token. The derivation is the one BPE itself follows on the token's own characters
+(lowest merge rank first, leftmost on ties), so the pruned tokenizer produces, for text
+the original tokenized into kept tokens only, exactly the original tokens (renumbered):
+every merge the original applied survives, with the same relative rank, and the merges
+that were dropped never fired. Elsewhere a dropped merge leaves its pair split.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import MinigptError
+
+SUPPORTED = "byte-level BPE (GPT-2 style: SmolLM2, OPT, Phi) or BPE with byte fallback (Llama style)"
+_ID_LISTS = ("suppress_tokens", "begin_suppress_tokens")
+
+
+# ---- the keep rule shared with mask mode ----------------------------------------------
+def protected_ids(tokenizer, model=None) -> set[int]:
+    """Ids never pruned: the tokenizer's special tokens and the ids the model's configs name."""
+    ids = set(tokenizer.all_special_ids)
+    ids |= {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    if model is not None:
+        for cfg in (model.config, getattr(model, "generation_config", None)):
+            for _, value in _config_ids(cfg):
+                ids.update(value if isinstance(value, list) else [value])
+    return {int(i) for i in ids if i is not None and int(i) >= 0}
+
+
+def domain_keep(tokenizer, counts: torch.Tensor, threshold: float, model=None) -> torch.Tensor:
+    """The paper's rule over the tokenizer's ids: keep frequency > ε_emb, and special tokens.
+
+    Frequencies are counts / total (ε_emb = 0 drops exactly the tokens never seen).
+    "Special" is `protected_ids`: a superset of the paper's named ones (pad/bos/eos/unk/...)
+    that also holds added tokens flagged special (chat markers) and the config's ids.
+    """
+    n = len(tokenizer)
+    keep = _frequent(counts, threshold, n)
+    for i in protected_ids(tokenizer, model):
+        if i < n:
+            keep[i] = True
+    return keep
+
+
+def _frequent(counts: torch.Tensor, threshold: float, n: int) -> torch.Tensor:
+    """freq > threshold for ids [0, n), freq = count / total count."""
+    c = torch.zeros(n, dtype=torch.float64)
+    m = min(n, counts.numel())
+    c[:m] = counts.flatten()[:m].double()
+    return c / counts.sum().clamp_min(1).double() > threshold
+
+
+# ---- the structural plan -----------------------------------------------------------------
+@dataclass
+class VocabPlan:
+    """Kept old ids in new-id order (new id i is old id keep[i]), and why they were kept."""
+
+    keep: torch.Tensor
+    tokenizer_size: int  # len(tokenizer) before
+    rows: int  # embedding rows before (may exceed the tokenizer: padding rows)
+    new_tokenizer_size: int
+    reasons: dict  # frequent / special / encoding / ancestors: ids each rule added to the previous ones
+
+    def old2new(self) -> dict[int, int]:
+        return {int(o): n for n, o in enumerate(self.keep.tolist())}
+
+
+def tokenizer_json(tokenizer) -> dict:
+    """The backend `tokenizers` JSON of a supported tokenizer (clear error otherwise)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not getattr(tokenizer, "is_fast", False):
+        raise MinigptError(f"tokenizer {type(tokenizer).__name__} (slow, no tokenizers backend) is not supported "
+                           "for vocabulary pruning", f"use a model with a fast tokenizer: {SUPPORTED}; "
+                           "or set prune.embedding_threshold = -1 (or prune.mode = \"mask\")")
+    tj = json.loads(backend.to_str())
+    model = tj.get("model", {})
+    kind = model.get("type")
+    why = None
+    if kind != "BPE":
+        why = f"a {kind} tokenizer"
+    elif model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        why = "a BPE tokenizer with subword prefixes/suffixes"
+    elif model.get("dropout"):
+        why = "a BPE tokenizer with dropout"
+    elif not model.get("byte_fallback") and not _has_byte_level(tj.get("pre_tokenizer")):
+        why = "a BPE tokenizer without byte-level alphabet or byte fallback (it could not encode every text)"
+    if why:
+        raise MinigptError(f"{why} is not supported for vocabulary pruning",
+                           f"supported: {SUPPORTED}; or set prune.embedding_threshold = -1 "
+                           "(or prune.mode = \"mask\", which keeps the vocabulary)")
+    return tj
+
+
+def plan(tokenizer, counts: torch.Tensor, threshold: float, model) -> VocabPlan:
+    """Which ids stay: frequent, special, needed to encode any text, and their merge ancestors."""
+    tj = tokenizer_json(tokenizer)
+    bpe = tj["model"]
+    vocab: dict[str, int] = bpe["vocab"]
+    added = {t["id"] for t in tj.get("added_tokens", [])}
+    token_ids = set(vocab.values()) | added
+    n_ids = max(len(tokenizer), max(token_ids) + 1)
+    rows = model.get_input_embeddings().weight.shape[0]
+    is_token = torch.zeros(max(n_ids, rows), dtype=torch.bool)
+    is_token[sorted(token_ids)] = True
+    keep = torch.zeros_like(is_token)
+    keep[:n_ids] = _frequent(counts, threshold, n_ids) & is_token[:n_ids]
+    reasons = {"frequent": int(keep.sum())}
+
+    special = protected_ids(tokenizer, model) | _post_processor_ids(tj.get("post_processor"))
+    outside = sorted(i for i in special if rows <= i < n_ids and is_token[i])
+    if outside:
+        raise MinigptError(f"special token id {outside[0]} is outside the model's {rows} embedding rows",
+                           "fix the tokenizer/model pair, or set prune.embedding_threshold = -1")
+    reasons["special"] = _add(keep, {i for i in special if i < rows})
+
+    needed = set()
+    if _has_byte_level(tj.get("pre_tokenizer")):
+        from tokenizers.pre_tokenizers import ByteLevel
+
+        needed |= {vocab[ch] for ch in ByteLevel.alphabet() if ch in vocab}
+    if bpe.get("byte_fallback"):
+        needed |= {vocab[f"<0x{b:02X}>"] for b in range(256) if f"<0x{b:02X}>" in vocab}
+    if bpe.get("unk_token") in vocab:
+        needed.add(vocab[bpe["unk_token"]])
+    reasons["encoding"] = _add(keep, needed)
+
+    ranks = {tuple(_pair(mg)): r for r, mg in enumerate(bpe["merges"])}
+    id2tok = {i: t for t, i in vocab.items()}
+    ancestors = set()
+    for i in torch.nonzero(keep).flatten().tolist():
+        tok = id2tok.get(i)
+        if tok is not None and i not in added and len(tok) > 1:  # added tokens are matched before BPE
+            ancestors |= {vocab[s] for s in derivation(tok, ranks, vocab)}
+    reasons["ancestors"] = _add(keep, ancestors)
+
+    keep[rows:] = False  # ids the model cannot embed (never special: checked above)
+    kept = torch.nonzero(keep).flatten()
+    return VocabPlan(kept, len(tokenizer), rows, int(is_token[kept].sum()), reasons)
+
+
+def derivation(token: str, ranks: dict, vocab: dict) -> list[str]:
+    """The symbols BPE builds on the way to `token` from its characters (leaves included).
+
+    Returns [] when BPE does not produce `token` from its own characters (such a token
+    never appears in any encoding, so nothing below it is needed).
+    """
+    syms = list(token)
+    if any(s not in vocab for s in syms):
+        return []
+    seen = list(syms)
+    while len(syms) > 1:
+        best, at = None, -1
+        for i in range(len(syms) - 1):
+            r = ranks.get((syms[i], syms[i + 1]))
+            if r is not None and (best is None or r < best):
+                best, at = r, i
+        if best is None:
+            break
+        syms[at:at + 2] = [syms[at] + syms[at + 1]]
+        seen.append(syms[at])
+    return seen if syms == [token] else []
+
+
+def _add(keep: torch.Tensor, ids: set[int]) -> int:
+    """Set `ids` in `keep`; return how many were not kept already."""
+    idx = torch.tensor(sorted(i for i in ids if 0 <= i < keep.numel()), dtype=torch.long)
+    if idx.numel() == 0:
+        return 0
+    new = int((~keep[idx]).sum())
+    keep[idx] = True
+    return new
+
+
+def _pair(merge) -> list[str]:
+    return merge.split(" ", 1) if isinstance(merge, str) else list(merge)
+
+
+def _has_byte_level(node) -> bool:
+    if not isinstance(node, dict):
+        return False
+    if node.get("type") == "ByteLevel":
+        return True
+    return any(_has_byte_level(p) for p in node.get("pretokenizers", []) or [])
+
+
+def _post_processor_ids(node) -> set[int]:
+    if not isinstance(node, dict):
+        return set()
+    t = node.get("type")
+    if t == "Sequence":
+        return set().union(*[_post_processor_ids(p) for p in node.get("processors", [])])
+    if t == "TemplateProcessing":
+        return {int(i) for s in node.get("special_tokens", {}).values() for i in s.get("ids", [])}
+    if t in ("BertProcessing", "RobertaProcessing"):
+        return {int(node["sep"][1]), int(node["cls"][1])}
+    return set()
+
+
+# ---- the rebuilt tokenizer --------------------------------------------------------------------
+def prune_tokenizer(tokenizer, p: VocabPlan):
+    """A new tokenizer of the same class holding only the kept tokens, loaded the stock way.
+
+    The original is saved, its tokenizer.json rewritten (vocab, merges, added tokens,
+    post-processor and padding ids), and the folder reloaded with `AutoTokenizer`, so
+    what we return is exactly what a user gets from the exported folder.
+    """
+    from transformers import AutoTokenizer
+
+    tj = tokenizer_json(tokenizer)
+    o2n = p.old2new()
+    bpe = tj["model"]
+    bpe["vocab"] = {t: o2n[i] for t, i in sorted(bpe["vocab"].items(), key=lambda kv: kv[1]) if i in o2n}
+    kept = bpe["vocab"]
+    bpe["merges"] = [mg for mg in bpe["merges"] if _merge_kept(_pair(mg), kept)]
+    tj["added_tokens"] = [{**t, "id": o2n[t["id"]]} for t in tj.get("added_tokens", []) if t["id"] in o2n]
+    tj["post_processor"] = _remap_post_processor(tj.get("post_processor"), o2n)
+    if tj.get("padding") and tj["padding"].get("pad_id") is not None:
+        tj["padding"]["pad_id"] = o2n.get(tj["padding"]["pad_id"], 0)
+    with tempfile.TemporaryDirectory(prefix="minigpt-vocab-") as d:
+        tokenizer.save_pretrained(d)
+        Path(d, "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+        cfg_path = Path(d, "tokenizer_config.json")
+        if cfg_path.exists():
+            tc = json.loads(cfg_path.read_text(encoding="utf-8"))
+            if isinstance(tc.get("added_tokens_decoder"), dict):
+                tc["added_tokens_decoder"] = {str(o2n[int(k)]): v for k, v in tc["added_tokens_decoder"].items()
+                                              if int(k) in o2n}
+                cfg_path.write_text(json.dumps(tc, ensure_ascii=False, indent=2), encoding="utf-8")
+        new = AutoTokenizer.from_pretrained(d)
+    new.name_or_path = tokenizer.name_or_path
+    expected = {**kept, **{t["content"]: t["id"] for t in tj["added_tokens"]}}
+    if new.get_vocab() != expected or len(new) != p.new_tokenizer_size:
+        raise RuntimeError(f"rebuilt {type(new).__name__} does not hold the planned vocabulary "
+                           f"({len(new)} tokens, planned {p.new_tokenizer_size})")
+    return new
+
+
+def _merge_kept(pair: list[str], kept: dict) -> bool:
+    a, b = pair
+    return a in kept and b in kept and a + b in kept
+
+
+def _remap_post_processor(node, o2n: dict[int, int]):
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    t = node.get("type")
+    if t == "Sequence":
+        node["processors"] = [_remap_post_processor(p, o2n) for p in node.get("processors", [])]
+    elif t == "TemplateProcessing":
+        node["special_tokens"] = {k: {**s, "ids": [o2n[int(i)] for i in s.get("ids", [])]}
+                                  for k, s in node.get("special_tokens", {}).items()}
+    elif t in ("BertProcessing", "RobertaProcessing"):
+        node["sep"] = [node["sep"][0], o2n[int(node["sep"][1])]]
+        node["cls"] = [node["cls"][0], o2n[int(node["cls"][1])]]
+    return node
+
+
+# ---- the sliced model --------------------------------------------------------------------------
+@torch.no_grad()
+def slice_model(model, p: VocabPlan) -> None:
+    """Keep embedding and LM-head rows `p.keep` (in that order), in place; fix config ids."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is emb.weight
+    idx = p.keep.to(emb.weight.device)
+    o2n = p.old2new()
+    emb.weight = torch.nn.Parameter(emb.weight.data.index_select(0, idx).clone(),
+                                    requires_grad=emb.weight.requires_grad)
+    emb.num_embeddings = int(idx.numel())
+    if getattr(emb, "padding_idx", None) is not None:
+        emb.padding_idx = o2n.get(int(emb.padding_idx))
+    if head is not None:
+        if tied:
+            head.weight = emb.weight
+        else:
+            head.weight = torch.nn.Parameter(head.weight.data.index_select(0, idx.to(head.weight.device)).clone(),
+                                             requires_grad=head.weight.requires_grad)
+        if getattr(head, "bias", None) is not None:
+            head.bias = torch.nn.Parameter(head.bias.data.index_select(0, idx.to(head.bias.device)).clone(),
+                                           requires_grad=head.bias.requires_grad)
+        if hasattr(head, "out_features"):
+            head.out_features = int(idx.numel())
+    old = p.rows
+    for mod in model.modules():  # e.g. LlamaModel.vocab_size mirrors the config
+        if isinstance(getattr(mod, "vocab_size", None), int) and mod.vocab_size == old:
+            mod.vocab_size = int(idx.numel())
+    model.config.vocab_size = int(idx.numel())
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        for name, value in _config_ids(cfg):
+            setattr(cfg, name, _remap_ids(value, o2n, old))
+
+
+def _config_ids(cfg):
+    """(name, value) of a config's token-id fields: *_token_id(s), suppress lists."""
+    if cfg is None:
+        return []
+    out = []
+    for name, value in vars(cfg).items():
+        if not (name.endswith(("_token_id", "_token_ids")) or name in _ID_LISTS):
+            continue
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int) or (isinstance(value, list) and all(isinstance(v, int) for v in value)):
+            out.append((name, value))
+    return out
+
+
+def _remap_ids(value, o2n: dict[int, int], rows: int):
+    """Kept ids get their new number; ids that were out of range before stay as they were."""
+    if isinstance(value, list):
+        return [_remap_ids(v, o2n, rows) for v in value]
+    if 0 <= value < rows:
+        return o2n[value]  # protected ids are always kept
+    return value
+
+
+# ---- the pipeline step ------------------------------------------------------------------------
+def prune_vocabulary(model, tokenizer, counts: torch.Tensor | None, threshold: float, ctx=None):
+    """Structural vocabulary pruning: returns (model sliced in place, new tokenizer, info).
+
+    With a pipeline context it also measures, on the held-out documents (capped at
+    evaluate.max_tokens), the coverage (share of their original tokens that are kept)
+    and bits per byte before and after, reports them, and drops the domain data
+    tokenized with the old ids so later stages re-tokenize with the new tokenizer.
+    """
+    if counts is None:
+        raise MinigptError("the calibration statistics hold no token counts",
+                           "rerun the calibrate stage: minigpt calibrate SESSION --redo")
+    from . import prune
+
+    p = plan(tokenizer, counts, threshold, model)
+    info = {"threshold": threshold, "tokenizer_before": p.tokenizer_size, "tokenizer_after": p.new_tokenizer_size,
+            "rows_before": p.rows, "rows_after": int(p.keep.numel()), "kept_because": p.reasons,
+            "params_before": prune.count_params(model)}
+    texts = None
+    if ctx is not None:
+        texts = held_out_texts(tokenizer, ctx.domain().eval_texts, ctx.cfg.evaluate.max_tokens)
+        info["coverage"] = coverage(tokenizer, texts, p)
+        before = _bpb(ctx, model, tokenizer, texts)
+    new_tok = prune_tokenizer(tokenizer, p)
+    slice_model(model, p)
+    info["params_after"] = prune.count_params(model)
+    info["params_saved"] = info["params_before"] - info["params_after"]
+    if ctx is not None:
+        after = _bpb(ctx, model, new_tok, texts)
+        info.update(bpb_before=before["bpb"], bpb_after=after["bpb"], eval_tokens_before=before["tokens"],
+                    eval_tokens_after=after["tokens"], bpb_protocol=after["protocol"])
+        _report(ctx, info)
+        ctx.data = None  # the splits hold old ids: rebuilt with the new tokenizer on next use
+    return model, new_tok, info
+
+
+def coverage(tokenizer, texts: list[str], p: VocabPlan) -> float:
+    """Share of the texts' tokens (original tokenizer) that are kept as single tokens."""
+    ids = [i for row in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in row]
+    if not ids:
+        return 1.0
+    kept = torch.zeros(max(p.rows, p.tokenizer_size, max(ids) + 1), dtype=torch.bool)
+    kept[p.keep] = True
+    return round(float(kept[torch.tensor(ids)].float().mean()), 6)
+
+
+def held_out_texts(tokenizer, texts: list[str], max_tokens: int) -> list[str]:
+    """The held-out documents, in order, cut after `max_tokens` tokens in all (0 = all)."""
+    if not max_tokens:
+        return [t for t in texts if t]
+    out, left = [], max_tokens
+    for t in texts:
+        if left <= 0:
+            break
+        enc = tokenizer(t, add_special_tokens=False, return_offsets_mapping=True)
+        n = len(enc["input_ids"])
+        out.append(t if n <= left else t[: enc["offset_mapping"][left - 1][1]])
+        left -= n + 1  # + the separator that starts each document
+    return [t for t in out if t]
+
+
+def _bpb(ctx, model, tokenizer, texts: list[str]) -> dict:
+    from . import evaluate
+
+    e = ctx.cfg.evaluate
+    return evaluate.bits_per_byte(model, tokenizer, texts, e.block_size, stride=e.stride, batch_size=e.batch_size)
+
+
+def _report(ctx, info: dict) -> None:
+    rep = ctx.rep
+    rep.log(f"vocabulary {info['tokenizer_before']:,} → {info['tokenizer_after']:,} tokens "
+            f"(embedding rows {info['rows_before']:,} → {info['rows_after']:,}), "
+            f"{info['params_saved']:,} parameters removed; held-out coverage {100 * info['coverage']:.1f}%, "
+            f"bits/byte {info['bpb_before']:.4f} → {info['bpb_after']:.4f}")
+    rep.metric("prune", "base", "vocab_size", info["rows_before"])
+    rep.metric("prune", "pruned", "vocab_size", info["rows_after"])
+    rep.metric("prune", "pruned", "vocab_coverage", info["coverage"])
+    for model, key in (("base", "bpb_before"), ("pruned", "bpb_after")):
+        rep.metric("prune", model, "vocab_bpb", round(info[key], 6), protocol=info["bpb_protocol"])

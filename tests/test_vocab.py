@@ -1,0 +1,365 @@
+"""Vocabulary pruning: the rebuilt tokenizer round-trips any text, tokenizes kept-only text
+exactly as before, the sliced model's log-probs are the original's renormalised over the
+kept tokens, and the exported folder loads with stock transformers in a fresh process."""
+
+import functools
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny
+from engine import calibrate, export, prune, vocab
+from engine.errors import MinigptError
+
+CORPUS = tiny.TEXT + ("def main(argv):\n    for i in range(10):\n        print(f'{i}: {argv[i]}')\n    return 0\n"
+                      "Le café est très bon à Paris; naïve façade. Über die Straße. ") * 5
+TRAIN = CORPUS[:600]  # the "domain" text whose token counts decide what stays
+TEXTS = ["plain ASCII text.", "  leading spaces and   runs\t\ttabs\n\nnewlines  ", "café naïve Über 世界 你好",
+         "emoji 🎉🚀 👩\u200d💻 ", "def f(x):\n    return x ** 2  # code", "", " ", "\u00a0\u200b zero-width",
+         "<|endoftext|> special literal", "Ωμέγα Ελληνικά и кириллица"]
+PAD_ROWS = 16  # embedding rows past the tokenizer (like Phi's padded vocab): dropped too
+
+
+# ---- the two supported tokenizer kinds, built here ---------------------------------------
+@functools.lru_cache(maxsize=None)
+def byte_level():
+    """GPT-2 style: ByteLevel pre-tokenizer, 256-symbol alphabet, plain BPE."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([CORPUS], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+@functools.lru_cache(maxsize=None)
+def byte_fallback():
+    """Llama style: BPE(byte_fallback) with <0xNN> tokens, Metaspace, a BOS post-processor."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    meta = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=False)
+    t0 = Tokenizer(models.BPE())
+    t0.normalizer = normalizers.Prepend("▁")
+    t0.pre_tokenizer = meta
+    t0.train_from_iterator([CORPUS], trainers.BpeTrainer(vocab_size=300, limit_alphabet=60))
+    trained = json.loads(t0.to_str())["model"]
+    vocab_ = {s: i for i, s in enumerate(["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)])}
+    for t, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
+        vocab_.setdefault(t, len(vocab_))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab_, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Prepend("▁")
+    tok.pre_tokenizer = meta
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+KINDS = {"byte_level": byte_level, "byte_fallback": byte_fallback}
+
+
+def counts_for(tok, rows, text=TRAIN):
+    return calibrate.token_counts(torch.tensor(tok(text, add_special_tokens=False)["input_ids"]), rows)
+
+
+def pruned(kind: str, family: str = "llama", threshold: float = 0.0):
+    """(original tokenizer, original model, plan, pruned tokenizer, pruned model)."""
+    tok = KINDS[kind]()
+    rows = len(tok) + PAD_ROWS
+    orig, model = tiny.model(family, vocab=rows), tiny.model(family, vocab=rows)
+    model, new_tok, info = vocab.prune_vocabulary(model, tok, counts_for(tok, rows), threshold)
+    p = vocab.plan(tok, counts_for(tok, rows), threshold, orig)
+    return tok, orig, p, new_tok, model, info
+
+
+def fuzz_texts(n=40, seed=0):
+    pools = ["abcdefghijklmnopqrstuvwxyz ", "ABCXYZ0123456789", " \t\n\r", "éèàçüöñßÅØ", "世界你好中文字",
+             "🎉🚀👩\u200d💻🙂", "(){}[]<>=+-*/#:;'\"\\", "αβγδЖЯ", "\u00a0\u2009\u200b\u3000"]
+    rng = random.Random(seed)
+    return ["".join(rng.choice(rng.choice(pools)) for _ in range(rng.randint(1, 60))) for _ in range(n)]
+
+
+# ---- 1. round trip ---------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_any_text_round_trips(kind):
+    tok, _, p, new, _, _ = pruned(kind)
+    assert len(new) < len(tok) and len(new) == p.new_tokenizer_size
+    for text in TEXTS + fuzz_texts() + [CORPUS]:
+        ids = new(text, add_special_tokens=False)["input_ids"]
+        assert all(0 <= i < len(new) for i in ids)
+        back = new.decode(ids)
+        assert back == tok.decode(tok(text, add_special_tokens=False)["input_ids"])  # as the original does
+        if not (kind == "byte_fallback" and "<|endoftext|>" in text):  # the Prepend normaliser: not the pruning
+            assert back == text, (text, back)
+    # out-of-domain text costs more tokens once its merges are gone (the pruning bites)
+    ood = "".join(TEXTS)
+    assert len(new(ood)["input_ids"]) > len(tok(ood)["input_ids"])
+
+
+# ---- 2. kept-only text tokenizes exactly as before --------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_kept_only_text_tokenizes_as_before(kind):
+    tok, _, p, new, _, _ = pruned(kind)
+    o2n = p.old2new()
+    old = tok(TRAIN)["input_ids"]
+    assert all(i in o2n for i in old)  # every counted token is kept
+    assert new(TRAIN)["input_ids"] == [o2n[i] for i in old]
+    same = changed = 0
+    for word in (CORPUS + " ".join(TEXTS + fuzz_texts())).split(" "):
+        a = tok(word, add_special_tokens=False)["input_ids"]
+        b = new(word, add_special_tokens=False)["input_ids"]
+        if all(i in o2n for i in a):
+            assert b == [o2n[i] for i in a], word
+            same += 1
+        else:
+            changed += 1
+    assert same > 100 and changed > 10  # both cases are exercised
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kept_token_stays_producible_and_needs_the_closure(kind, monkeypatch):
+    """Each kept token is still what BPE builds from its own characters; without the
+    merge-ancestor closure some frequent tokens could no longer be produced."""
+    tok, orig, p, new, _, _ = pruned(kind)
+    added = set(tok.added_tokens_decoder)
+
+    def unreachable(tokenizer, plan):
+        bpe = tokenizer.backend_tokenizer.model
+        out = []
+        for i in plan.keep.tolist():
+            s = tok.convert_ids_to_tokens(i)
+            if i < len(tok) and i not in added and len(s) > 1:
+                was = [t.value for t in tok.backend_tokenizer.model.tokenize(s)] == [s]
+                now = [t.value for t in bpe.tokenize(s)] == [s]
+                if was and not now:
+                    out.append(s)
+        return out
+
+    assert p.reasons["ancestors"] > 0
+    assert unreachable(new, p) == []
+    monkeypatch.setattr(vocab, "derivation", lambda token, ranks, vocab_: [])
+    rows = len(tok) + PAD_ROWS
+    p_open = vocab.plan(tok, counts_for(tok, rows), 0.0, orig)
+    assert p_open.reasons["ancestors"] == 0
+    assert unreachable(vocab.prune_tokenizer(tok, p_open), p_open)
+
+
+# ---- 3. the sliced model ------------------------------------------------------------------------
+CASES = [("byte_level", f) for f in tiny.FAMILIES] + [("byte_fallback", "llama"), ("byte_fallback", "phi")]
+
+
+@pytest.mark.parametrize("kind,family", CASES)
+def test_logprobs_equal_renormalised_original(kind, family):
+    tok, orig, p, new, model, info = pruned(kind, family)
+    o2n = p.old2new()
+    old_ids = tok(TRAIN[:300])["input_ids"]
+    x_old = torch.tensor([old_ids])
+    x_new = torch.tensor([[o2n[i] for i in old_ids]])
+    assert x_new.tolist() == [new(TRAIN[:300])["input_ids"]]
+    with torch.no_grad():
+        ref = orig(x_old).logits[..., p.keep].log_softmax(-1)
+        got = model(x_new).logits.log_softmax(-1)
+    assert got.shape == ref.shape and got.shape[-1] == len(new) < len(tok)
+    assert (ref - got).abs().max().item() <= 1e-5
+    # shapes, tying, bias, saved parameters
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = orig.get_output_embeddings().weight is orig.get_input_embeddings().weight
+    assert (head.weight is emb.weight) == tied
+    d, removed = emb.weight.shape[1], len(tok) + PAD_ROWS - len(new)
+    per_row = d * (1 if tied else 2) + (1 if head.bias is not None else 0)
+    assert info["params_before"] - info["params_after"] == removed * per_row == info["params_saved"]
+    assert model.config.vocab_size == emb.num_embeddings == head.out_features == len(new)
+    if family == "phi":
+        assert head.bias is not None and torch.equal(head.bias, orig.get_output_embeddings().bias[p.keep])
+    if family == "opt":  # padding_idx follows its token
+        assert emb.padding_idx == o2n[orig.get_input_embeddings().padding_idx]
+    for cfg, ocfg in ((model.config, orig.config), (model.generation_config, orig.generation_config)):
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            old = getattr(ocfg, name, None)
+            if old is not None and old < len(tok):  # tiny gpt2's 50256 was out of range before and stays so
+                assert new.convert_ids_to_tokens(getattr(cfg, name)) == tok.convert_ids_to_tokens(old)
+
+
+def test_mask_mode_shares_the_keep_rule():
+    """Mask mode (the paper) zeroes exactly the rows the shared rule drops, never padding rows,
+    and structural pruning keeps a superset of those rows (plus what encoding needs)."""
+    tok = byte_level()
+    rows = len(tok) + PAD_ROWS
+    m = tiny.model("phi", vocab=rows)
+    counts = counts_for(tok, rows)
+    masks = prune.embedding_masks(m, tok, counts, 0.0)
+    rule = vocab.domain_keep(tok, counts, 0.0, m)
+    for name, mask in masks.items():
+        kept_rows = mask.all(1)
+        assert torch.equal(kept_rows[: len(tok)], rule) and kept_rows[len(tok):].all()
+    special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    assert all(rule[i] for i in special)
+    assert torch.equal(rule, (counts[: len(tok)] > 0) | torch.isin(torch.arange(len(tok)), torch.tensor(sorted(special))))
+    structural = set(vocab.plan(tok, counts, 0.0, m).keep.tolist())
+    assert set(torch.nonzero(rule).flatten().tolist()) <= structural
+
+
+# ---- 4. stock loading in a fresh process ------------------------------------------------------
+FRESH = r"""
+import json, sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+import torch
+out = {}
+for folder in sys.argv[1:]:
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    enc = tok("Permission is granted, free of charge", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits
+    gen = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
+    out[folder] = {"ids": enc["input_ids"][0].tolist(), "logits": logits[0, -1].tolist(), "vocab": len(tok),
+                   "text": tok.decode(gen[0], skip_special_tokens=True), "new": gen[0, enc["input_ids"].shape[1]:].tolist(),
+                   "engine": any(m.startswith(("engine", "minigpt")) for m in sys.modules)}
+print(json.dumps(out))
+"""
+
+
+def test_exported_folder_loads_with_stock_transformers_in_a_fresh_process(tmp_path):
+    folders, expect = [], {}
+    for kind, family in (("byte_level", "llama"), ("byte_fallback", "phi")):
+        _, _, _, new, model, _ = pruned(kind, family)
+        folder = export.save_model(model, new, tmp_path / f"{kind}-{family}")
+        folders.append(str(folder))
+        enc = new("Permission is granted, free of charge", return_tensors="pt")
+        with torch.no_grad():
+            expect[str(folder)] = (enc["input_ids"][0].tolist(), model(**enc).logits[0, -1], len(new))
+    r = subprocess.run([sys.executable, "-c", FRESH, *folders], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    for folder, (ids, logits, size) in expect.items():
+        g = got[folder]
+        assert not g["engine"] and g["ids"] == ids and g["vocab"] == size
+        assert torch.allclose(torch.tensor(g["logits"]), logits, atol=1e-5)
+        assert len(g["new"]) > 0 and all(0 <= i < size for i in g["new"])
+        assert g["text"].startswith("Permission is granted, free of charge")
+
+
+# ---- 5. unsupported tokenizers fail clearly -----------------------------------------------------
+def _fast(model, pre=None):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(model)
+    if pre is not None:
+        t.pre_tokenizer = pre
+    return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]")
+
+
+def _unsupported():
+    from tokenizers import models, pre_tokenizers
+    from transformers import ByT5Tokenizer
+
+    return {"wordpiece": _fast(models.WordPiece({"[UNK]": 0, "a": 1, "##b": 2}, unk_token="[UNK]")),
+            "unigram": _fast(models.Unigram([("[UNK]", 0.0), ("a", -1.0), ("b", -2.0)], 0)),
+            "char-bpe": _fast(models.BPE({"[UNK]": 0, "a": 1, "b": 2, "ab": 3}, [("a", "b")], unk_token="[UNK]"),
+                              pre_tokenizers.Whitespace()),
+            "slow": ByT5Tokenizer()}
+
+
+@pytest.mark.parametrize("name", ["wordpiece", "unigram", "char-bpe", "slow"])
+def test_unsupported_tokenizers_fail_clearly(name):
+    tok = _unsupported()[name]
+    m = tiny.model("llama", vocab=max(len(tok), 8))
+    with pytest.raises(MinigptError, match="not supported for vocabulary pruning") as e:
+        vocab.prune_vocabulary(m, tok, torch.ones(len(tok), dtype=torch.long), 0.0)
+    assert "embedding_threshold = -1" in e.value.fix
+    assert m.get_input_embeddings().weight.shape[0] == max(len(tok), 8)  # untouched
+
+
+def test_missing_counts_fail_clearly():
+    with pytest.raises(MinigptError, match="token counts"):
+        vocab.prune_vocabulary(tiny.model("llama"), tiny.tokenizer(), None, 0.0)
+
+
+# ---- 6. the prune stage --------------------------------------------------------------------------
+def test_prune_stage_reports_and_later_stages_use_the_new_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from engine import config as config_mod
+    from engine import pipeline, session
+
+    tok = byte_level()
+    folder = tmp_path / "base"
+    tiny.model("llama", vocab=len(tok) + PAD_ROWS).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    docs = tmp_path / "docs.jsonl"
+    paras = tiny.TEXT.split(". ")  # English only: the code and accented tokens go
+    docs.write_text("\n".join(json.dumps({"text": ". ".join(paras[i:i + 4])}) for i in range(0, len(paras), 4)))
+    cfg = config_mod.from_dict({
+        "model": {"source": str(folder)}, "data": {"source": str(docs)},
+        "calibrate": {"block_size": 32, "max_tokens": 512},
+        "prune": {"rule": "ratio", "ratio": 0.3, "embedding_threshold": 0.0},
+        "evaluate": {"block_size": 32, "max_tokens": 256}})
+    s = session.create(cfg, tmp_path / "sessions")
+    res = pipeline.run(s)
+    v = res["vocab"]
+    assert v["tokenizer_before"] == len(tok) and v["rows_before"] == len(tok) + PAD_ROWS
+    assert v["rows_after"] == v["tokenizer_after"] < len(tok)
+    assert 0.0 < v["coverage"] <= 1.0 and v["bpb_before"] > 0 and v["bpb_after"] > 0
+    assert v["params_saved"] == (v["rows_before"] - v["rows_after"]) * 32  # tied llama, hidden 32
+    assert res["prune"]["params_before"] - res["prune"]["params_after"] > v["params_saved"]  # + the MLP neurons
+    metrics = {(e["model"], e["name"]): e["value"] for e in s.events() if e["type"] == "metric"}
+    assert metrics[("pruned", "vocab_size")] == v["rows_after"]
+    assert metrics[("pruned", "vocab_coverage")] == v["coverage"]
+    assert metrics[("base", "vocab_bpb")] == round(v["bpb_before"], 6)
+    saved = AutoTokenizer.from_pretrained(s.model_dir)
+    assert len(saved) == v["tokenizer_after"]
+    assert res["models"]["pruned"]["params"] == res["prune"]["params_after"]  # evaluated the saved, new-vocab model
+    assert s.status() == "done"
+
+
+# ---- 7. SmolLM2 (slow) ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_vocabulary_pruning_is_exact_on_kept_text():
+    from engine import config as config_mod
+    from engine import data, models
+
+    model, tok, _ = models.load(config_mod.ModelConfig())
+    orig_head = model.get_output_embeddings().weight.detach().clone()
+    dcfg = config_mod.DataConfig(source="builtin:licenses")
+    parts = data.split_documents(data.load_documents(dcfg), dcfg)
+    train = data.tokenize(tok, parts["calibrate"][:20])
+    counts = calibrate.token_counts(train, model.get_input_embeddings().weight.shape[0])
+    x_old = train[:128].view(1, -1)
+    with torch.no_grad():
+        ref = model(x_old).logits
+    p = vocab.plan(tok, counts, 0.0, model)
+    model, new, info = vocab.prune_vocabulary(model, tok, counts, 0.0)
+    assert info["tokenizer_before"] == 49152 and 1000 < info["tokenizer_after"] < 20000
+    assert info["params_saved"] == (49152 - info["rows_after"]) * 576  # tied: one 576-wide row per token
+    assert torch.equal(model.get_output_embeddings().weight, orig_head[p.keep])
+    o2n = p.old2new()
+    x_new = torch.tensor([[o2n[i] for i in x_old[0].tolist()]])
+    with torch.no_grad():
+        got = model(x_new).logits.log_softmax(-1)
+    assert (ref[..., p.keep].log_softmax(-1) - got).abs().max().item() <= 1e-5
+    for text in TEXTS + fuzz_texts(20) + parts["evaluate"][:2]:
+        assert new.decode(new(text)["input_ids"]) == text
+    same = 0
+    for word in " ".join(parts["evaluate"][:3]).split(" "):
+        a = tok(word)["input_ids"]
+        if all(i in o2n for i in a):
+            assert new(word)["input_ids"] == [o2n[i] for i in a], word
+            same += 1
+    assert same > 500
+    assert new.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).startswith("<|im_start|>")
