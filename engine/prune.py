@@ -192,12 +192,15 @@ def linear_masks(model, stats: Stats, threshold: float) -> dict[str, torch.Tenso
 
 
 def embedding_masks(model, tokenizer, counts: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
-    """The paper's embedding rule (mask mode): zero rows of tokens with frequency <= ε_emb."""
-    freq = counts.double() / counts.sum().clamp_min(1)
-    keep = freq > threshold
-    for tid in tokenizer.all_special_ids:
-        if 0 <= tid < keep.numel():
-            keep[tid] = True
+    """The paper's embedding rule (mask mode): zero rows of tokens with frequency <= ε_emb.
+
+    The keep rule is `vocab.domain_keep`, shared with structural vocabulary pruning. Only
+    the tokenizer's ids are candidates: padding rows past it are never zeroed (the
+    paper's histogram spans the tokenizer's vocabulary only).
+    """
+    from .vocab import domain_keep
+
+    keep = domain_keep(tokenizer, counts, threshold, model)
     names = {id(p): n for n, p in model.named_parameters()}
     masks = {}
     for mod in (model.get_input_embeddings(), model.get_output_embeddings()):
@@ -205,7 +208,8 @@ def embedding_masks(model, tokenizer, counts: torch.Tensor, threshold: float) ->
             continue
         w = mod.weight
         sel = torch.ones(w.shape[0], dtype=torch.bool)
-        sel[: keep.numel()] = keep[: w.shape[0]]
+        n = min(keep.numel(), w.shape[0])
+        sel[:n] = keep[:n]
         masks[names[id(w)]] = sel.view(-1, 1).expand(w.shape).clone()
     return masks
 
