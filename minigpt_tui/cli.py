@@ -218,6 +218,35 @@ def attach(session: str = typer.Argument(...), root: Optional[Path] = RootOpt):
     run_app(root=s.path.parent, attach=s.id)
 
 
+@app.command()
+def grid(spec: Path = typer.Argument(..., help="grid file (TOML): models × domains × thresholds × methods"),
+         overrides: list[str] = SetOpt,
+         out: Optional[Path] = typer.Option(None, "--out", help="grid folder (default: grids/NAME)"),
+         detach: bool = typer.Option(False, "--detach", help="run in the background; log in GRID/grid.log"),
+         retry_failed: bool = typer.Option(True, "--retry-failed/--no-retry-failed"),
+         table: bool = typer.Option(False, "--table", help="only rewrite and print the results table")):
+    """Run a grid of sessions (the paper's experiment in one command): resumable, one session per cell,
+    shared calibration; writes grid.json, results.md and results.csv in the grid folder."""
+    from engine import grid as grid_mod
+
+    from .display import Display
+
+    g = grid_mod.load_spec(spec, overrides, out)
+    if table:
+        grid_mod.refresh(g)
+        typer.echo((g.folder / grid_mod.RESULTS_MD).read_text())
+        return
+    if detach:
+        pid = grid_mod.launch_detached(spec, g.folder, overrides)
+        typer.echo(f"grid {g.name}: {len(g.cells)} cells running detached (pid {pid}); log {g.folder / grid_mod.LOG_FILE}")
+        return
+    res = grid_mod.run_grid(g, display_factory=Display, echo=typer.echo, retry_failed=retry_failed)
+    typer.echo(f"grid {res['status']}: {res['done']}/{res['cells']} cells done, {res['failed']} failed; "
+               f"table: {g.folder / grid_mod.RESULTS_MD}")
+    if res["status"] == "failed":
+        raise typer.Exit(1)
+
+
 def main() -> None:
     from engine.errors import MinigptError
 
