@@ -70,11 +70,11 @@ def fmt_rate(rate: float | None, unit: str) -> str:
 def fmt_metric(name: str, v: float | None) -> str:
     if v is None:
         return "—"
-    if name == "params":
+    if name == "params" or "tokens" in name or name.endswith("_params"):
         return fmt_count(v)
     if name.startswith("mcq"):
         return f"{v * 100:.1f}%" if abs(v) <= 1 else f"{v:.1f}%"
-    if name == "seconds":
+    if name == "seconds" or name.endswith("_seconds"):
         return fmt_duration(v)
     return f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}"
 

@@ -57,6 +57,7 @@ class RunView:
     losses: list[float] = field(default_factory=list)
     loss_steps: list[int] = field(default_factory=list)
     eval_ppl: list[tuple[int, float]] = field(default_factory=list)
+    target_ppl: float | None = None
     train_last: dict | None = None
     layer_report: dict | None = None
     metrics: dict[tuple[str, str], float] = field(default_factory=dict)
@@ -175,6 +176,9 @@ class RunView:
         ppl = _num(ev.get("ppl"))
         if ppl is not None:
             self.eval_ppl.append((int(ev.get("step", 0)), ppl))
+        target = _num(ev.get("target_ppl"))
+        if target is not None:
+            self.target_ppl = target
 
     def _on_layer_report(self, ev: dict) -> None:
         rows = ev.get("rows") or []

@@ -29,8 +29,10 @@ def resample(values: Sequence[float], width: int) -> list[float]:
     return out
 
 
-def plot_lines(values: Sequence[float], width: int, height: int, label_width: int = 7) -> list[str]:
-    """A column chart in `height` rows of eighth-blocks, with max/min labels on the left."""
+def plot_lines(values: Sequence[float], width: int, height: int, label_width: int = 7,
+               zero_based: bool = False) -> list[str]:
+    """A column chart in `height` rows of eighth-blocks, with max/min labels on the left.
+    `zero_based` starts the axis at 0 so bar heights compare (e.g. % removed per layer)."""
     vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
     if width <= label_width + 2 or height < 1:
         return []
@@ -40,6 +42,8 @@ def plot_lines(values: Sequence[float], width: int, height: int, label_width: in
                [" " * label_width + "│" + " " * plot_w for _ in range(height - 1)]
     pts = resample(vals, plot_w)
     lo, hi = min(pts), max(pts)
+    if zero_based:
+        lo = min(0.0, lo)
     span = hi - lo or 1.0
     levels = [int(round((v - lo) / span * (height * 8 - 1))) + 1 if hi > lo else height * 4 for v in pts]
     rows = []
@@ -53,6 +57,8 @@ def plot_lines(values: Sequence[float], width: int, height: int, label_width: in
 
 def _short(v: float) -> str:
     a = abs(v)
+    if a == 0:
+        return "0"
     if a >= 1e4:
         return f"{v:.2g}"
     if a >= 100:
@@ -70,9 +76,10 @@ class TextPlot(Widget):
     TextPlot { height: 6; }
     """
 
-    def __init__(self, caption: str = "", **kwargs) -> None:
+    def __init__(self, caption: str = "", zero_based: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         self.caption = caption
+        self.zero_based = zero_based
         self.values: list[float] = []
 
     def set_data(self, values: Sequence[float], caption: str) -> None:
@@ -84,7 +91,7 @@ class TextPlot(Widget):
         w, h = self.content_size.width, self.content_size.height
         text = Text(no_wrap=True, overflow="crop")
         text.append(self.caption[:w], style="bold")
-        for line in plot_lines(self.values, w, max(1, h - 1)):
+        for line in plot_lines(self.values, w, max(1, h - 1), zero_based=self.zero_based):
             text.append("\n" + line)
         return text
 

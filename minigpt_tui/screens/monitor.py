@@ -104,7 +104,7 @@ class MonitorScreen(Screen):
             with TabPane("Layers", id="layers"):
                 yield DataTable(id="layer-table", cursor_type="row", zebra_stripes=True)
                 yield Static("no layer report yet (written by the prune stage)", id="layer-totals")
-                yield TextPlot("% removed by layer", id="layer-chart")
+                yield TextPlot("% removed by layer", zero_based=True, id="layer-chart")
             with TabPane("Metrics", id="metrics"):
                 yield DataTable(id="metric-table", cursor_type="row", zebra_stripes=True)
                 yield Static("", id="metric-note")
@@ -252,10 +252,9 @@ class MonitorScreen(Screen):
         self.query_one("#loss-plot", TextPlot).set_data(v.losses, cap)
         ppl = [p for _, p in v.eval_ppl]
         base = v.metric("base", "ppl")
-        if ppl:
-            cap = f"held-out ppl {ppl[-1]:.2f}" + (f" (base {base:.2f})" if base else "")
-        else:
-            cap = "held-out ppl" + (f" (base {base:.2f})" if base else "")
+        ref = ", ".join(x for x in (f"base {base:.2f}" if base else "",
+                                    f"target {v.target_ppl:.2f}" if v.target_ppl else "") if x)
+        cap = "held-out ppl" + (f" {ppl[-1]:.2f}" if ppl else "") + (f" ({ref})" if ref else "")
         self.query_one("#ppl-plot", TextPlot).set_data(ppl, cap)
         g = v.gpu
         gpu = self.query_one("#gpu", Static)
