@@ -1,0 +1,63 @@
+"""Calibration overhead: `engine.calibrate.calibrate` time ÷ a plain `model(...)` loop on the same tokens.
+
+Target: <= 1.10x. Both sides run the same blocks in the same batches under no_grad with
+use_cache=False; the only difference is the statistics hooks. Printed: the ratio with all
+hooks (MLP neurons + every linear's input/output, the default) and with MLP hooks only.
+
+Usage: .venv/bin/python benchmarks/calibration_overhead.py [--tiny] [--tokens 4096] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from _common import domain, interleaved, load_model, machine, ratio
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny random model: a quick smoke run")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--block", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+
+    import torch
+
+    from engine.calibrate import calibrate
+    from engine.data import blocks
+
+    model, tok, name = load_model(args.tiny)
+    block = min(args.block, 128) if args.tiny else args.block
+    ids = domain(tok).calibrate
+    x = blocks(ids[: args.tokens], block)
+    n_tok = x.numel()
+    batches = [x[i:i + args.batch] for i in range(0, x.shape[0], args.batch)]
+
+    def plain():
+        with torch.no_grad():
+            for b in batches:
+                model(input_ids=b, use_cache=False)
+
+    # a warm-up of each path, untimed
+    plain()
+    calibrate(model, x[: args.batch], args.batch)
+    times = interleaved({
+        "plain forward": plain,
+        "calibrate (all hooks)": lambda: calibrate(model, x, args.batch),
+        "calibrate (MLP hooks only)": lambda: calibrate(model, x, args.batch, linears=False),
+    }, args.rounds)
+
+    print(f"model: {name}; {n_tok} tokens in {x.shape[0]} blocks of {block}, batch {args.batch}; "
+          f"{args.rounds} interleaved rounds; {machine()}")
+    print(f"{'path':30} {'min s':>8} {'tok/s':>8}")
+    for k, v in times.items():
+        print(f"{k:30} {min(v):8.2f} {n_tok / min(v):8.0f}")
+    for k in ("calibrate (all hooks)", "calibrate (MLP hooks only)"):
+        med, lo, hi = ratio(times, k, "plain forward")
+        print(f"RATIO {k} ÷ plain forward: {med:.3f}x (rounds {lo:.3f}-{hi:.3f}; target <= 1.10x)")
+
+
+if __name__ == "__main__":
+    main()
