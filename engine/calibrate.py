@@ -36,16 +36,19 @@ class Calibrator:
         self.acc: dict[str, torch.Tensor] = {}
         self.n_tokens = 0
         self._handles = []
+        # on CUDA, accumulate on the GPU: a CPU accumulator cannot take a CUDA tensor in add_
+        dev = next(model.parameters()).device
+        dev = dev if dev.type == "cuda" else torch.device("cpu")
         for m in self.mlps:
             w = m.width
             for k in ("abs", "sum", "sq"):
-                self.acc[f"mlp.{m.layer}.{k}"] = torch.zeros(w, dtype=torch.float64)
+                self.acc[f"mlp.{m.layer}.{k}"] = torch.zeros(w, dtype=torch.float64, device=dev)
         self.linear_names = []
         if linears:
             for name, mod in _linear_modules(model):
                 self.linear_names.append(name)
-                self.acc[f"linear.{name}.in_abs"] = torch.zeros(_in_features(mod), dtype=torch.float64)
-                self.acc[f"linear.{name}.out_abs"] = torch.zeros(_out_features(mod), dtype=torch.float64)
+                self.acc[f"linear.{name}.in_abs"] = torch.zeros(_in_features(mod), dtype=torch.float64, device=dev)
+                self.acc[f"linear.{name}.out_abs"] = torch.zeros(_out_features(mod), dtype=torch.float64, device=dev)
 
     # hooks -----------------------------------------------------------------------
     def _mlp_hook(self, layer: int):
@@ -97,7 +100,7 @@ class Calibrator:
         self.n_tokens += batch.numel()
 
     def state(self) -> dict[str, torch.Tensor]:
-        return dict(self.acc)
+        return {k: v.cpu() for k, v in self.acc.items()}
 
 
 def calibrate(model, calib_blocks: torch.Tensor, batch_size: int, progress=None, linears: bool = True,
