@@ -146,3 +146,23 @@ def test_markdown_table_puts_methods_side_by_side():
     line = grid.to_markdown(rows).splitlines()[2]
     assert line == ("| m | d | 0.001 | 0.1 | off | 10.00 | 90.0% | 30.00 | 12.00 | 40 (0.5 ep) ✗ | 50% → 25% "
                     "| 80.0% † | 20.00 | 9.50 | 7 (0.1 ep) | 50% → 75% |")
+
+
+def test_gpu_grid_benchmark_smoke_path_on_cpu(tmp_path):
+    """benchmarks/gpu_grid.sh --tiny: the GPU script's every phase runs (on CPU) and reports."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_grid.sh"), "--tiny", "--calib-blocks", "2",
+                           "--eval-blocks", "2", "--ft-steps", "1", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.read_text())
+    phases = res["phases"]
+    assert set(phases) == {"forward (no hooks)", "calibrate (paper hooks)", "prune structural", "prune mask",
+                           "evaluate dense", "evaluate structural", "fine-tune mask", "fine-tune structural"}
+    assert not any("error" in p for p in phases.values())
+    assert phases["prune structural"]["params_after"] < res["params"]
+    assert phases["prune mask"]["nonzero_after"] < res["params"]
+    assert phases["fine-tune structural"]["finite"] and phases["fine-tune mask"]["finite"]
+    assert res["config"]["hidden_act"] == "gelu_new" and res["peak_tflops"] is None  # no MFU on CPU
+    assert set(res["speedup_structural"]) == {"evaluate", "fine-tune"}
+    assert "tokens/s" not in proc.stderr and "tok/s" in proc.stdout
