@@ -74,7 +74,8 @@ class Context:
             self.rep.log(f"loading corpus {self.cfg.data.source}")
             cal = self.calib_block_size() * (self.cfg.calibrate.max_tokens // self.calib_block_size() or 1)
             self.data = data_mod.DomainData.build(self.cfg.data, self.tokenizer, max_calib=cal,
-                                                  max_eval=self.cfg.evaluate.max_tokens)
+                                                  max_eval=self.cfg.evaluate.max_tokens,
+                                                  progress=self.rep.progress_fn("download", "bytes"))
             d = self.data
             self.rep.log(f"corpus split: calibrate {d.calibrate.numel()} tokens, finetune {d.finetune.numel()}, "
                          f"held-out {d.evaluate.numel()}")
