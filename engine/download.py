@@ -156,9 +156,35 @@ def hub_snapshot(repo: str, repo_type: str = "dataset", allow_patterns: list | N
         if "NotFound" in name and "LocalEntry" not in name or "GatedRepo" in name:
             raise MinigptError(f"{repo_type} {repo} cannot be downloaded ({name}: {str(e).splitlines()[0][:160]})",
                                "check the id and your access to it (HF token for gated repos)") from None
-        raise hub_unavailable(repo, repo_type, allow_patterns or (), setting,
-                              reason="" if hub_offline() else f"{name}") from None
+        files = (allow_patterns or ()) if repo_type == "dataset" else ()  # a model's patterns are ours, not the user's
+        raise hub_unavailable(repo, repo_type, files, setting, reason="" if hub_offline() else f"{name}") from None
     if allow_patterns and not any(p.is_file() for p in path.rglob("*")):
         raise MinigptError(f"{repo_type} {repo} has no files matching {', '.join(allow_patterns)}",
                            f"check {setting.rsplit('.', 1)[0]}.files")
     return path
+
+
+def is_hub_id(source: str) -> bool:
+    """org/name that is not a local path, URL, GGUF file or embedded model."""
+    s = source.strip()
+    return (s.count("/") == 1 and not s.startswith((".", "/", "~", "embedded:", "builtin:")) and not is_url(s)
+            and not s.lower().endswith(".gguf") and not Path(s).expanduser().exists())
+
+
+def model_snapshot(repo: str, progress=None) -> Path:
+    """Fetch a hub model's config, tokenizer and weights (one weight format) into the HF cache,
+    where `from_pretrained(repo)` then finds them; offline, check that they are there."""
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    try:  # already in the HF cache: no network needed
+        return Path(snapshot_download(repo, local_files_only=True))
+    except Exception:
+        if hub_offline():
+            raise hub_unavailable(repo, "model", setting="model.source") from None
+    try:
+        files = list_repo_files(repo)
+    except Exception as e:
+        raise hub_unavailable(repo, "model", setting="model.source", reason=type(e).__name__) from None
+    weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
+    return hub_snapshot(repo, "model", ["*.json", weights, "*.model", "*.txt", "*.tiktoken", "*.py"],
+                        "model.source", progress)

@@ -347,8 +347,8 @@ class _Stopper:
 
 
 def prefetch(spec: GridSpec, display: Callable | None = None, only: list[Cell] | None = None) -> None:
-    """Download what the cells need (question sets, URL corpora) before the first cell runs, and
-    pin the question sets to their local copies, so a network failure shows at once."""
+    """Download what the cells need (hub models, question sets, URL corpora) before the first cell
+    runs, and pin the question sets to their local copies, so a network failure shows at once."""
     from . import download
 
     def prog(label):
@@ -358,6 +358,9 @@ def prefetch(spec: GridSpec, display: Callable | None = None, only: list[Cell] |
                                                      "done": done, "total": total, "unit": "bytes", "rate": rate})
 
     fetched: dict[str, Path] = {}
+    for src in dict.fromkeys(c.cfg.model.source for c in only or spec.cells):
+        if download.is_hub_id(src):
+            download.model_snapshot(src, prog(src))
     for c in only or spec.cells:
         files = []
         for ref in c.cfg.evaluate.mcq_files:

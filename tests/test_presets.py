@@ -235,3 +235,15 @@ def test_hub_preset_offline_is_one_line_naming_the_download(monkeypatch, preset,
     line = e.value.line()
     assert "\n" not in line and "is not available offline" in line
     assert f"`{command}`" in line and line.endswith("set data.source = PATH")
+
+
+def test_grid_prefetch_of_a_hub_model_offline_is_one_line(monkeypatch, tmp_path):
+    from engine import grid
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = grid.spec_from_dict({"models": ["opt-1.3b"], "domains": ["licenses"], "methods": ["mask"],
+                                "thresholds": [{"activation": 0.1}]}, folder=tmp_path / "g")
+    with pytest.raises(MinigptError) as e:
+        grid.prefetch(spec)
+    assert e.value.line() == ("model facebook/opt-1.3b is not available offline — download it with "
+                              "`hf download facebook/opt-1.3b --local-dir PATH` and set model.source = PATH")
