@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +71,19 @@ def _events(s_path: Path, kind: str, stage: str | None = None) -> int:
 
 def test_tiny_grid_runs_shares_calibration_resumes_and_tabulates(tmp_path, monkeypatch):
     spec, raw = _tiny_grid(tmp_path)
+    # Ctrl-C during the first cell: it checkpoints and stops, and no other cell starts
+    real_baseline = pipeline.STAGE_FUNCS["baseline"]
+
+    def interrupted(ctx):
+        os.kill(os.getpid(), signal.SIGINT)
+        real_baseline(ctx)
+
+    monkeypatch.setitem(pipeline.STAGE_FUNCS, "baseline", interrupted)
     out = grid.run_grid(spec, echo=lambda m: None)
+    assert out["status"] == "stopped" and out["done"] == 0
+    assert [r["status"] for r in grid.load_grid(spec.folder)] == ["stopped", "new", "new", "new"]
+    monkeypatch.setitem(pipeline.STAGE_FUNCS, "baseline", real_baseline)
+    out = grid.run_grid(grid.spec_from_dict(raw, folder=spec.folder), echo=lambda m: None)
     assert out == {"status": "done", "cells": 4, "done": 4, "failed": 0, "folder": str(spec.folder)}
     rows = grid.load_grid(spec.folder)
     assert [(r["method"], r["activation"]) for r in rows] == [("mask", -1.0), ("structural", -1.0),
@@ -110,6 +124,7 @@ def test_tiny_grid_runs_shares_calibration_resumes_and_tabulates(tmp_path, monke
     assert grid.load_grid(spec.folder)[2]["status"] == "stopped"
     assert grid.run_grid(grid.spec_from_dict(raw, folder=spec.folder), echo=lambda m: None)["status"] == "done"
     assert calls == [paths[2].name] and _events(paths[2], "run_start") == 2
+    assert _events(paths[0], "run_start") == 2 and _events(paths[0], "stage_end", "baseline") == 1
     assert _events(paths[2], "stage_end", "prune") == 1  # resumed after prune, not redone
 
 
