@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -50,31 +51,38 @@ print(f"{{imported!r}} {{t!r}}")
 """
 
 
-def first_frame(root: Path, tmp: Path) -> tuple[float, float]:
-    """Seconds from spawning the interpreter to (imports done, first frame painted)."""
+def _child_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def first_frame(root: Path, tmp: Path) -> tuple[float, float, float]:
+    """Seconds from spawning the interpreter to (imports done, first frame painted), and the
+    child's CPU seconds (less sensitive than wall time to other load on the machine)."""
     script = tmp / "first_frame_child.py"  # a file: Textual resolves CSS paths via source files
     script.write_text(CHILD.format(repo=str(REPO), root=str(root)))
-    start = time.time()
+    cpu0, start = _child_cpu(), time.time()
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "TEXTUAL_ANIMATIONS": "none"}, timeout=60)
+    cpu = _child_cpu() - cpu0
     if res.returncode != 0:
         raise RuntimeError(res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "child failed")
     imported, painted = (float(x) for x in res.stdout.strip().splitlines()[-1].split())
-    return imported - start, painted - start
+    return imported - start, painted - start, cpu
 
 
-def cli_help() -> float | str:
-    start = time.perf_counter()
+def cli_help() -> tuple[float, float] | str:
+    cpu0, start = _child_cpu(), time.perf_counter()
     try:
         res = subprocess.run([sys.executable, "-m", "minigpt_tui.cli", "--help"], capture_output=True,
                              text=True, cwd=REPO, timeout=60)
     except subprocess.TimeoutExpired:
         return "n/a (timed out after 60 s)"
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, _child_cpu() - cpu0
     if res.returncode != 0:
         last = (res.stderr.strip().splitlines() or ["exit code %d" % res.returncode])[-1]
         return f"n/a ({last})"
-    return elapsed
+    return elapsed, cpu
 
 
 def main() -> None:
@@ -85,17 +93,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root or Path(tmp) / "sessions"
         frames = [first_frame(root, Path(tmp)) for _ in range(args.runs)]
-    imports = [i for i, _ in frames]
-    painted = [p for _, p in frames]
     helps = [cli_help() for _ in range(args.runs)]
-    print(f"runs: {args.runs}  python: {sys.version.split()[0]}  cpus: {os.cpu_count()}")
-    print(f"app imports done:      median {statistics.median(imports):.3f} s  min {min(imports):.3f} s")
-    print(f"app first frame:       median {statistics.median(painted):.3f} s  min {min(painted):.3f} s")
-    numbers = [h for h in helps if isinstance(h, float)]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"runs: {args.runs}  python: {sys.version.split()[0]}  cpus: {os.cpu_count()}  load(1m): {load:.1f}")
+
+    def line(label: str, values: list[float], cpu: list[float] | None = None) -> None:
+        text = f"{label:<22} wall median {statistics.median(values):.3f} s  min {min(values):.3f} s"
+        if cpu:
+            text += f"  | cpu median {statistics.median(cpu):.3f} s"
+        print(text)
+
+    line("app imports done:", [f[0] for f in frames])
+    line("app first frame:", [f[1] for f in frames], [f[2] for f in frames])
+    numbers = [h for h in helps if isinstance(h, tuple)]
     if numbers:
-        print(f"minigpt --help:        median {statistics.median(numbers):.3f} s  min {min(numbers):.3f} s")
+        line("minigpt --help:", [h[0] for h in numbers], [h[1] for h in numbers])
     else:
-        print(f"minigpt --help:        {helps[0]}")
+        print(f"{'minigpt --help:':<22} {helps[0]}")
 
 
 if __name__ == "__main__":

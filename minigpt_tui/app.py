@@ -20,12 +20,10 @@ from engine.errors import MinigptError
 
 from .commands import MinigptCommands
 from .launcher import EngineLauncher, Launcher
-from .screens.compare import CompareScreen
-from .screens.modals import HelpScreen
-from .screens.monitor import MonitorScreen
-from .screens.new_run import NewRunScreen
 from .screens.sessions import SessionsScreen
 from .themes import DEFAULT_THEME, load_themes
+
+# The other screens are imported when first opened: the home screen paints sooner.
 
 
 class MinigptApp(App):
@@ -72,8 +70,12 @@ class MinigptApp(App):
         elif wanted != DEFAULT_THEME:
             self.theme_errors.append(f"theme {wanted!r} not found; themes: {', '.join(self.theme_names)}")
 
+    def get_default_screen(self) -> SessionsScreen:
+        # The home screen is the default screen (not pushed on top of a blank one): one
+        # screen-stack change less at startup, and escape can never pop past it.
+        return SessionsScreen()
+
     def on_mount(self) -> None:
-        self.push_screen(SessionsScreen())
         for err in self.theme_errors:
             self.notify(err, severity="warning", timeout=6)
         if self.attach:
@@ -84,12 +86,18 @@ class MinigptApp(App):
 
     # ---- navigation (screens call these) ----------------------------------------------
     def open_monitor(self, session: session_mod.Session) -> None:
+        from .screens.monitor import MonitorScreen
+
         self.push_screen(MonitorScreen(session))
 
     def open_new_run(self) -> None:
+        from .screens.new_run import NewRunScreen
+
         self.push_screen(NewRunScreen())
 
     def open_compare(self, paths: Iterable[Path]) -> None:
+        from .screens.compare import CompareScreen
+
         self.push_screen(CompareScreen(list(paths)))
 
     # ---- the runner boundary -------------------------------------------------------------
@@ -135,6 +143,8 @@ class MinigptApp(App):
         return [r[1:] for r in out]
 
     def action_help(self) -> None:
+        from .screens.modals import HelpScreen
+
         if isinstance(self.screen, HelpScreen):
             return
         screen = self.screen

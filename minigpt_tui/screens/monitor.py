@@ -113,7 +113,6 @@ class MonitorScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#banner").display = False
         tl = self.query_one("#timeline", DataTable)
         for label, key in (("stage", "stage"), ("state", "state"), ("progress", "bar"), ("done", "done"),
                            ("rate", "rate"), ("eta / time", "eta")):

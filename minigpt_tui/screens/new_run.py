@@ -117,9 +117,7 @@ class NewRunScreen(Screen):
                 yield Button("Cancel (esc)", id="cancel", compact=True)
         yield Footer()
 
-    def on_mount(self) -> None:
-        self.query_one("#form-error").display = False
-        self.query_one("#f-model", Input).focus()
+    AUTO_FOCUS = "#f-model"
 
     # ---- reacting to choices ------------------------------------------------------
     @on(Select.Changed, "#f-model-preset")

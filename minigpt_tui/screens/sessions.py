@@ -47,6 +47,8 @@ class SessionsScreen(Screen):
         Binding("f5", "reload", "Refresh", show=False, id="sessions.refresh"),
     ]
 
+    AUTO_FOCUS = "#sessions"
+
     app: "MinigptApp"
 
     def __init__(self) -> None:
@@ -67,10 +69,7 @@ class SessionsScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#filter").display = False
-        self.query_one("#empty").display = False
         self._setup_columns()
-        self.query_one(DataTable).focus()
         self.action_reload()
         self.set_interval(self.app.refresh_interval, self._periodic)
         self.app.theme_changed_signal.subscribe(self, lambda _t: self._render_table())

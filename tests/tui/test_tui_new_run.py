@@ -87,7 +87,7 @@ async def test_engine_validation_error_is_shown_under_its_field(root, make_app, 
         assert len(runner.launched) == 1
 
 
-async def test_bad_numbers_and_missing_local_path_are_caught_before_the_engine(root, make_app, runner):
+async def test_bad_numbers_and_missing_local_path_are_caught_before_the_engine_and_escape_cancels(root, make_app, runner):
     app = make_app()
     async with app.run_test(size=(100, 40)) as pilot:
         form = await _open_form(pilot)
@@ -102,6 +102,9 @@ async def test_bad_numbers_and_missing_local_path_are_caught_before_the_engine(r
         assert errors["f-threshold"] == "threshold ε must be a number, got 'abc'"
         assert errors["f-domain"] == "local path no/such/corpus.txt does not exist — check the path"
         assert runner.launched == [] and session_mod.list_sessions(root) == []
+        await pilot.press("escape")  # cancel leaves nothing behind
+        assert isinstance(app.screen, SessionsScreen)
+        assert session_mod.list_sessions(root) == [] and runner.launched == []
 
 
 async def test_launch_failure_keeps_the_session_and_says_why(root, make_app, monkeypatch):
@@ -119,12 +122,3 @@ async def test_launch_failure_keeps_the_session_and_says_why(root, make_app, mon
         await wait_for(pilot, lambda: isinstance(app.screen, MonitorScreen))
         assert len(session_mod.list_sessions(root)) == 1
         assert any("already running" in str(n.message) for n in app._notifications)
-
-
-async def test_escape_cancels_without_creating(root, make_app, runner):
-    app = make_app()
-    async with app.run_test(size=(80, 24)) as pilot:
-        await _open_form(pilot)
-        await pilot.press("escape")
-        assert isinstance(app.screen, SessionsScreen)
-        assert session_mod.list_sessions(root) == [] and runner.launched == []
