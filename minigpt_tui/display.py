@@ -36,7 +36,7 @@ class Display:
     """Callable sink for events."""
 
     def __init__(self, console: Console | None = None, plain: bool | None = None):
-        self.console = console or Console(stderr=False)
+        self.console = console or (Console(stderr=False) if sys.stdout.isatty() else plain_console())
         self.plain = (not self.console.is_terminal) if plain is None else plain
         self.progress = None
         self.tasks: dict[str, int] = {}
@@ -65,7 +65,7 @@ class Display:
                 if now - self._last_plain >= 5 or e.get("done") == e.get("total"):
                     self._last_plain = now
                     eta = e.get("eta_s")
-                    c.print(f"[{stage}] {e.get('done'):,}/{e.get('total'):,} {unit}  {_fmt_rate(e.get('rate'), unit)}"
+                    c.print(f"\\[{stage}] {e.get('done'):,}/{e.get('total'):,} {unit}  {_fmt_rate(e.get('rate'), unit)}"
                             + (f"  ETA {eta:.0f}s" if eta else ""), highlight=False)
                 return
             bar = self._bar()
@@ -76,7 +76,7 @@ class Display:
             return
         if kind == "train":
             if self.plain or e.get("step", 0) % 10 == 0:
-                msg = (f"[finetune] step {e.get('step')}/{e.get('total_steps')} loss {e.get('loss', 0):.4f} "
+                msg = (f"\\[finetune] step {e.get('step')}/{e.get('total_steps')} loss {e.get('loss', 0):.4f} "
                        f"lr {e.get('lr', 0):.2e} {e.get('tokens_per_s', 0):,.0f} tok/s")
                 (c.print if self.plain else (self.progress.console.print if self.progress else c.print))(msg, highlight=False)
             return
@@ -94,7 +94,7 @@ class Display:
             vs = f"{v:,.4f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
             out.print(f"  {e.get('model')} {e.get('name')} = [bold]{vs}[/]")
         elif kind == "eval":
-            out.print(f"  [finetune] step {e.get('step')}: held-out ppl {e.get('ppl'):.3f}")
+            out.print(f"  \\[finetune] step {e.get('step')}: held-out ppl {e.get('ppl'):.3f}")
         elif kind == "layer_report":
             out.print(layer_table(e))
         elif kind == "checkpoint":
@@ -107,4 +107,4 @@ class Display:
 
 
 def plain_console() -> Console:
-    return Console(file=sys.stdout, force_terminal=False, no_color=True, width=120)
+    return Console(file=sys.stdout, force_terminal=False, no_color=True, width=120, soft_wrap=True)
