@@ -285,9 +285,9 @@ def run(ctx) -> None:
                            "lower finetune.block_size or batch_size, or raise data.finetune_fraction")
     base_ppl = ctx.results.get("models", {}).get("base", {}).get("ppl")
     target = base_ppl * f.target_ppl_ratio if base_ppl and f.target_ppl_ratio > 0 else None
-    if target is None:
-        rep.log("no base perplexity (evaluate.evaluate_base = false) or target_ppl_ratio <= 0: "
-                "fine-tuning runs to its step limit", level="warning")
+    if target is None and f.target_ppl_ratio > 0:
+        rep.log("no base-model perplexity (evaluate.evaluate_base = false): fine-tuning runs to its step limit",
+                level="warning")
 
     ckpt_mod.seed_everything(ctx.cfg.seed)
     ft = Finetuner(model, data, f, seed=ctx.cfg.seed, masks=ctx.masks)

@@ -6,6 +6,7 @@ two sessions made with the same arguments compute the same numbers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -14,6 +15,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 import tiny
 
@@ -73,11 +76,14 @@ def env() -> dict:
     return e
 
 
-def start_runner(sess) -> subprocess.Popen:
+def start_runner(sess, reaper: list | None = None) -> subprocess.Popen:
     """`python -m engine.runner SESSION`, the detached child's own entry point."""
     log = open(sess.path / "test-runner.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "engine.runner", str(sess.path)], cwd=ROOT, env=env(),
+    proc = subprocess.Popen([sys.executable, "-m", "engine.runner", str(sess.path)], cwd=ROOT, env=env(),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    if reaper is not None:
+        reaper.append(proc.pid)
+    return proc
 
 
 def events(sess) -> list[dict]:
@@ -86,7 +92,8 @@ def events(sess) -> list[dict]:
     return read_events(sess.events_path)
 
 
-def wait_for(pred, proc: subprocess.Popen | None = None, timeout: float = 60.0, what: str = "") -> None:
+def wait_for(pred, proc: subprocess.Popen | None = None, timeout: float = 300.0, what: str = "") -> None:
+    """Poll `pred`; the timeout only guards against a hang (a loaded CI machine is slow)."""
     t0 = time.monotonic()
     while not pred():
         if proc is not None and proc.poll() is not None:
@@ -105,3 +112,35 @@ def freeze_and_kill(proc: subprocess.Popen, still_inside) -> None:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.fixture
+def reaper():
+    """Pids of runners a test started; whatever is still alive at teardown is killed."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Tiny models on one thread: on a busy 2-core machine, OpenMP's spinning second thread
+    makes each tiny matmul ~30x slower (measured: 33 s against 1 s CPU for one tiny run)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_thread():
+    with single_thread():
+        yield

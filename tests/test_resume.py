@@ -15,6 +15,9 @@ import pytest
 import torch
 
 import ft_case
+from ft_case import one_thread, reaper  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # structural pruning of a GPT-2 with dropout 0.1: resuming must restore the RNG stream too
 SECTIONS = dict(
@@ -31,12 +34,8 @@ def case(tmp_path_factory):
     ft_case.corpus(tmp / "data", docs=150)
     cfg = ft_case.config(tmp, "gpt2", **SECTIONS)
     ref = ft_case.session(tmp, "reference", cfg)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the runners get OMP_NUM_THREADS=1 (ft_case.env)
-    try:
+    with ft_case.single_thread():  # as the runners (OMP_NUM_THREADS=1, ft_case.env)
         results = pipeline.run(ref)
-    finally:
-        torch.set_num_threads(threads)
     assert ref.status() == "done"
     return tmp, cfg, ref, results
 
@@ -80,10 +79,10 @@ def _logs(sess) -> list[str]:
     return [e["message"] for e in ft_case.events(sess) if e["type"] == "log"]
 
 
-def test_sigkill_during_finetune_then_resume_matches_uninterrupted(case):
+def test_sigkill_during_finetune_then_resume_matches_uninterrupted(case, reaper):
     tmp, cfg, ref, ref_results = case
     sess = ft_case.session(tmp, "killed-in-finetune", cfg)
-    proc = ft_case.start_runner(sess)
+    proc = ft_case.start_runner(sess, reaper)
     seen = {}
 
     def past_checkpoint():
@@ -101,8 +100,8 @@ def test_sigkill_during_finetune_then_resume_matches_uninterrupted(case):
                                         for e in ft_case.events(sess)))
     assert sess.status() == "disconnected"  # state says running, nobody holds the lock
 
-    proc = ft_case.start_runner(sess)
-    assert proc.wait(timeout=120) == 0, (sess.path / "test-runner.log").read_text()[-3000:]
+    proc = ft_case.start_runner(sess, reaper)
+    assert proc.wait(timeout=600) == 0, (sess.path / "test-runner.log").read_text()[-3000:]
     assert sess.status() == "done"
     resumed = [m for m in _logs(sess) if m.startswith("resuming fine-tuning from checkpoint at step")]
     assert len(resumed) == 1
@@ -120,18 +119,18 @@ def test_sigkill_during_finetune_then_resume_matches_uninterrupted(case):
     assert len(kept) == 2 and kept[-1][0] == 40
 
 
-def test_sigkill_during_calibration_then_resume_matches_uninterrupted(case):
+def test_sigkill_during_calibration_then_resume_matches_uninterrupted(case, reaper):
     tmp, cfg, ref, ref_results = case
     sess = ft_case.session(tmp, "killed-in-calibration", cfg)
     partial = sess.stats_dir / "partial.pt"
-    proc = ft_case.start_runner(sess)
+    proc = ft_case.start_runner(sess, reaper)
     ft_case.wait_for(lambda: partial.exists() and torch.load(partial, weights_only=True)["batch"] >= 40, proc,
                      what="a partial calibration save at batch >= 40")
     ft_case.freeze_and_kill(proc, lambda: partial.exists()
                             and not (sess.stats_dir / "calibration.safetensors").exists())
 
-    proc = ft_case.start_runner(sess)
-    assert proc.wait(timeout=120) == 0, (sess.path / "test-runner.log").read_text()[-3000:]
+    proc = ft_case.start_runner(sess, reaper)
+    assert proc.wait(timeout=600) == 0, (sess.path / "test-runner.log").read_text()[-3000:]
     resumed = [m for m in _logs(sess) if m.startswith("resuming calibration at batch")]
     assert len(resumed) == 1 and int(resumed[0].rsplit(" ", 1)[1]) >= 40
     assert not partial.exists()
