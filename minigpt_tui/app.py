@@ -76,6 +76,10 @@ class MinigptApp(App):
         return SessionsScreen()
 
     def on_mount(self) -> None:
+        keymap, errors = parse_keymap(os.environ.get("MINIGPT_KEYMAP", ""))
+        if keymap:
+            self.set_keymap(keymap)
+        self.theme_errors.extend(errors)
         for err in self.theme_errors:
             self.notify(err, severity="warning", timeout=6)
         if self.attach:
@@ -156,6 +160,18 @@ class MinigptApp(App):
         i = names.index(self.theme) if self.theme in names else -1
         self.theme = names[(i + 1) % len(names)]
         self.notify(f"Theme: {self.theme}", timeout=2)
+
+
+def parse_keymap(spec: str) -> tuple[dict[str, str], list[str]]:
+    """`MINIGPT_KEYMAP="sessions.new=a;app.quit=ctrl+q"` → {binding id: keys}, problems."""
+    keymap, errors = {}, []
+    for item in filter(None, (part.strip() for part in spec.split(";"))):
+        bid, sep, keys = item.partition("=")
+        if not sep or not bid.strip() or not keys.strip():
+            errors.append(f"MINIGPT_KEYMAP entry {item!r} is not id=keys (e.g. sessions.new=a)")
+            continue
+        keymap[bid.strip()] = keys.strip()
+    return keymap, errors
 
 
 def run_app(root: Path | None = None, attach: str | None = None) -> None:

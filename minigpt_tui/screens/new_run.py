@@ -149,6 +149,10 @@ class NewRunScreen(Screen):
         self.query_one("#f-steps", Input).disabled = not event.value
         self.query_one("#f-lr", Input).disabled = not event.value
 
+    @on(Input.Submitted)
+    def _next_field(self) -> None:
+        self.focus_next()  # enter walks the form; ctrl+s submits it
+
     @on(Button.Pressed, "#submit")
     def _submit_pressed(self) -> None:
         self.action_submit()

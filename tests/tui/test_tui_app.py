@@ -124,11 +124,15 @@ def test_every_minigpt_binding_has_an_id():
     assert {"app.help", "sessions.delete", "monitor.stop", "compare.export_csv", "new.submit"} <= seen
 
 
-async def test_keymap_remaps_by_id(root, make_app):
+async def test_keymap_from_env_remaps_by_id(root, make_app, monkeypatch):
+    from minigpt_tui.app import parse_keymap
+
+    assert parse_keymap("sessions.new=a; app.quit=ctrl+q;") == ({"sessions.new": "a", "app.quit": "ctrl+q"}, [])
+    assert parse_keymap("oops")[1] == ["MINIGPT_KEYMAP entry 'oops' is not id=keys (e.g. sessions.new=a)"]
     standard_root(root)
+    monkeypatch.setenv("MINIGPT_KEYMAP", "sessions.new=a")
     app = make_app()
     async with app.run_test(size=(100, 30)) as pilot:
         await wait_for(pilot, lambda: isinstance(app.screen, SessionsScreen) and app.screen.loaded)
-        app.set_keymap({"sessions.new": "a"})
         await pilot.press("a")
         assert isinstance(app.screen, NewRunScreen)
