@@ -49,9 +49,9 @@ def byte_fallback():
     from transformers import PreTrainedTokenizerFast
 
     meta = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=False)
-    t0 = Tokenizer(models.BPE())
+    t0 = Tokenizer(models.BPE())  # trained per word, like SentencePiece: no merge crosses a "▁"
     t0.normalizer = normalizers.Prepend("▁")
-    t0.pre_tokenizer = meta
+    t0.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
     t0.train_from_iterator([CORPUS], trainers.BpeTrainer(vocab_size=300, limit_alphabet=60))
     trained = json.loads(t0.to_str())["model"]
     vocab_ = {s: i for i, s in enumerate(["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)])}
@@ -69,7 +69,25 @@ def byte_fallback():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-KINDS = {"byte_level": byte_level, "byte_fallback": byte_fallback}
+@functools.lru_cache(maxsize=None)
+def byte_level_split():
+    """Llama-3 / Qwen2 style: a regex Split then ByteLevel in a Sequence, ignore_merges=True."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    trained = json.loads(byte_level().backend_tokenizer.to_str())
+    bpe = trained["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in bpe["merges"]]
+    tok = Tokenizer(models.BPE(vocab=bpe["vocab"], merges=merges, ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+|\s+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+KINDS = {"byte_level": byte_level, "byte_fallback": byte_fallback, "byte_level_split": byte_level_split}
 
 
 def counts_for(tok, rows, text=TRAIN):
@@ -130,32 +148,55 @@ def test_kept_only_text_tokenizes_as_before(kind):
     assert same > 100 and changed > 10  # both cases are exercised
 
 
+def _kept_only_mismatches(tok, new, p) -> list[str]:
+    """Words the original tokenizes into kept tokens only, which `new` tokenizes otherwise."""
+    o2n = p.old2new()
+    out = []
+    for word in set((CORPUS + " ".join(TEXTS)).split(" ")):
+        a = tok(word, add_special_tokens=False)["input_ids"]
+        if all(i in o2n for i in a) and new(word, add_special_tokens=False)["input_ids"] != [o2n[i] for i in a]:
+            out.append(word)
+    return out
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_kept_token_stays_producible_and_needs_the_closure(kind, monkeypatch):
-    """Each kept token is still what BPE builds from its own characters; without the
-    merge-ancestor closure some frequent tokens could no longer be produced."""
+    """Each kept token is still what BPE builds from its own characters. Without the
+    merge-ancestor closure (control), kept-only words tokenize differently."""
     tok, orig, p, new, _, _ = pruned(kind)
     added = set(tok.added_tokens_decoder)
-
-    def unreachable(tokenizer, plan):
-        bpe = tokenizer.backend_tokenizer.model
-        out = []
-        for i in plan.keep.tolist():
-            s = tok.convert_ids_to_tokens(i)
-            if i < len(tok) and i not in added and len(s) > 1:
-                was = [t.value for t in tok.backend_tokenizer.model.tokenize(s)] == [s]
-                now = [t.value for t in bpe.tokenize(s)] == [s]
-                if was and not now:
-                    out.append(s)
-        return out
-
-    assert p.reasons["ancestors"] > 0
-    assert unreachable(new, p) == []
+    for i in p.keep.tolist():
+        s = tok.convert_ids_to_tokens(i)
+        if i < len(tok) and i not in added and len(s) > 1:
+            if [t.value for t in tok.backend_tokenizer.model.tokenize(s)] == [s]:
+                assert [t.value for t in new.backend_tokenizer.model.tokenize(s)] == [s]
+    assert p.reasons["ancestors"] > 0 and _kept_only_mismatches(tok, new, p) == []
     monkeypatch.setattr(vocab, "derivation", lambda token, ranks, vocab_: [])
-    rows = len(tok) + PAD_ROWS
-    p_open = vocab.plan(tok, counts_for(tok, rows), 0.0, orig)
+    p_open = vocab.plan(tok, counts_for(tok, len(tok) + PAD_ROWS), 0.0, orig)
     assert p_open.reasons["ancestors"] == 0
-    assert unreachable(vocab.prune_tokenizer(tok, p_open), p_open)
+    assert _kept_only_mismatches(tok, vocab.prune_tokenizer(tok, p_open), p_open)
+
+
+@pytest.mark.parametrize("kind,cls", [("byte_level", "GPT2Tokenizer"), ("byte_fallback", "LlamaTokenizer")])
+def test_tokenizer_classes_that_rebuild_themselves(kind, cls, tmp_path):
+    """Hub checkpoints name classes whose __init__ rebuilds the backend from vocab + merges
+    (transformers 5): the pruned tokenizer must survive that path and keep its class."""
+    from transformers import AutoTokenizer
+
+    KINDS[kind]().save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": cls}))
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert type(tok).__name__ == cls
+    rows = len(tok) + PAD_ROWS
+    p = vocab.plan(tok, counts_for(tok, rows), 0.0, tiny.model("llama", vocab=rows))
+    new = vocab.prune_tokenizer(tok, p)
+    assert type(new).__name__ == cls and len(new) == p.new_tokenizer_size < len(tok)
+    o2n = p.old2new()
+    assert new(TRAIN)["input_ids"] == [o2n[i] for i in tok(TRAIN)["input_ids"]]
+    for text in TEXTS[:5] + fuzz_texts(10):
+        assert new.decode(new(text, add_special_tokens=False)["input_ids"]) == \
+            tok.decode(tok(text, add_special_tokens=False)["input_ids"])
 
 
 # ---- 3. the sliced model ------------------------------------------------------------------------
