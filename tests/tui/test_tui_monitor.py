@@ -135,19 +135,21 @@ async def test_bursts_are_coalesced_into_few_redraws(root, make_app):
     with s.acquire():
         async with make_app(attach="burst").run_test(size=(80, 24)) as pilot:
             screen = await _monitor(pilot)
-            before = screen.render_count
+            start, before = time.monotonic(), screen.render_count
             burst = [{"t": T0 + 20 + i / 1000, "type": "progress", "stage": "calibrate", "done": 32768 + i * 16,
                       "total": 65536, "unit": "tokens", "rate": 5000.0, "eta_s": 1.0} for i in range(2000)]
             write_events(s.events_path, burst)
             await wait_for(pilot, lambda: screen.view.n_events == len(head_events()) + 2000 and screen.settled)
-            assert screen.render_count - before <= 3
+            renders, elapsed = screen.render_count - before, time.monotonic() - start
+            assert renders <= elapsed * 10 + 2 and renders < 20, (renders, elapsed)
+            assert screen.view.stages["calibrate"].done == 32768 + 1999 * 16
             start, before = time.monotonic(), screen.render_count
             for i in range(30):
                 write_events(s.events_path, [dict(burst[-1], done=65000 + i)])
                 await pilot.pause(0.02)
             await wait_for(pilot, lambda: screen.view.stages["calibrate"].done == 65029 and screen.settled)
-            elapsed = time.monotonic() - start
-            assert screen.render_count - before <= elapsed * 10 + 2
+            renders, elapsed = screen.render_count - before, time.monotonic() - start
+            assert renders <= elapsed * 10 + 2, (renders, elapsed)
 
 
 async def test_torn_last_line_waits_for_its_newline(root, make_app):
@@ -168,21 +170,22 @@ async def test_torn_last_line_waits_for_its_newline(root, make_app):
 
 
 async def test_replaying_a_long_finished_log_is_fast(root, make_app):
-    """A finished run with 20k optimiser steps opens in well under a couple of seconds."""
+    """A finished run with 20k optimiser steps opens in about a second (bounds are loose for
+    loaded CI machines; redrawing per event would take minutes)."""
     ev = finished_events(steps=20000)
     make_session(root, "long", ev, status="done")
     t = time.perf_counter()
     view = RunView()
     view.apply(ev)
     fold = time.perf_counter() - t
-    assert fold < 1.0 and len(view.losses) == 20000
+    assert fold < 2.0 and len(view.losses) == 20000
     start = time.perf_counter()
     async with make_app(attach="long").run_test(size=(120, 40)) as pilot:
         screen = await _monitor(pilot)
         opened = time.perf_counter() - start
         assert screen.view.n_events == len(ev)
         assert screen.query_one("#loss-plot", TextPlot).caption.startswith("loss ")
-    assert opened < 4.0, f"replay took {opened:.2f}s"
+    assert opened < 6.0, f"replay took {opened:.2f}s"  # one redraw, not 20k (which takes minutes)
 
 
 async def test_unknown_and_malformed_events_do_not_break_the_view(root, make_app):

@@ -188,7 +188,7 @@ class FakeRunner:
         return True
 
 
-async def wait_for(pilot, predicate, timeout: float = 5.0, step: float = 0.02) -> None:
+async def wait_for(pilot, predicate, timeout: float = 10.0, step: float = 0.02) -> None:
     """Pause the pilot until `predicate()` holds (no fixed sleeps: fast and not flaky)."""
     deadline = time.monotonic() + timeout
     while not predicate():
