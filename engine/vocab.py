@@ -11,10 +11,12 @@ Which tokens stay (`plan`): frequency > ε_emb in the domain's training text, sp
 tokens, what the tokenizer needs to encode any text (the 256-symbol byte-level alphabet,
 or the `<0xNN>` byte-fallback tokens and unk), and every token in the merge derivation of
 a kept token. The derivation is the one BPE itself follows on the token's own characters
-(lowest merge rank first, leftmost on ties), so the pruned tokenizer produces, for text
-the original tokenized into kept tokens only, exactly the original tokens (renumbered):
-every merge the original applied survives, with the same relative rank, and the merges
-that were dropped never fired. Elsewhere a dropped merge leaves its pair split.
+(lowest merge rank first, leftmost on ties): wherever a token ends up in an encoding, no
+merge crossed its edges, so its span was built exactly as in isolation. Hence the pruned
+tokenizer produces, for text the original tokenized into kept tokens only, exactly the
+original tokens (renumbered): every merge the original applied survives, with the same
+relative rank, and the merges that were dropped never fired. Elsewhere a dropped merge
+leaves its pair split.
 """
 
 from __future__ import annotations
