@@ -213,7 +213,9 @@ def spec_from_dict(raw: dict, overrides: list[str] | None = None, folder: Path |
                     cfg = config_mod.from_dict(d)
                     if overrides:
                         cfg = config_mod.apply_overrides(cfg, overrides)
-                    cells.append(Cell(len(cells), mlabel, dlabel, method, lin, act, emb, cfg))
+                    cell = Cell(len(cells), mlabel, dlabel, method, lin, act, emb, cfg)
+                    if all(c.key != cell.key for c in cells):  # a setting listed twice runs once
+                        cells.append(cell)
     for c in cells:
         full = c.cfg.to_dict()
         full.pop("name", None)
@@ -386,7 +388,12 @@ def run_grid(spec: GridSpec, display_factory: Callable | None = None, echo: Call
     with GridLock(spec.folder), _Stopper() as stopper:
         index = _read_index(spec.folder)
         known = {c["key"]: c for c in index.get("cells", []) if isinstance(c, dict) and "key" in c}
-        prefetch(spec, display_factory() if display_factory else None, todo)
+        disp = display_factory() if display_factory else None
+        try:
+            prefetch(spec, disp, todo)
+        finally:
+            if disp is not None and hasattr(disp, "close"):
+                disp.close()
         sessions = {c.key: _cell_session(spec, c, known) for c in spec.cells}
         write_outputs(spec, sessions)
         for i, cell in enumerate(todo, 1):
