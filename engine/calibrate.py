@@ -29,10 +29,11 @@ def _linear_modules(model):
 class Calibrator:
     """Accumulates statistics over batches; `state()` is a plain dict of tensors."""
 
-    def __init__(self, model, linears: bool = True):
+    def __init__(self, model, linears: bool = True, gram: bool = False, layers: list[int] | None = None):
         self.model = model
+        self.gram = gram
         self.adapter = adapters_mod.for_model(model)
-        self.mlps = self.adapter.mlps()
+        self.mlps = [m for m in self.adapter.mlps() if layers is None or m.layer in layers]
         self.acc: dict[str, torch.Tensor] = {}
         self.n_tokens = 0
         self._handles = []
@@ -43,6 +44,9 @@ class Calibrator:
             w = m.width
             for k in ("abs", "sum", "sq"):
                 self.acc[f"mlp.{m.layer}.{k}"] = torch.zeros(w, dtype=torch.float64, device=dev)
+            if gram:  # opt-in: w×w per layer (1536² for SmolLM2); fp32 unless the model is fp64
+                dt = torch.float64 if m.out.module.weight.dtype == torch.float64 else torch.float32
+                self.acc[f"mlp.{m.layer}.gram"] = torch.zeros(w, w, dtype=dt)
         self.linear_names = []
         if linears:
             for name, mod in _linear_modules(model):
@@ -55,11 +59,22 @@ class Calibrator:
         a, s, q = (self.acc[f"mlp.{layer}.{k}"] for k in ("abs", "sum", "sq"))
 
         def hook(module, args):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            x = args[0].detach()
+            x = (x if x.dtype == torch.float64 else x.float()).reshape(-1, x.shape[-1])  # fp64 stays exact
             a.add_(x.abs().sum(0).double())
             s.add_(x.sum(0).double())
             q.add_((x * x).sum(0).double())
             # returns None on purpose: a returned value would replace the input
+
+        return hook
+
+    def _gram_hook(self, layer: int):
+        g = self.acc[f"mlp.{layer}.gram"]
+
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(g.dtype)
+            g.add_((x.t() @ x).cpu())
+            # returns None on purpose
 
         return hook
 
@@ -77,6 +92,8 @@ class Calibrator:
     def attach(self) -> "Calibrator":
         for m in self.mlps:
             self._handles.append(m.out.module.register_forward_pre_hook(self._mlp_hook(m.layer)))
+            if self.gram:
+                self._handles.append(m.out.module.register_forward_pre_hook(self._gram_hook(m.layer)))
         modules = dict(self.model.named_modules())
         for name in self.linear_names:
             self._handles.append(modules[name].register_forward_hook(self._linear_hook(name)))
@@ -104,15 +121,17 @@ class Calibrator:
 
 
 def calibrate(model, calib_blocks: torch.Tensor, batch_size: int, progress=None, linears: bool = True,
-              start_batch: int = 0, resume_state: dict | None = None, on_batch=None) -> "Stats":
+              start_batch: int = 0, resume_state: dict | None = None, on_batch=None,
+              gram: bool = False) -> "Stats":
     """Run the calibration blocks through the model with hooks attached.
 
     `resume_state`/`start_batch` continue a partial pass (written by `on_batch`), which
-    makes the result bit-identical to an uninterrupted one.
+    makes the result bit-identical to an uninterrupted one. `gram` also accumulates each
+    MLP's activation Gram matrix Σ x xᵀ (least-squares compensation, the `obs` criterion).
     """
     if calib_blocks.numel() == 0:
         raise MinigptError("no calibration tokens", "use a larger corpus or a smaller calibrate.block_size")
-    cal = Calibrator(model, linears=linears)
+    cal = Calibrator(model, linears=linears, gram=gram)
     if resume_state:
         for k, v in resume_state.items():
             if k in cal.acc:
@@ -158,6 +177,14 @@ class Stats:
 
     def mlp_mean_sq(self, layer: int) -> torch.Tensor:
         return self.t[f"mlp.{layer}.sq"] / self.n_tokens
+
+    def mlp_gram(self, layer: int) -> torch.Tensor | None:
+        """E[x xᵀ] over calibration tokens (float64), or None when not collected."""
+        t = self.t.get(f"mlp.{layer}.gram")
+        return None if t is None else t.double() / self.n_tokens
+
+    def has_gram(self) -> bool:
+        return all(f"mlp.{i}.gram" in self.t for i in self.mlp_layers())
 
     def linear_in(self, name: str) -> torch.Tensor | None:
         t = self.t.get(f"linear.{name}.in_abs")

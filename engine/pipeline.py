@@ -105,6 +105,7 @@ def stage_calibrate(ctx: Context) -> None:
     import torch
 
     from . import calibrate as cal_mod
+    from . import compensate
     from .data import blocks
 
     model = ctx.base_model()
@@ -143,7 +144,8 @@ def stage_calibrate(ctx: Context) -> None:
 
     stats = cal_mod.calibrate(model, calib, ctx.cfg.calibrate.batch_size,
                               progress=ctx.rep.progress_fn("calibrate", "tokens"),
-                              start_batch=start, resume_state=resume, on_batch=on_batch)
+                              start_batch=start, resume_state=resume, on_batch=on_batch,
+                              gram=compensate.needs_gram(ctx.cfg.prune))
     vocab = max(model.get_input_embeddings().weight.shape[0], len(ctx.tokenizer))
     train_ids = torch.cat([d.calibrate, d.finetune])
     stats.t["token_counts"] = cal_mod.token_counts(train_ids, vocab)
@@ -180,7 +182,9 @@ def stage_prune(ctx: Context) -> None:
     widths_before = adapters.for_model(model).widths()
     mlp_params_before = prune.mlp_param_counts(model)
     params_before = prune.count_params(model)
-    plan = prune.select(model, stats, p)
+    plan = prune.select_and_compensate(  # sensitivity/sequential need the calibration tokens
+        model, stats, p, lambda: _calib_blocks(ctx), ctx.cfg.calibrate.batch_size, ctx.cfg.seed,
+        progress=lambda what, d, n: ctx.rep.progress("prune", d, n, "items", phase=what))
     masks = {}
     if p.mode == "structural":
         if p.embedding_threshold >= 0:
@@ -212,6 +216,12 @@ def stage_prune(ctx: Context) -> None:
         save_masks(masks, ctx.session.model_dir)
     ctx.masks, ctx.model_is = masks, "pruned"
     ctx.session.update_state(model_is="pruned")
+
+
+def _calib_blocks(ctx: Context):
+    from .data import blocks
+
+    return blocks(ctx.domain().calibrate, ctx.calib_block_size())
 
 
 def stage_finetune(ctx: Context) -> None:

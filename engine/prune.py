@@ -19,11 +19,12 @@ from .errors import MinigptError
 
 
 # ---- scores ------------------------------------------------------------------------
-def neuron_scores(model, stats: Stats, criterion: str = "paper") -> list[torch.Tensor]:
+def neuron_scores(model, stats: Stats, criterion: str = "paper", seed: int = 0,
+                  damping: float = 0.01) -> list[torch.Tensor]:
     """One score per MLP neuron and layer; low scores are pruned first."""
     from . import criteria
 
-    return criteria.scores(model, stats, criterion)
+    return criteria.scores(model, stats, criterion, seed, damping)
 
 
 # ---- selection ---------------------------------------------------------------------
@@ -39,11 +40,12 @@ class Plan:
         return [int(k.numel()) for k in self.keep]
 
 
-def select(model, stats: Stats, cfg: PruneConfig) -> Plan:
+def select(model, stats: Stats, cfg: PruneConfig, seed: int = 0, sensitivities: list[float] | None = None) -> Plan:
+    """Neurons to keep. `sensitivities` (engine.sensitivity.measure) drive allocation = "sensitivity"."""
     adapter = adapters_mod.for_model(model)
     mlps = adapter.mlps()
     widths = [m.width for m in mlps]
-    scores = neuron_scores(model, stats, cfg.criterion)
+    scores = neuron_scores(model, stats, cfg.criterion, seed, cfg.damping)
     if cfg.rule == "threshold":
         prune = [s <= cfg.activation_threshold for s in scores]
         if cfg.linear_threshold >= 0:
@@ -58,7 +60,7 @@ def select(model, stats: Stats, cfg: PruneConfig) -> Plan:
         for i, (p, s) in enumerate(zip(prune, scores)):
             keep.append(torch.nonzero(~p).flatten())
     else:
-        keep_n = _ratio_counts(scores, widths, cfg)
+        keep_n = _ratio_counts(scores, widths, cfg, sensitivities)
         order = [torch.argsort(s, descending=True, stable=True) for s in scores]
         keep = [o[:k] for o, k in zip(order, keep_n)]
     # minimum width and rounding
@@ -83,9 +85,17 @@ def select(model, stats: Stats, cfg: PruneConfig) -> Plan:
     return Plan(final, widths)
 
 
-def _ratio_counts(scores, widths, cfg: PruneConfig) -> list[int]:
+def _ratio_counts(scores, widths, cfg: PruneConfig, sensitivities=None) -> list[int]:
     if cfg.allocation == "per_layer":
         return [w - int(round(cfg.ratio * w)) for w in widths]
+    if cfg.allocation == "sensitivity":
+        from . import sensitivity
+
+        if sensitivities is None:
+            raise MinigptError("prune.allocation = \"sensitivity\" needs measured layer sensitivities",
+                               "measure them with engine.sensitivity.measure (the prune stage does)")
+        return sensitivity.allocate(sensitivities, widths, cfg.ratio, cfg.sensitivity_probe, cfg.min_keep,
+                                    cfg.sensitivity_max_ratio)
     # global: rank scores normalised by their layer mean (layers differ in scale)
     norm = torch.cat([s / s.mean().clamp_min(1e-12) for s in scores])
     n_remove = int(round(cfg.ratio * norm.numel()))
@@ -108,6 +118,49 @@ def _ratio_counts(scores, widths, cfg: PruneConfig) -> list[int]:
 
 def plan_from_masks(keep: list[torch.Tensor], widths: list[int]) -> Plan:
     return Plan([torch.sort(k).values for k in keep], widths)
+
+
+def select_and_compensate(model, stats: Stats, cfg: PruneConfig, calib=None, batch_size: int = 4, seed: int = 0,
+                          progress=None, sensitivities: list[float] | None = None) -> Plan:
+    """Choose the neurons (any allocation) and compensate the kept ones, in place at full width.
+
+    The step before `apply_structural` / `mlp_masks`, shared by the prune stage and the
+    sweep. `calib` ([blocks, block_size] ids, or a function returning them) is needed
+    only by sensitivity allocation and sequential mode. `progress(what, done, total)`.
+    `sensitivities` reuses an earlier `sensitivity.measure` (same criterion and compensation).
+    """
+    from . import compensate
+
+    def blocks():
+        b = calib() if callable(calib) else calib
+        if b is None or b.numel() == 0:
+            raise MinigptError("sensitivity allocation and sequential pruning need calibration tokens",
+                               "run the calibrate stage on a corpus with at least one block")
+        return b
+
+    if not cfg.sequential and compensate.needs_gram(cfg) and not stats.has_gram():
+        raise MinigptError(f"prune.compensation = {cfg.compensation!r} / criterion {cfg.criterion!r} needs the "
+                           "Gram matrix of the MLP activations, which this calibration lacks",
+                           "recalibrate with the new prune settings: minigpt calibrate SESSION --set ...")
+    sens = sensitivities
+    if cfg.rule == "ratio" and cfg.allocation == "sensitivity" and sens is None:
+        from . import sensitivity
+
+        b = blocks()
+        n = max(1, -(-cfg.sensitivity_tokens // b.shape[1]))
+        sens = sensitivity.measure(model, stats, b[:n], cfg.criterion, cfg.compensation, cfg.damping,
+                                   cfg.sensitivity_probe, batch_size, seed,
+                                   progress=progress and (lambda d, t: progress("sensitivity", d, t)))
+    plan = select(model, stats, cfg, seed, sens)
+    if cfg.sequential:
+        from . import sequential
+
+        keep = sequential.prune(model, plan.widths_after, blocks(), batch_size, cfg.criterion, cfg.compensation,
+                                cfg.damping, seed, progress=progress and (lambda d, t: progress("sequential", d, t)))
+        plan = plan_from_masks(keep, plan.widths_before)
+    elif cfg.compensation != "none":
+        compensate.apply(model, plan.keep, stats, cfg.compensation, cfg.damping)
+    return plan
 
 
 # ---- application -------------------------------------------------------------------

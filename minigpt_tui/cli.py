@@ -247,6 +247,55 @@ def grid(spec: Path = typer.Argument(..., help="grid file (TOML): models × doma
         raise typer.Exit(1)
 
 
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+@app.command()
+def sweep(config: Path = typer.Argument(..., help="run config (TOML): model, corpus, calibrate/evaluate sizes"),
+          criteria: str = typer.Option("paper", help="comma list: paper,rms,random,magnitude,wanda,fluctuation,obs"),
+          allocations: str = typer.Option("per_layer", help="comma list: per_layer,global,sensitivity"),
+          compensations: str = typer.Option("none", help="comma list: none,bias,lstsq"),
+          ratios: str = typer.Option("0.1,0.3,0.5", help="comma list of MLP-neuron fractions to remove"),
+          sequential: str = typer.Option("false", help="comma list: false,true"),
+          calibrate_on: str = typer.Option("", help="comma list of corpora to calibrate on (default: data.source)"),
+          evaluate_on: str = typer.Option("", help="comma list of corpora to evaluate on (default: data.source)"),
+          out: Path = typer.Option(Path("sweeps/latest"), "--out", help="folder for sweep.csv and sweep.md"),
+          overrides: list[str] = SetOpt):
+    """Prune one model many ways without fine-tuning; table of params, held-out ppl and MCQ accuracy."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from engine import config as config_mod
+    from engine import sweep as sweep_mod
+    from engine.errors import MinigptError
+
+    cfg = config_mod.apply_overrides(config_mod.load(config), overrides)
+    try:
+        ratio_list = [float(r) for r in _csv(ratios)]
+        seq_list = [{"true": True, "false": False}[v.lower()] for v in _csv(sequential)]
+    except (ValueError, KeyError):
+        raise MinigptError(f"bad --ratios {ratios!r} or --sequential {sequential!r}",
+                           "use e.g. --ratios 0.1,0.3,0.5 --sequential false,true") from None
+    grid = sweep_mod.Grid(criteria=_csv(criteria), allocations=_csv(allocations), compensations=_csv(compensations),
+                          ratios=ratio_list, sequential=seq_list, calibrate_on=_csv(calibrate_on),
+                          evaluate_on=_csv(evaluate_on)).check()
+    console = Console()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as bar:
+        cells = bar.add_task("cells", total=len(sweep_mod.cells(grid, grid.calibrate_on or [cfg.data.source])))
+        phase = bar.add_task("", total=None)
+
+        def on(e: dict) -> None:
+            if e["kind"] == "cell":
+                bar.update(cells, completed=e["index"], description=f"cells · {e['cell']}")
+            else:
+                bar.update(phase, description=e["phase"], completed=e.get("done", 0), total=e.get("total"))
+
+        sweep_mod.run(cfg, grid, out, progress=on, log=lambda m: bar.console.print(m, markup=False))
+    console.print(f"wrote {out / 'sweep.csv'} and {out / 'sweep.md'}")
+
+
 def main() -> None:
     from engine.errors import MinigptError
 
