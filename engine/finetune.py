@@ -15,6 +15,7 @@ after it, so nothing else (weight decay, rounding) can either.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -118,6 +119,74 @@ def _lora_mask_pairs(model, by_id: dict[int, torch.Tensor]) -> list:
     return pairs
 
 
+# ---- distributed ----------------------------------------------------------------------------
+class Dist:
+    """torch.distributed as started by torchrun (rank 0 drives, the others follow), or a no-op.
+
+    Rank 0 holds the session lock and does everything with side effects (events, held-out
+    evaluation, checkpoints, saving); all ranks train, each on its share of every batch.
+    """
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.on else 0
+        self.world = dist.get_world_size() if self.on else 1
+        self.device = torch.device("cuda", torch.cuda.current_device()) \
+            if self.on and dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def bcast(self, obj=None):
+        """Rank 0's `obj`, on every rank."""
+        if not self.on:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        if not self.on:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def mean(self, x: float) -> float:
+        if not self.on:
+            return x
+        import torch.distributed as dist
+
+        t = torch.tensor([x], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t) / self.world
+
+
+_followers_told = False
+
+
+def release_followers() -> None:
+    """Rank 0 at exit: followers still waiting for a fine-tuning stage are told there is none."""
+    global _followers_told
+    if not _followers_told:
+        _followers_told = True
+        Dist().bcast(None)
+
+
+def follow(session) -> None:
+    """Ranks > 0 under torchrun: wait for rank 0's fine-tuning stage and train alongside it."""
+    from .pipeline import Context
+    from .reporter import Reporter
+
+    if not Dist().bcast(None):
+        return
+    ctx = Context(session.config(), session, Reporter(None), results=session.results())
+    run(ctx)
+
+
 # ---- the loop ------------------------------------------------------------------------------
 def plan_steps(cfg: FinetuneConfig, per_epoch: int) -> tuple[int, str]:
     """Total optimiser steps and which limit sets it (max_steps or max_epochs)."""
@@ -136,8 +205,12 @@ class Finetuner:
     """One model's fine-tuning state; `train_step()` does one optimiser step."""
 
     def __init__(self, model, blocks: torch.Tensor, cfg: FinetuneConfig, seed: int = 0,
-                 masks: dict | None = None, total_steps: int | None = None):
+                 masks: dict | None = None, total_steps: int | None = None, dist: Dist | None = None):
         self.cfg = cfg
+        self.dist = dist or Dist()
+        if cfg.batch_size % self.dist.world:
+            raise MinigptError(f"finetune.batch_size = {cfg.batch_size} does not split over {self.dist.world} processes",
+                               f"use a multiple of {self.dist.world}")
         self.device = next(model.parameters()).device
         self.save_dtype = next(model.parameters()).dtype
         self.autocast = self.device.type == "cuda"
@@ -153,6 +226,11 @@ class Finetuner:
         else:
             pairs = [(p, by_id[id(p)]) for p in model.parameters() if id(p) in by_id]
         self.model = model
+        self.forward = model
+        if self.dist.on:  # gradients averaged across ranks; each rank computes its rows of every batch
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward = DistributedDataParallel(model, device_ids=[self.device.index] if self.autocast else None)
         self.masks = MaskKeeper(pairs)
         self.masks.apply()  # LoRA's A starts random: zero the columns of pruned inputs
         self.batches = Batches(blocks, cfg.batch_size, seed)
@@ -185,12 +263,16 @@ class Finetuner:
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         loss_sum = 0.0
+        d = self.dist
         for k in range(cfg.grad_accum):
-            batch = self.batches[self.micro + k].to(self.device)
-            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                loss = model(input_ids=batch, labels=batch, use_cache=False).loss / cfg.grad_accum
-            loss.backward()
+            batch = self.batches[self.micro + k][d.rank::d.world].to(self.device)
+            sync = contextlib.nullcontext() if not d.on or k == cfg.grad_accum - 1 else self.forward.no_sync()
+            with sync:
+                with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    loss = self.forward(input_ids=batch, labels=batch, use_cache=False).loss / cfg.grad_accum
+                loss.backward()
             loss_sum += float(loss.detach())
+        loss_sum = d.mean(loss_sum)
         if not math.isfinite(loss_sum):
             raise MinigptError(f"fine-tuning loss became {loss_sum} at step {self.step + 1}",
                                "lower finetune.lr, or add warmup (finetune.warmup_steps)")
@@ -212,9 +294,10 @@ class Finetuner:
 
     # ---- checkpoint state ---------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Everything that evolves; on rank 0 (the other ranks only contribute their RNG states)."""
+        rng = self.dist.gather(ckpt_mod.rng_state())  # a collective: every rank calls state_dict()
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "step": self.step, "micro": self.micro,
-                "rng": ckpt_mod.rng_state()}
+                "scheduler": self.scheduler.state_dict(), "step": self.step, "micro": self.micro, "rng": rng}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -224,7 +307,8 @@ class Finetuner:
         if int(state["micro"]) != self.micro:
             raise MinigptError("checkpoint data position does not match its step",
                                "the checkpoint was written with another grad_accum; delete it to restart")
-        ckpt_mod.set_rng_state(state["rng"])
+        rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per rank
+        ckpt_mod.set_rng_state(rng[self.dist.rank % len(rng)])  # another world size: not bit-exact, but valid
 
     def finished_model(self):
         """The plain model to save: LoRA merged, masks re-applied, original dtype, eval mode."""
@@ -250,6 +334,18 @@ def _wrap_lora(model, cfg: FinetuneConfig):
 
 
 # ---- the pipeline stage -------------------------------------------------------------------
+def _follow_orders(ft: Finetuner) -> None:
+    """Ranks > 0: do what rank 0 broadcasts, step by step, until it is done."""
+    while True:
+        order = ft.dist.bcast()
+        if order == "step":
+            ft.train_step()
+        elif order == "checkpoint":
+            ft.dist.gather(ckpt_mod.rng_state())
+        else:
+            return
+
+
 @dataclasses.dataclass
 class Progress:
     """What a checkpoint carries besides the Finetuner: the recovery curve and counters."""
@@ -271,12 +367,20 @@ def _fingerprint(ctx, block_size: int, n_blocks: int) -> dict:
 
 
 def run(ctx) -> None:
+    """The finetune stage. Under torchrun every rank runs it; rank 0 drives (see `Dist`)."""
+    global _followers_told
+    from pathlib import Path
+
     from . import atomic, export, prune
     from .data import blocks as pack, model_context
     from .pipeline import save_masks
     from .reporter import StopRequested
 
     f, rep, e = ctx.cfg.finetune, ctx.rep, ctx.cfg.evaluate
+    dist = Dist()
+    if dist.on and dist.rank == 0:
+        _followers_told = True
+        dist.bcast(True)  # the followers (waiting in `follow`) start too
     model = ctx.current_model()  # before domain(): it would otherwise load the base model
     d = ctx.domain()
     block = max(2, min(f.block_size, model_context(model)))
@@ -291,12 +395,13 @@ def run(ctx) -> None:
         rep.log("no base-model perplexity (evaluate.evaluate_base = false): fine-tuning runs to its step limit",
                 level="warning")
 
-    ckpt_mod.seed_everything(ctx.cfg.seed)
-    ft = Finetuner(model, data, f, seed=ctx.cfg.seed, masks=ctx.masks)
+    ckpt_mod.seed_everything(ctx.cfg.seed + dist.rank)  # dropout differs per rank; data order comes from Batches
+    ft = Finetuner(model, data, f, seed=ctx.cfg.seed, masks=ctx.masks, dist=dist)
     prog = Progress()
     ckdir = ctx.session.checkpoints_dir
     fp = _fingerprint(ctx, block, data.shape[0])
-    last = ckpt_mod.latest(ckdir)
+    last = dist.bcast(ckpt_mod.latest(ckdir) if dist.rank == 0 else None)
+    last = Path(last) if last else None
     resumed_from = None
     if last is not None:
         state, meta = ckpt_mod.load(last, map_location=ft.device)
@@ -309,9 +414,16 @@ def run(ctx) -> None:
         prog = Progress(**state["progress"])
         resumed_from = ft.step
         rep.log(f"resuming fine-tuning from checkpoint at step {ft.step} ({last.name})")
+        if len(state["rng"] if isinstance(state["rng"], list) else [1]) != dist.world:
+            rep.log("the checkpoint was written by another number of processes: RNG streams (dropout) "
+                    "restart, so this resume is valid but not bit-identical", level="warning")
         del state
+    if dist.rank > 0:
+        _follow_orders(ft)
+        return
 
     def save_checkpoint() -> None:
+        dist.bcast("checkpoint")  # every rank adds its RNG state
         path = ckpt_mod.save(ckdir, ft.step, {**ft.state_dict(), "progress": dataclasses.asdict(prog)},
                              meta={"fingerprint": fp, "stopped_because": prog.stopped_because},
                              keep=f.keep_checkpoints)
@@ -346,6 +458,7 @@ def run(ctx) -> None:
             prog.stopped_because = ft.limit
             break
         t0 = time.perf_counter()
+        dist.bcast("step")
         m = ft.train_step()
         dt = time.perf_counter() - t0
         t_proc, steps_proc = t_proc + dt, steps_proc + 1
@@ -367,6 +480,7 @@ def run(ctx) -> None:
             prog.stopped_because = ft.limit
         if rep.stop_requested():
             save_checkpoint()
+            dist.bcast("done")
             rep.log(f"stopped at step {ft.step}; continue with: minigpt resume {ctx.session.id}")
             raise StopRequested()
         if f.checkpoint_every > 0 and ft.step % f.checkpoint_every == 0 and prog.stopped_because is None:
@@ -375,6 +489,7 @@ def run(ctx) -> None:
         held_out()  # the step limit was not an eval step (or no target): measure the end point
     if resumed_from != ft.step or last is None:  # the end-of-stage checkpoint
         save_checkpoint()
+    dist.bcast("done")
 
     final_ppl = prog.curve[-1][1]
     rep.log(f"fine-tuning stopped after {ft.step} steps ({prog.stopped_because}); held-out ppl {final_ppl:.4f}")

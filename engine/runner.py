@@ -82,13 +82,52 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("session")
     ap.add_argument("--redo-from", default=None, help="redo this stage and the ones after it")
     args = ap.parse_args(argv)
+    rank = _init_distributed()
     try:
         s = open_session(args.session)
-        pipeline.run(s, handle_signals=True, redo_from=args.redo_from)
+        if not rank:  # single process (None) or rank 0
+            try:
+                pipeline.run(s, handle_signals=True, redo_from=args.redo_from)
+            finally:
+                if rank is not None:
+                    from . import finetune
+
+                    finetune.release_followers()
+        else:
+            from . import finetune
+
+            finetune.follow(s)
     except MinigptError as e:
         print(f"error: {e.line()}", file=sys.stderr)
         return 2
+    finally:
+        if rank is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 0
+
+
+def _init_distributed() -> int | None:
+    """Under `torchrun --nproc_per_node N -m engine.runner SESSION`: join the process group.
+
+    Returns this process's rank, or None when not distributed. Rank 0 runs the pipeline as
+    usual (it holds the lock, writes every file); the other ranks wait for its fine-tuning
+    stage and train alongside it with DistributedDataParallel (gloo on CPU, NCCL on CUDA).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # followers wait in a collective through rank 0's calibration and pruning: allow hours
+    dist.init_process_group(backend, timeout=timedelta(hours=12))
+    return dist.get_rank()
 
 
 if __name__ == "__main__":

@@ -247,3 +247,24 @@ def test_empty_finetune_split_is_a_clear_error(tmp_path):
     with pytest.raises(MinigptError, match="fine-tune split has 0 tokens"):
         pipeline.run(s)
     assert json.loads((s.path / "state.json").read_text())["status"] == "failed"
+
+
+def test_torchrun_two_processes_gloo_trains_like_one(uninterrupted, tmp_path):
+    """DDP under torchrun (gloo, CPU): each rank takes half of every batch, gradients are
+    averaged, rank 0 alone writes events, checkpoints and the model. Same numbers as one process."""
+    import subprocess
+    import sys
+
+    _, cfg, _, ref = uninterrupted
+    s = ft_case.session(tmp_path, "ddp", cfg)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "engine.runner", str(s.path)], cwd=ft_case.ROOT, env=ft_case.env(),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert s.status() == "done"
+    res = json.loads((s.path / "results.json").read_text())
+    assert res["finetune"]["final_loss"] == pytest.approx(ref["finetune"]["final_loss"], rel=1e-5)
+    assert [p for _, p in res["finetune"]["curve"]] == pytest.approx([p for _, p in ref["finetune"]["curve"]], rel=1e-5)
+    assert [e["step"] for e in s.events() if e["type"] == "train"] == list(range(1, 13))  # rank 0 only
+    state, _ = checkpoint.load(checkpoint.latest(s.checkpoints_dir))
+    assert len(state["rng"]) == 2  # both ranks' RNG streams, for an exact resume
