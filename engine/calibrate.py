@@ -37,6 +37,8 @@ class Calibrator:
         self.acc: dict[str, torch.Tensor] = {}
         self.n_tokens = 0
         self._handles = []
+        self._bufs: dict = {}  # scratch buffers per (shape, dtype, device)
+        self._memo = None  # (source tensor, its version, dtype, Σ|x|) of the last input seen
         # on CUDA, accumulate on the GPU: a CPU accumulator cannot take a CUDA tensor in add_
         dev = next(model.parameters()).device
         dev = dev if dev.type == "cuda" else torch.device("cpu")
@@ -61,9 +63,9 @@ class Calibrator:
         def hook(module, args):
             x = args[0].detach()
             x = (x if x.dtype == torch.float64 else x.float()).reshape(-1, x.shape[-1])  # fp64 stays exact
-            a.add_(x.abs().sum(0).double())
+            a.add_(self._abs_sum(args[0], x).double())
             s.add_(x.sum(0).double())
-            q.add_((x * x).sum(0).double())
+            q.add_(torch.mul(x, x, out=self._scratch(x)).sum(0).double())
             # returns None on purpose: a returned value would replace the input
 
         return hook
@@ -83,11 +85,36 @@ class Calibrator:
 
         def hook(module, args, output):
             x = args[0].detach()
-            i.add_(x.float().abs().reshape(-1, x.shape[-1]).sum(0).double())
+            i.add_(self._abs_sum(args[0], x.float().reshape(-1, x.shape[-1])).double())
             y = output.detach()
-            o.add_(y.float().abs().reshape(-1, y.shape[-1]).sum(0).double())
+            o.add_(self._abs_sum(output, y.float().reshape(-1, y.shape[-1])).double())
 
         return hook
+
+    # Hook arithmetic, shared. Same ops on the same values as computing each sum afresh
+    # (bit-identical statistics), minus the waste: q/k/v (and gate/up) read one input
+    # tensor, and the MLP pre-hook and the linear hook of down_proj read the same
+    # activation, so its Σ|x| is computed once; temporaries reuse one buffer per shape
+    # instead of fresh multi-MB allocations (page faults) in every hook call.
+    def _scratch(self, x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype, x.device)
+        buf = self._bufs.get(key)
+        if buf is None:
+            buf = self._bufs[key] = torch.empty(key[0], dtype=x.dtype, device=x.device)
+        return buf
+
+    def _abs_sum(self, source: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
+        """Σ|x| over rows of `x2d` (a float view of `source`), memoised per source tensor."""
+        try:
+            version = source._version
+        except RuntimeError:  # inference-mode tensors have no version counter: no memo
+            version = None
+        m = self._memo
+        if version is not None and m is not None and m[0] is source and m[1] == version and m[2] == x2d.dtype:
+            return m[3]
+        val = torch.abs(x2d, out=self._scratch(x2d)).sum(0)
+        self._memo = None if version is None else (source, version, x2d.dtype, val)
+        return val
 
     def attach(self) -> "Calibrator":
         for m in self.mlps:
@@ -103,6 +130,8 @@ class Calibrator:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._bufs.clear()
+        self._memo = None
 
     def __enter__(self):
         return self.attach()
@@ -114,6 +143,7 @@ class Calibrator:
     def run_batch(self, batch: torch.Tensor) -> None:
         device = next(self.model.parameters()).device
         self.model(input_ids=batch.to(device), use_cache=False)
+        self._memo = None  # release the last activation
         self.n_tokens += batch.numel()
 
     def state(self) -> dict[str, torch.Tensor]:
