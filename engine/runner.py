@@ -52,6 +52,25 @@ def runner_pid(session) -> int | None:
         return int(pid) if pid else None
 
 
+def starting(session) -> bool:
+    """The launched runner process lives but holds no lock yet (it imports torch first: seconds,
+    more on a loaded machine). False once it has died, zombie included."""
+    pid = session.state().get("pid")
+    if not pid or session.state().get("status") != "starting":
+        return False
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # an unreaped child is dead too
+    except FileNotFoundError:
+        return False
+    except OSError:  # no procfs
+        try:
+            os.kill(int(pid), 0)
+            return True
+        except OSError:
+            return False
+
+
 def request_stop(session_path: str | os.PathLike) -> bool:
     """Ask the runner to stop gracefully. Returns False if nothing was running."""
     from .session import open_session

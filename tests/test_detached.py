@@ -66,7 +66,9 @@ def test_stop_checkpoints_then_resume_completes(tmp_path, reaper, monkeypatch):
 
     cfg = ft_case.config(tmp_path, "llama", finetune={"max_steps": 60, "eval_every": 30, "checkpoint_every": 30})
     s = ft_case.session(tmp_path, "stopme", cfg)
-    reaper.append(runner.launch_detached(s.path))
+    pid = runner.launch_detached(s.path)
+    reaper.append(pid)
+    os.setpriority(os.PRIO_PROCESS, pid, 10)  # so the polling below keeps up on a loaded machine
     ft_case.wait_for(lambda: any(e["type"] == "train" and e["step"] >= 3 for e in ft_case.events(s)),
                      what="fine-tuning step 3")
     assert runner.request_stop(s.path)  # what `minigpt stop` does: stop.request + SIGTERM
@@ -89,3 +91,22 @@ def test_stop_checkpoints_then_resume_completes(tmp_path, reaper, monkeypatch):
         [f"resuming fine-tuning from checkpoint at step {last_step} (step-{last_step:08d})"]
     res = json.loads((s.path / "results.json").read_text())
     assert res["finetune"]["steps"] == 60 and res["finetune"]["resumed_from_step"] == last_step
+
+
+def test_a_launched_runner_counts_as_starting_only_while_alive(tmp_path):
+    """`logs -f` and `run` keep waiting through a slow start (torch imports) but not for a corpse."""
+    import time
+
+    from engine import runner
+
+    s = ft_case.session(tmp_path, "starting", ft_case.config(tmp_path, "llama"))
+    s.update_state(status="starting", pid=os.getpid())
+    assert runner.starting(s)
+    child = subprocess.Popen(["true"])
+    time.sleep(0.3)  # exited, not reaped: a zombie still answers kill(pid, 0)
+    s.update_state(pid=child.pid)
+    assert not runner.starting(s)
+    child.wait()
+    assert not runner.starting(s)
+    s.update_state(status="running", pid=os.getpid())
+    assert not runner.starting(s)

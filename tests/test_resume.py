@@ -83,10 +83,10 @@ def test_sigkill_during_finetune_then_resume_matches_uninterrupted(case, reaper)
     tmp, cfg, ref, ref_results = case
     sess = ft_case.session(tmp, "killed-in-finetune", cfg)
     proc = ft_case.start_runner(sess, reaper)
-    seen = {}
+    seen, tail = {}, ft_case.Tail(sess)
 
     def past_checkpoint():
-        ev = ft_case.events(sess)
+        ev = tail()
         ck = [e["step"] for e in ev if e["type"] == "checkpoint"]
         tr = [e["step"] for e in ev if e["type"] == "train"]
         if ck and ck[-1] >= 10 and tr and tr[-1] >= ck[-1] + 2:
