@@ -60,8 +60,10 @@ def _follow(session, stop_on_end: bool = True, since_offset: int = 0) -> str:
             if events:
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since > 3 and not session.runner_alive():
+                from engine.runner import starting
+
                 st = session.status()
-                if st not in ("starting",) or time.monotonic() - quiet_since > 30:
+                if st != "starting" or not starting(session):
                     disp.close()
                     return st
             time.sleep(0.25)
