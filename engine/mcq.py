@@ -291,7 +291,8 @@ def generate(texts: list[str], n: int, seed: int = 0, n_choices: int = 4, name: 
         question, ending = pool[i]
         L = len(ending.split())
         others = [e for e in endings if e.lower() != ending.lower()]
-        others.sort(key=lambda e: (abs(len(e.split()) - L), e))
+        others = rng.sample(others, len(others))  # random order among equal lengths (stable sort next)
+        others.sort(key=lambda e: abs(len(e.split()) - L))
         near = others[: max(4 * (n_choices - 1), 12)]
         picked, keys = [], {ending.lower()}
         for e in rng.sample(near, len(near)):

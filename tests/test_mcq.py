@@ -268,3 +268,31 @@ def test_mcq_metrics_for_the_pipeline(lm, tmp_path):
     assert out["mcq_acc"] == pytest.approx(micro)
     progress = [e for e in ctx.rep.events if e[0] == "progress"]
     assert progress[-1][1:] == ("baseline", 19, 19, "items")
+
+
+def test_pipeline_records_mcq_for_base_and_pruned(tmp_path):
+    import ft_case
+    from engine import pipeline
+
+    (tmp_path / "data").mkdir()
+    with open(tmp_path / "data" / "corpus.jsonl", "w") as f:
+        for d in _prose(n_docs=12):
+            f.write(json.dumps({"text": d}) + "\n")
+    q = tmp_path / "econ.json"
+    q.write_text(json.dumps({"context": "Licence Test:", "questions": {
+        f"The licence number {i} grants": {"choices": ["permission to copy", "a red apple", "nothing"], "answer": 0}
+        for i in range(5)}}))
+    cfg = ft_case.config(tmp_path, "llama", finetune={"enabled": False}, calibrate={"max_tokens": 1024},
+                         evaluate={"max_tokens": 512, "mcq_generate": 8, "mcq_files": [str(q)]})
+    sess = ft_case.session(tmp_path, "mcq", cfg)
+    results = pipeline.run(sess)
+    for label in ("base", "pruned"):
+        m = results["models"][label]
+        assert 0.0 <= m["mcq_acc"] <= 1.0 and set(m["mcq"]) == {"econ", "generated:" + cfg.data.source}
+        assert m["mcq"]["econ"]["protocol"]["context"] == "Licence Test:"
+        assert m["mcq_protocol"]["items"] == 13
+    metrics = {(e["model"], e["name"]) for e in ft_case.events(sess) if e["type"] == "metric"}
+    assert {("base", "mcq_acc_paper"), ("pruned", "mcq_acc_norm")} <= metrics
+    # base and pruned were asked the same generated questions
+    assert results["models"]["base"]["mcq"] and evaluate.comparable(
+        results["models"]["base"]["mcq_protocol"], results["models"]["pruned"]["mcq_protocol"]) == []
