@@ -403,6 +403,10 @@ def run(ctx) -> None:
     last = dist.bcast(ckpt_mod.latest(ckdir) if dist.rank == 0 else None)
     last = Path(last) if last else None
     resumed_from = None
+    if last is None and ctx.session.state().get("model_is") == "finetuned":
+        # model/ holds the fine-tuned model (the pruned one was replaced): never fine-tune it twice by accident
+        raise MinigptError(f"session {ctx.session.id} is already fine-tuned and has no checkpoint to resume from",
+                           f"to fine-tune again from the pruned model, redo pruning: minigpt prune {ctx.session.id}")
     if last is not None:
         state, meta = ckpt_mod.load(last, map_location=ft.device)
         if meta.get("fingerprint") != fp:

@@ -268,3 +268,16 @@ def test_torchrun_two_processes_gloo_trains_like_one(uninterrupted, tmp_path):
     assert [e["step"] for e in s.events() if e["type"] == "train"] == list(range(1, 13))  # rank 0 only
     state, _ = checkpoint.load(checkpoint.latest(s.checkpoints_dir))
     assert len(state["rng"]) == 2  # both ranks' RNG streams, for an exact resume
+
+
+def test_finetuning_a_finetuned_session_again_is_refused(uninterrupted):
+    _, _, s, _ = uninterrupted
+    import shutil
+
+    from engine.session import open_session
+
+    again = s.path.with_name("again")
+    shutil.copytree(s.path, again)
+    shutil.rmtree(again / "checkpoints")  # what redoing from the finetune stage does
+    with pytest.raises(MinigptError, match="already fine-tuned"):
+        pipeline.run(open_session(again), redo_from="finetune")
