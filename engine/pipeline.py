@@ -246,6 +246,8 @@ def _evaluate(ctx: Context, model, stage: str, label: str) -> None:
     d = ctx.domain()
     res = evaluate.perplexity(model, d.evaluate, e.block_size, e.stride, e.batch_size,
                               progress=ctx.rep.progress_fn(stage, "tokens"))
+    # token-level ppl only compares under the same tokenizer (vocabulary pruning changes it)
+    res["protocol"]["vocab_size"] = len(ctx.tokenizer)
     ctx.rep.metric(stage, label, "ppl", round(res["ppl"], 4), protocol=res["protocol"])
     ctx.results.setdefault("models", {}).setdefault(label, {})["ppl"] = res["ppl"]
     ctx.results["models"][label]["ppl_protocol"] = res["protocol"]
