@@ -180,8 +180,11 @@ def stage_prune(ctx: Context) -> None:
     model = ctx.base_model()
     stats = Stats.load(ctx.session.stats_dir)
     widths_before = adapters.for_model(model).widths()
-    mlp_params_before = prune.mlp_param_counts(model)
-    params_before = prune.count_params(model)
+    # mask mode counts nonzero parameters before and after: a base model may hold exact zeros
+    # already (a dequantised GGUF: 325k in SmolLM2), which no pruning removed
+    nonzero = p.mode == "mask"
+    mlp_params_before = prune.mlp_param_counts(model, nonzero=nonzero)
+    params_before = prune.count_nonzero(model) if nonzero else prune.count_params(model)
     plan = prune.select_and_compensate(  # sensitivity/sequential need the calibration tokens
         model, stats, p, lambda: _calib_blocks(ctx), ctx.cfg.calibrate.batch_size, ctx.cfg.seed,
         progress=lambda what, d, n: ctx.rep.progress("prune", d, n, "items", phase=what))

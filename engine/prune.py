@@ -318,6 +318,10 @@ def layer_report(model, widths_before: list[int], params_before_total: int, mode
     return {"mode": mode, "rows": rows, "totals": totals}
 
 
-def mlp_param_counts(model) -> list[int]:
+def mlp_param_counts(model, nonzero: bool = False) -> list[int]:
+    """Parameters of each MLP (nonzero ones only with `nonzero`: the mask mode's measure)."""
     adapter = adapters_mod.for_model(model)
-    return [_param_count([p.module for p in m.ins] + [m.out.module]) for m in adapter.mlps()]
+    if not nonzero:
+        return [_param_count([p.module for p in m.ins] + [m.out.module]) for m in adapter.mlps()]
+    return [sum(int(torch.count_nonzero(t)) for mod in [p.module for p in m.ins] + [m.out.module]
+                for t in mod.parameters(recurse=False)) for m in adapter.mlps()]
