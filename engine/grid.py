@@ -634,7 +634,7 @@ def to_markdown(rows: list[dict], title: str = "") -> str:
                 st = "not run" if r is None else r["status"]
                 cells += [st, "", "", "", ""]
                 continue
-            size = _f(r.get("relative_size"), "{:.1%}") + (" †" if r.get("vocab_pruned") else "")
+            size = _f(r.get("relative_size"), "{:.2%}") + (" †" if r.get("vocab_pruned") else "")
             cells += [size, _f(r.get("ppl_pruned")), _f(r.get("ppl_finetuned")), _ft(r), _mcq(r)]
         del any_row
         lines.append("| " + " | ".join(cells) + " |")

@@ -159,8 +159,8 @@ def test_markdown_table_puts_methods_side_by_side():
             {**base, "method": "structural", "relative_size": 0.8, "vocab_pruned": True, "ppl_pruned": 20.0,
              "ppl_finetuned": 9.5, "ft_steps": 7, "ft_epochs": 0.1, "recovered": True, "mcq_after": 0.75}]
     line = grid.to_markdown(rows).splitlines()[2]
-    assert line == ("| m | d | 0.001 | 0.1 | off | 10.00 | 90.0% | 30.00 | 12.00 | 40 (0.5 ep) ✗ | 50% → 25% "
-                    "| 80.0% † | 20.00 | 9.50 | 7 (0.1 ep) | 50% → 75% |")
+    assert line == ("| m | d | 0.001 | 0.1 | off | 10.00 | 90.00% | 30.00 | 12.00 | 40 (0.5 ep) ✗ | 50% → 25% "
+                    "| 80.00% † | 20.00 | 9.50 | 7 (0.1 ep) | 50% → 75% |")
 
 
 def test_gpu_grid_benchmark_smoke_path_on_cpu(tmp_path):
