@@ -27,6 +27,19 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
 
 
+def _offline(monkeypatch, tmp_path) -> None:
+    """HF_HUB_OFFLINE=1, also for libraries imported (and their settings read) before this test."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+
+
 def _data(preset: str, **keys) -> config.DataConfig:
     return config.from_dict({"data": {"preset": preset, **keys}}).data
 
@@ -227,9 +240,8 @@ def test_url_download_failure_says_what_to_fetch_and_where(monkeypatch):
                "us_crimes.jsonl --include contract_sections.jsonl --local-dir PATH"),
     ("en-tw", "hf download --repo-type dataset zetavg/coct-en-zh-tw-translations-twp-300k --local-dir PATH"),
 ])
-def test_hub_preset_offline_is_one_line_naming_the_download(monkeypatch, preset, command):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+def test_hub_preset_offline_is_one_line_naming_the_download(monkeypatch, tmp_path, preset, command):
+    _offline(monkeypatch, tmp_path)
     with pytest.raises(MinigptError) as e:
         _docs(preset)
     line = e.value.line()
@@ -240,7 +252,7 @@ def test_hub_preset_offline_is_one_line_naming_the_download(monkeypatch, preset,
 def test_grid_prefetch_of_a_hub_model_offline_is_one_line(monkeypatch, tmp_path):
     from engine import grid
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _offline(monkeypatch, tmp_path)
     spec = grid.spec_from_dict({"models": ["opt-1.3b"], "domains": ["licenses"], "methods": ["mask"],
                                 "thresholds": [{"activation": 0.1}]}, folder=tmp_path / "g")
     with pytest.raises(MinigptError) as e:
