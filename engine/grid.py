@@ -376,6 +376,8 @@ def prefetch(spec: GridSpec, display: Callable | None = None, only: list[Cell] |
         src = c.cfg.data.source
         if download.is_url(src) and src not in fetched:
             fetched[src] = download.fetch(src, "data.source", prog(Path(src).name))
+        elif c.cfg.data.files and download.is_hub_id(src) and src not in fetched:
+            fetched[src] = download.hub_snapshot(src, "dataset", c.cfg.data.files, "data.source", prog(src))
 
 
 def run_grid(spec: GridSpec, display_factory: Callable | None = None, echo: Callable = print,
