@@ -23,26 +23,25 @@ Outputs in the grid folder: `grid.json` (cells → session ids and results), `re
 and `results.csv` (the paper-style table: relative size; perplexity base / pruned /
 fine-tuned; fine-tune steps to recover; MCQ accuracy before and after; methods side by
 side). `load_grid(path)` returns the rows without torch, for the app's compare screen.
+
+This module is the grid's data (spec, cells' sessions, results, tables) and stays torch-free
+down its whole import graph, so the app may import it; running lives in `engine.gridrun`.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
-import fcntl
 import hashlib
 import io
 import json
 import math
 import os
 import re
-import signal
-import sys
 import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from . import atomic
 from . import config as config_mod
@@ -58,7 +57,6 @@ LOG_FILE = "grid.log"
 SESSIONS = "sessions"
 METHODS = ("mask", "structural")
 _SPEC_KEYS = {"name", "folder", "models", "domains", "methods", "thresholds", "run"}
-_SHARED_STAGES = ("baseline", "calibrate")
 
 
 def default_root() -> Path:
@@ -225,30 +223,7 @@ def spec_from_dict(raw: dict, overrides: list[str] | None = None, folder: Path |
     return GridSpec(name, folder, cells, source)
 
 
-# ---- running ---------------------------------------------------------------------------------
-class GridLock:
-    """One runner per grid folder (the kernel drops the lock when it dies)."""
-
-    def __init__(self, folder: Path):
-        self.path = folder / LOCK_FILE
-        self._f = None
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a+")
-        try:
-            fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._f.close()
-            raise MinigptError(f"grid {self.path.parent} is already being run by another process",
-                               f"wait for it, or follow it in {self.path.parent / LOG_FILE}") from None
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self._f, fcntl.LOCK_UN)
-        self._f.close()
-
-
+# ---- sessions of cells -------------------------------------------------------------------
 def _read_index(folder: Path) -> dict:
     try:
         data = json.loads((folder / GRID_FILE).read_text())
@@ -268,180 +243,6 @@ def _cell_session(spec: GridSpec, cell: Cell, known: dict) -> session_mod.Sessio
     return session_mod.create(cell.cfg, root, name=f"{cell.index:03d}-{cell.method}")
 
 
-def _donor(cell: Cell, sessions: dict, cells: list[Cell]) -> session_mod.Session | None:
-    from .calibrate import STATS_FILE
-
-    for other in cells:
-        s = sessions.get(other.key)
-        if other is cell or s is None or other.group != cell.group:
-            continue
-        try:
-            done = s.state().get("completed_stages", [])
-        except MinigptError:
-            continue
-        if "calibrate" in done and (s.stats_dir / STATS_FILE).exists() and \
-                ("baseline" in done or not cell.cfg.evaluate.evaluate_base):
-            return s
-    return None
-
-
-def seed_from(donor: session_mod.Session, s: session_mod.Session) -> None:
-    """Give a fresh session the donor's calibration statistics and baseline results."""
-    s.stats_dir.mkdir(parents=True, exist_ok=True)
-    for f in donor.stats_dir.iterdir():
-        if not f.is_file() or f.name.startswith(".") or f.name == "partial.pt":
-            continue
-        dest = s.stats_dir / f.name
-        if dest.exists():
-            dest.unlink()
-        try:
-            os.link(f, dest)  # stats files are replaced, never edited in place: a link is safe
-        except OSError:
-            atomic.write_bytes(dest, f.read_bytes())
-    dres, res = donor.results(), s.results()
-    if "calibration" in dres:
-        res["calibration"] = {**dres["calibration"], "reused_from": donor.id}
-    base = dres.get("models", {}).get("base")
-    if base:
-        res.setdefault("models", {})["base"] = base
-    s.write_results(res)
-    done = [st for st in _SHARED_STAGES if st in donor.state().get("completed_stages", [])]
-    w = s.writer()
-    try:
-        w.emit("log", level="info", message=f"baseline and calibration reused from session {donor.id} "
-                                             "(same model, corpus, calibration and evaluation settings)")
-        for e in donor.events():
-            if e.get("type") == "metric" and e.get("stage") in _SHARED_STAGES:
-                w.emit("metric", **{k: v for k, v in e.items() if k not in ("t", "type")}, reused_from=donor.id)
-    finally:
-        w.close()
-    s.update_state(completed_stages=done, reused_from=donor.id)
-
-
-class _Stopper:
-    """SIGINT/SIGTERM stop the grid: the running cell checkpoints and stops, no new cell starts."""
-
-    def __init__(self):
-        self.stopped = False
-        self.current: Path | None = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._on)
-        if hasattr(signal, "SIGHUP"):
-            self._old[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        return self
-
-    def _on(self, signum, frame):
-        from .reporter import STOP_FILE
-
-        self.stopped = True
-        if self.current is not None:
-            try:
-                (self.current / STOP_FILE).write_text("stop\n")
-            except OSError:
-                pass
-
-    def __exit__(self, *exc):
-        for sig, h in self._old.items():
-            signal.signal(sig, h)
-
-
-def prefetch(spec: GridSpec, display: Callable | None = None, only: list[Cell] | None = None) -> None:
-    """Download what the cells need (hub models, question sets, URL corpora) before the first cell
-    runs, and pin the question sets to their local copies, so a network failure shows at once."""
-    from . import download
-
-    def prog(label):
-        if display is None:
-            return None
-        return lambda done, total, rate=0.0: display({"type": "progress", "stage": f"download {label}",
-                                                     "done": done, "total": total, "unit": "bytes", "rate": rate})
-
-    fetched: dict[str, Path] = {}
-    for src in dict.fromkeys(c.cfg.model.source for c in only or spec.cells):
-        if download.is_hub_id(src):
-            download.model_snapshot(src, prog(src))
-    for c in only or spec.cells:
-        files = []
-        for ref in c.cfg.evaluate.mcq_files:
-            if download.is_url(ref):
-                if ref not in fetched:
-                    fetched[ref] = download.fetch(ref, "evaluate.mcq_files", prog(Path(ref).name))
-                files.append(str(fetched[ref]))
-            else:
-                files.append(ref)
-        c.cfg.evaluate.mcq_files = files
-        src = c.cfg.data.source
-        if download.is_url(src) and src not in fetched:
-            fetched[src] = download.fetch(src, "data.source", prog(Path(src).name))
-        elif c.cfg.data.files and download.is_hub_id(src) and src not in fetched:
-            fetched[src] = download.hub_snapshot(src, "dataset", c.cfg.data.files, "data.source", prog(src))
-
-
-def run_grid(spec: GridSpec, display_factory: Callable | None = None, echo: Callable = print,
-             retry_failed: bool = True, cells: list[Cell] | None = None) -> dict:
-    """Run every cell not done yet; returns {"status": .., "done": n, "failed": n, ...}."""
-    from . import pipeline
-
-    spec.folder.mkdir(parents=True, exist_ok=True)
-    todo = cells or spec.cells
-    with GridLock(spec.folder), _Stopper() as stopper:
-        index = _read_index(spec.folder)
-        known = {c["key"]: c for c in index.get("cells", []) if isinstance(c, dict) and "key" in c}
-        disp = display_factory() if display_factory else None
-        try:
-            prefetch(spec, disp, todo)
-        finally:
-            if disp is not None and hasattr(disp, "close"):
-                disp.close()
-        sessions = {c.key: _cell_session(spec, c, known) for c in spec.cells}
-        write_outputs(spec, sessions)
-        for i, cell in enumerate(todo, 1):
-            if stopper.stopped:
-                break
-            s = sessions[cell.key]
-            status = s.status()
-            head = f"[{i}/{len(todo)}] {cell.model} · {cell.domain} · {cell.setting} · {cell.method} ({s.id})"
-            if status == "done":
-                continue
-            if status == "running":
-                echo(f"{head}: already running in another process; skipped")
-                continue
-            if status == "failed" and not retry_failed:
-                echo(f"{head}: failed before ({s.state().get('error')}); skipped (--no-retry-failed)")
-                continue
-            how = "resuming" if s.state().get("completed_stages") else "starting"
-            if how == "starting":
-                donor = _donor(cell, sessions, spec.cells)
-                if donor is not None:
-                    seed_from(donor, s)
-                    how = f"starting (baseline and calibration reused from {donor.id})"
-            echo(f"{head}: {how}")
-            stopper.current = s.path
-            disp = display_factory() if display_factory else None
-            try:
-                pipeline.run(s, display=disp, handle_signals=False)
-            except MinigptError as e:
-                echo(f"{head}: failed: {e.line()}")
-            except Exception as e:  # a bug or OOM in one cell must not lose the others
-                echo(f"{head}: failed: {type(e).__name__}: {e}")
-            finally:
-                stopper.current = None
-                if disp is not None and hasattr(disp, "close"):
-                    disp.close()
-            write_outputs(spec, sessions)
-            if s.status() == "stopped":
-                stopper.stopped = True
-        rows = write_outputs(spec, sessions)
-    statuses = [r["status"] for r in rows]
-    overall = ("stopped" if stopper.stopped else "done" if all(x == "done" for x in statuses)
-               else "failed" if any(x == "failed" for x in statuses) else "partial")
-    return {"status": overall, "cells": len(rows), "done": statuses.count("done"),
-            "failed": statuses.count("failed"), "folder": str(spec.folder)}
-
-
 def refresh(spec: GridSpec) -> list[dict]:
     """Rewrite grid.json and the tables from the sessions as they are now (runs nothing)."""
     known = {c["key"]: c for c in _read_index(spec.folder).get("cells", []) if isinstance(c, dict) and "key" in c}
@@ -454,22 +255,6 @@ def refresh(spec: GridSpec) -> list[dict]:
     spec.folder.mkdir(parents=True, exist_ok=True)
     return write_outputs(spec, sessions)
 
-
-def launch_detached(spec_path: Path, folder: Path, overrides: list[str]) -> int:
-    """Run the grid in its own process session (survives the terminal); log in the grid folder."""
-    import subprocess
-
-    folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "engine.grid", str(Path(spec_path).resolve()), "--folder", str(folder.resolve())]
-    for o in overrides:
-        cmd += ["--set", o]
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    with open(folder / LOG_FILE, "ab") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                                close_fds=True, env=env)
-    return proc.pid
 
 
 # ---- results ---------------------------------------------------------------------------------
@@ -668,25 +453,3 @@ def to_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-# ---- python -m engine.grid (the detached runner) -----------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m engine.grid")
-    ap.add_argument("spec")
-    ap.add_argument("--folder", default=None)
-    ap.add_argument("--set", action="append", default=[])
-    args = ap.parse_args(argv)
-    try:
-        spec = load_spec(args.spec, args.set, Path(args.folder) if args.folder else None)
-        out = run_grid(spec, echo=lambda m: print(m, flush=True))
-    except MinigptError as e:
-        print(f"error: {e.line()}", file=sys.stderr, flush=True)
-        return 2
-    print(f"grid {out['status']}: {out['done']}/{out['cells']} cells done, {out['failed']} failed; "
-          f"table in {Path(out['folder']) / RESULTS_MD}", flush=True)
-    return 0 if out["status"] in ("done", "stopped") else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

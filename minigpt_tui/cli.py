@@ -230,6 +230,7 @@ def grid(spec: Path = typer.Argument(..., help="grid file (TOML): models × doma
     """Run a grid of sessions (the paper's experiment in one command): resumable, one session per cell,
     shared calibration; writes grid.json, results.md and results.csv in the grid folder."""
     from engine import grid as grid_mod
+    from engine import gridrun
 
     from .display import Display
 
@@ -239,10 +240,10 @@ def grid(spec: Path = typer.Argument(..., help="grid file (TOML): models × doma
         typer.echo((g.folder / grid_mod.RESULTS_MD).read_text())
         return
     if detach:
-        pid = grid_mod.launch_detached(spec, g.folder, overrides)
+        pid = gridrun.launch_detached(spec, g.folder, overrides)
         typer.echo(f"grid {g.name}: {len(g.cells)} cells running detached (pid {pid}); log {g.folder / grid_mod.LOG_FILE}")
         return
-    res = grid_mod.run_grid(g, display_factory=Display, echo=typer.echo, retry_failed=retry_failed)
+    res = gridrun.run_grid(g, display_factory=Display, echo=typer.echo, retry_failed=retry_failed)
     typer.echo(f"grid {res['status']}: {res['done']}/{res['cells']} cells done, {res['failed']} failed; "
                f"table: {g.folder / grid_mod.RESULTS_MD}")
     if res["status"] == "failed":

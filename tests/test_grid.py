@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import tiny
-from engine import grid, pipeline, presets
+from engine import grid, gridrun, pipeline, presets
 from engine.errors import MinigptError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,11 +79,11 @@ def test_tiny_grid_runs_shares_calibration_resumes_and_tabulates(tmp_path, monke
         real_baseline(ctx)
 
     monkeypatch.setitem(pipeline.STAGE_FUNCS, "baseline", interrupted)
-    out = grid.run_grid(spec, echo=lambda m: None)
+    out = gridrun.run_grid(spec, echo=lambda m: None)
     assert out["status"] == "stopped" and out["done"] == 0
     assert [r["status"] for r in grid.load_grid(spec.folder)] == ["stopped", "new", "new", "new"]
     monkeypatch.setitem(pipeline.STAGE_FUNCS, "baseline", real_baseline)
-    out = grid.run_grid(grid.spec_from_dict(raw, folder=spec.folder), echo=lambda m: None)
+    out = gridrun.run_grid(grid.spec_from_dict(raw, folder=spec.folder), echo=lambda m: None)
     assert out == {"status": "done", "cells": 4, "done": 4, "failed": 0, "folder": str(spec.folder)}
     rows = grid.load_grid(spec.folder)
     assert [(r["method"], r["activation"]) for r in rows] == [("mask", -1.0), ("structural", -1.0),
@@ -115,14 +115,14 @@ def test_tiny_grid_runs_shares_calibration_resumes_and_tabulates(tmp_path, monke
     calls = []
     real_run = pipeline.run
     monkeypatch.setattr(pipeline, "run", lambda s, **kw: calls.append(s.id) or real_run(s, **kw))
-    assert grid.run_grid(grid.spec_from_dict(raw, folder=spec.folder), echo=lambda m: None)["status"] == "done"
+    assert gridrun.run_grid(grid.spec_from_dict(raw, folder=spec.folder), echo=lambda m: None)["status"] == "done"
     assert calls == []
     from engine.session import Session
 
     s = Session(paths[2])
     s.update_state(status="stopped", completed_stages=["baseline", "calibrate", "prune"], model_is="pruned")
     assert grid.load_grid(spec.folder)[2]["status"] == "stopped"
-    assert grid.run_grid(grid.spec_from_dict(raw, folder=spec.folder), echo=lambda m: None)["status"] == "done"
+    assert gridrun.run_grid(grid.spec_from_dict(raw, folder=spec.folder), echo=lambda m: None)["status"] == "done"
     assert calls == [paths[2].name] and _events(paths[2], "run_start") == 2
     assert _events(paths[0], "run_start") == 2 and _events(paths[0], "stage_end", "baseline") == 1
     assert _events(paths[2], "stage_end", "prune") == 1  # resumed after prune, not redone

@@ -250,12 +250,12 @@ def test_hub_preset_offline_is_one_line_naming_the_download(monkeypatch, tmp_pat
 
 
 def test_grid_prefetch_of_a_hub_model_offline_is_one_line(monkeypatch, tmp_path):
-    from engine import grid
+    from engine import grid, gridrun
 
     _offline(monkeypatch, tmp_path)
     spec = grid.spec_from_dict({"models": ["opt-1.3b"], "domains": ["licenses"], "methods": ["mask"],
                                 "thresholds": [{"activation": 0.1}]}, folder=tmp_path / "g")
     with pytest.raises(MinigptError) as e:
-        grid.prefetch(spec)
+        gridrun.prefetch(spec)
     assert e.value.line() == ("model facebook/opt-1.3b is not available offline — download it with "
                               "`hf download facebook/opt-1.3b --local-dir PATH` and set model.source = PATH")
