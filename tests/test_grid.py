@@ -181,3 +181,13 @@ def test_gpu_grid_benchmark_smoke_path_on_cpu(tmp_path):
     assert res["config"]["hidden_act"] == "gelu_new" and res["peak_tflops"] is None  # no MFU on CPU
     assert set(res["speedup_structural"]) == {"evaluate", "fine-tune"}
     assert "tokens/s" not in proc.stderr and "tok/s" in proc.stdout
+
+
+def test_grid_and_presets_import_graphs_never_reach_torch():
+    """The app may import engine.grid / engine.presets: not even a function-level import may lead to torch."""
+    grimp = pytest.importorskip("grimp")
+    g = grimp.build_graph("engine", include_external_packages=True)
+    for mod in ("engine.grid", "engine.presets"):
+        for ext in ("torch", "transformers", "datasets"):
+            assert g.find_shortest_chain(importer=mod, imported=ext) is None, (mod, ext)
+    assert g.find_shortest_chain(importer="engine.gridrun", imported="torch")  # the check can fail
