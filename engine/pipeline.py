@@ -247,8 +247,13 @@ def _evaluate(ctx: Context, model, stage: str, label: str) -> None:
 
     e = ctx.cfg.evaluate
     d = ctx.domain()
-    res = evaluate.perplexity(model, d.evaluate, e.block_size, e.stride, e.batch_size,
-                              progress=ctx.rep.progress_fn(stage, "tokens"))
+    progress = ctx.rep.progress_fn(stage, "tokens")
+
+    def progress_or_stop(*args):  # evaluation is redone on resume, so stopping mid-way loses nothing
+        progress(*args)
+        ctx.rep.check_stop()
+
+    res = evaluate.perplexity(model, d.evaluate, e.block_size, e.stride, e.batch_size, progress=progress_or_stop)
     # token-level ppl only compares under the same tokenizer (vocabulary pruning changes it)
     res["protocol"]["vocab_size"] = len(ctx.tokenizer)
     ctx.rep.metric(stage, label, "ppl", round(res["ppl"], 4), protocol=res["protocol"])
