@@ -40,7 +40,7 @@ def test_smollm2_end_to_end(tmp_path):
     assert sum(widths) == pytest.approx(0.8 * 30 * 1536, abs=30 * 8)
     assert s.status() == "done"
     kinds = [e["type"] for e in s.events()]
-    assert kinds.count("stage_end") == 4 and "layer_report" in kinds  # finetune is off: it ends too
+    assert kinds.count("stage_end") == 5 and "layer_report" in kinds  # finetune is off but ends too
     # the saved model loads back with the same logits
     m = export.load_model(s.model_dir)
     ids = torch.tensor([[1, 504, 3384, 314, 253, 1767, 28, 30]])
