@@ -17,10 +17,16 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 
-def load_model(tiny: bool):
-    """(model, tokenizer, name): SmolLM2-135M-Instruct fp32 on CPU, or a tiny random llama."""
+def load_model(tiny: bool, threads: int = 0):
+    """(model, tokenizer, name): SmolLM2-135M-Instruct fp32 on CPU, or a tiny random llama.
+
+    threads > 0 sets torch's thread count (on a loaded machine, 2-thread ops wait for a
+    free core at every parallel region; 1 thread measures compute without that artefact).
+    """
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     torch.set_grad_enabled(False)
     if tiny:
         import tiny as tiny_mod

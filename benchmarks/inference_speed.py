@@ -12,7 +12,7 @@ Also printed: the share of multiply-accumulates per token removed (MLP + attenti
 lm_head), which bounds the speed-up any MLP-only pruning can give.
 Target from the issue: 40% pruned >= 1.5x faster on CPU.
 
-Usage: .venv/bin/python benchmarks/inference_speed.py [--tiny] [--rounds 3] [--new-tokens 32]
+Usage: .venv/bin/python benchmarks/inference_speed.py [--tiny] [--threads N] [--rounds 3] [--new-tokens 32]
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--prefill-batch", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = ap.parse_args()
 
     import torch
@@ -51,7 +52,7 @@ def main() -> None:
     from engine.config import PruneConfig
     from engine.data import blocks
 
-    base, tok, name = load_model(args.tiny)
+    base, tok, name = load_model(args.tiny, args.threads)
     block = 128 if args.tiny else 512
     d = domain(tok)
     stats = calibrate(base, blocks(d.calibrate[: args.calib_tokens], block), 2)

@@ -14,7 +14,7 @@ The per-choice log-likelihoods of ours and lm-eval's core are compared (max |dif
 Then the accuracy of the model on generated questions of each --domains corpus is
 printed with binomial standard errors (chance = 1/choices).
 
-Usage: .venv/bin/python benchmarks/mcq_speed.py [--tiny] [--items 100] [--fewshot 0]
+Usage: .venv/bin/python benchmarks/mcq_speed.py [--tiny] [--threads N] [--items 100] [--fewshot 0]
        [--domains builtin:licenses,builtin:stdlib-docs] [--rounds 1]
 """
 
@@ -55,13 +55,14 @@ def main() -> None:
     ap.add_argument("--domains", default="builtin:licenses,builtin:stdlib-docs",
                     help="speed on the first; accuracy on each")
     ap.add_argument("--skip-lmeval", action="store_true", help="accuracy only")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
     from engine import mcq
 
-    model, tok, name = load_model(args.tiny)
+    model, tok, name = load_model(args.tiny, args.threads)
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
     sets = {src: mcq.generate(domain(tok, src).eval_texts, args.items, seed=0, name=f"generated:{src}")
             for src in domains}

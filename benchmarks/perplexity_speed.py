@@ -10,7 +10,7 @@ Two protocols on the held-out split of builtin:licenses, each timed round-robin:
 The perplexities of both sides are printed too (they must agree to 0.1%; the guide's
 off-by-one weighting makes its figure differ very slightly).
 
-Usage: .venv/bin/python benchmarks/perplexity_speed.py [--tiny] [--tokens 4096] [--rounds 3]
+Usage: .venv/bin/python benchmarks/perplexity_speed.py [--tiny] [--threads N] [--tokens 4096] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = ap.parse_args()
 
     import torch
 
     from engine import evaluate
 
-    model, tok, name = load_model(args.tiny)
+    model, tok, name = load_model(args.tiny, args.threads)
     block = min(args.block, 128) if args.tiny else args.block
     stride = block // 2 if args.tiny else args.stride
     ids = domain(tok).evaluate[: args.tokens]
