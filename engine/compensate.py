@@ -74,10 +74,17 @@ def _set_weight(mlp: adapters_mod.MLP, w: torch.Tensor) -> None:
 
 def solve(w: torch.Tensor, gram: torch.Tensor, mean: torch.Tensor, keep: torch.Tensor, damping: float,
           with_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Least-squares refit of the kept columns: returns (W_K' [out, k], bias change or None).
+    """Least-squares refit of the kept columns to the full output W x: (W_K' [out, k], bias change or None).
 
     w [out, width], gram = E[x xᵀ] [width, width], mean = E[x] [width]; all float64.
     """
+    return solve_target(w @ gram.index_select(1, keep), w @ mean, gram, mean, keep, damping, with_bias)
+
+
+def solve_target(cross: torch.Tensor, target_mean: torch.Tensor, gram: torch.Tensor, mean: torch.Tensor,
+                 keep: torch.Tensor, damping: float, with_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Least squares for any target t: min E‖t − W_K' x_K − c‖², given cross = E[t x_Kᵀ] [out, k]
+    and target_mean = E[t]. Returns (W_K', c or None)."""
     k = keep.numel()
     g_kk = gram.index_select(0, keep).index_select(1, keep)
     lam = damping * float(g_kk.diagonal().mean().clamp_min(1e-30)) if k else 0.0
@@ -86,10 +93,10 @@ def solve(w: torch.Tensor, gram: torch.Tensor, mean: torch.Tensor, keep: torch.T
         a[:k, :k] = g_kk
         a[:k, k] = a[k, :k] = mean[keep]
         a[k, k] = 1.0
-        rhs = torch.cat([w @ gram.index_select(1, keep), (w @ mean).unsqueeze(1)], 1)
+        rhs = torch.cat([cross, target_mean.unsqueeze(1)], 1)
     else:
         a = g_kk.clone()
-        rhs = w @ gram.index_select(1, keep)
+        rhs = cross
     a.diagonal()[:k] += lam
     try:
         sol = torch.linalg.solve(a, rhs.t()).t()  # a is symmetric
@@ -101,8 +108,13 @@ def solve(w: torch.Tensor, gram: torch.Tensor, mean: torch.Tensor, keep: torch.T
 
 @torch.no_grad()
 def compensate_layer(mlp: adapters_mod.MLP, keep: torch.Tensor, stats: Stats, layer: int, method: str,
-                     damping: float) -> None:
-    """Rewrite `out` so the layer with only `keep` approximates the full layer (in place)."""
+                     damping: float, target: tuple | None = None) -> None:
+    """Rewrite `out` so the layer with only `keep` approximates the full layer (in place).
+
+    `target` = (E[t xᵀ] [out, width], E[t] [out]) replaces the full layer's own output
+    (W x + b) as what to reproduce: sequential mode passes the output that would put the
+    residual stream back on the unpruned model's.
+    """
     if method not in METHODS:
         raise MinigptError(f"prune.compensation = {method!r} is not valid", f"use one of: {', '.join(METHODS)}")
     keep = keep.cpu().long()
@@ -111,19 +123,34 @@ def compensate_layer(mlp: adapters_mod.MLP, keep: torch.Tensor, stats: Stats, la
     dropped = torch.ones(width, dtype=torch.bool)
     dropped[keep] = False
     bias = mlp.out.bias
-    if method == "bias" and dropped.any():
+    b0 = None if bias is None else bias.detach().double().cpu()
+    mean = stats.mlp_mean(layer).double()
+    if method == "bias" and (dropped.any() or target is not None):
         if bias is None:
             raise MinigptError("bias compensation needs an output bias on the MLP", "call ensure_out_bias first")
-        bias.data.add_((w[:, dropped] @ stats.mlp_mean(layer)[dropped].double()).to(bias.dtype).to(bias.device))
-    elif method == "lstsq" and dropped.any():
+        if target is None:  # b += W_P E[x_P]
+            new_b = b0 + w[:, dropped] @ mean[dropped]
+        else:  # the constant that best reproduces t with the kept columns as they are
+            new_b = target[1] - w[:, keep] @ mean[keep]
+        bias.data.copy_(new_b.to(bias.dtype))
+    elif method == "lstsq" and (dropped.any() or target is not None):
         gram = stats.mlp_gram(layer)
         if gram is None:
             raise MinigptError("least-squares compensation needs the Gram matrix of the MLP activations",
                                "recalibrate (the Gram matrix is collected when prune.compensation = \"lstsq\")")
-        w_k, db = solve(w, gram, stats.mlp_mean(layer).double(), keep, damping, with_bias=bias is not None)
+        if target is None:
+            w_k, db = solve(w, gram, mean, keep, damping, with_bias=bias is not None)
+            new_b = None if bias is None else b0 + db
+        else:
+            cross, t_mean = target
+            if bias is None:  # no constant to fit: t is reproduced as is
+                w_k, _ = solve_target(cross.index_select(1, keep), t_mean, gram, mean, keep, damping, False)
+                new_b = None
+            else:
+                w_k, new_b = solve_target(cross.index_select(1, keep), t_mean, gram, mean, keep, damping, True)
         w[:, keep] = w_k
-        if db is not None:
-            bias.data.add_(db.to(bias.dtype).to(bias.device))
+        if new_b is not None:
+            bias.data.copy_(new_b.to(bias.dtype))
     w[:, dropped] = 0.0
     _set_weight(mlp, w)
 

@@ -76,7 +76,7 @@ class PruneConfig:
     sequential: bool = False  # layer by layer, each calibrated on the already pruned layers' outputs
     sensitivity_probe: float = 0.5  # fraction of one layer pruned to measure its sensitivity
     sensitivity_tokens: int = 2048  # calibration tokens used to measure each layer's loss rise
-    sensitivity_max_ratio: float = 0.9  # no layer loses more than this fraction (sensitivity allocation)
+    sensitivity_spread: float = 0.5  # sensitivity allocation: layer ratios within ratio × (1 ± spread)
 
 
 @dataclass
@@ -139,9 +139,9 @@ class RunConfig:
         _choice("prune.compensation", p.compensation, COMPENSATIONS)
         if p.damping < 0:
             raise MinigptError(f"prune.damping = {p.damping} is negative", "use a small fraction such as 0.01")
-        if not (0.0 < p.sensitivity_probe < 1.0) or not (0.0 < p.sensitivity_max_ratio < 1.0):
-            raise MinigptError("prune.sensitivity_probe and prune.sensitivity_max_ratio must be in (0, 1)",
-                               "use e.g. sensitivity_probe = 0.5, sensitivity_max_ratio = 0.9")
+        if not (0.0 < p.sensitivity_probe < 1.0) or not (0.0 <= p.sensitivity_spread <= 1.0):
+            raise MinigptError("prune.sensitivity_probe must be in (0, 1) and prune.sensitivity_spread in [0, 1]",
+                               "use e.g. sensitivity_probe = 0.5, sensitivity_spread = 0.5")
         if p.sensitivity_tokens < 1:
             raise MinigptError("prune.sensitivity_tokens must be positive", "use e.g. 2048")
         if p.sequential and p.rule != "ratio":

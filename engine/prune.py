@@ -95,7 +95,7 @@ def _ratio_counts(scores, widths, cfg: PruneConfig, sensitivities=None) -> list[
             raise MinigptError("prune.allocation = \"sensitivity\" needs measured layer sensitivities",
                                "measure them with engine.sensitivity.measure (the prune stage does)")
         return sensitivity.allocate(sensitivities, widths, cfg.ratio, cfg.sensitivity_probe, cfg.min_keep,
-                                    cfg.sensitivity_max_ratio)
+                                    cfg.sensitivity_spread)
     # global: rank scores normalised by their layer mean (layers differ in scale)
     norm = torch.cat([s / s.mean().clamp_min(1e-12) for s in scores])
     n_remove = int(round(cfg.ratio * norm.numel()))

@@ -55,16 +55,19 @@ def cells(grid: Grid, calib_sources: list[str]) -> list[dict]:
                                                          grid.compensations, grid.sequential, grid.ratios)]
 
 
-def run(cfg: RunConfig, grid: Grid, out_dir: str | Path, progress=None, log=print) -> list[dict]:
+def run(cfg: RunConfig, grid: Grid, out_dir: str | Path, progress=None, log=print,
+        stats_dir: str | Path | None = None) -> list[dict]:
     """Measure every cell; returns the rows (also written to out_dir/sweep.csv and sweep.md).
 
+    Calibration statistics are saved under `stats_dir` (default out_dir/calibration), keyed
+    by model and calibration blocks, and reused by any later sweep pointed at the same folder.
     `progress(event: dict)` receives {"kind": "cell"|"phase", ...} updates for a display.
     """
     import torch
 
     from . import calibrate as cal_mod
     from . import data as data_mod
-    from . import adapters, evaluate, models, prune, sensitivity
+    from . import adapters, compensate, evaluate, models, prune, sensitivity
 
     grid.check()
     out_dir = Path(out_dir)
@@ -126,8 +129,12 @@ def run(cfg: RunConfig, grid: Grid, out_dir: str | Path, progress=None, log=prin
     for src in eval_sources:
         meta["evaluate"][src] = int(corpus(src).evaluate.numel())
     stats_by_source, blocks_by_source, sens_cache, rows = {}, {}, {}, []
-    gram_wanted = any(c["compensation"] == "lstsq" and not c["sequential"] for c in todo) or any(
-        c["criterion"] == "obs" for c in todo)
+    def prune_cfg(c: dict):
+        return dataclasses.replace(cfg.prune, mode="structural", rule="ratio", ratio=c["ratio"],
+                                   criterion=c["criterion"], allocation=c["allocation"],
+                                   compensation=c["compensation"], sequential=c["sequential"])
+
+    gram_wanted = any(compensate.needs_gram(prune_cfg(c)) for c in todo)
     for i, c in enumerate(todo):
         src = c["calibrate_on"]
         if src not in stats_by_source:
@@ -135,17 +142,22 @@ def run(cfg: RunConfig, grid: Grid, out_dir: str | Path, progress=None, log=prin
             if blocks.shape[0] == 0:
                 raise MinigptError(f"corpus {src} has fewer calibration tokens than one block of {bs}",
                                    "use a larger corpus or a smaller calibrate.block_size")
-            say({"kind": "phase", "phase": f"calibrating on {src} ({blocks.numel():,} tokens)"})
-            stats_by_source[src] = cal_mod.calibrate(
-                base, blocks, cfg.calibrate.batch_size, linears=False, gram=gram_wanted,
-                progress=lambda d, t, r=0.0: say({"kind": "phase", "phase": f"calibrating on {src}",
-                                                  "done": d, "total": t}))
+            cache = Path(stats_dir or out_dir / "calibration") / _stats_key(cfg, src, blocks)
+            stats = _cached_stats(cache, gram_wanted)
+            if stats is None:
+                say({"kind": "phase", "phase": f"calibrating on {src} ({blocks.numel():,} tokens)"})
+                stats = cal_mod.calibrate(
+                    base, blocks, cfg.calibrate.batch_size, linears=False, gram=gram_wanted,
+                    progress=lambda d, t, r=0.0: say({"kind": "phase", "phase": f"calibrating on {src}",
+                                                      "done": d, "total": t}))
+                stats.save(cache)
+            else:
+                log(f"reusing calibration statistics {cache}")
+            stats_by_source[src] = stats
             blocks_by_source[src] = blocks
             meta["calibrate_tokens"][src] = int(blocks.numel())
         stats, blocks = stats_by_source[src], blocks_by_source[src]
-        pcfg = dataclasses.replace(cfg.prune, mode="structural", rule="ratio", ratio=c["ratio"],
-                                   criterion=c["criterion"], allocation=c["allocation"],
-                                   compensation=c["compensation"], sequential=c["sequential"])
+        pcfg = prune_cfg(c)
         tag = (f"{c['criterion']}/{c['allocation']}/{c['compensation']}{'/seq' if c['sequential'] else ''}"
                f" {c['ratio']:.0%} (calib {src})")
         say({"kind": "cell", "index": i, "total": len(todo), "cell": tag})
@@ -180,6 +192,29 @@ def run(cfg: RunConfig, grid: Grid, out_dir: str | Path, progress=None, log=prin
         log(f"{tag}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in row.items() if k.startswith(("ppl", "x_base", "mcq"))))
     say({"kind": "cell", "index": len(todo), "total": len(todo), "cell": "done"})
     return rows
+
+
+def _stats_key(cfg: RunConfig, src: str, blocks) -> str:
+    """Calibration statistics depend on the model, the corpus split and the blocks only."""
+    import hashlib
+    import json
+
+    key = {"model": dataclasses.asdict(cfg.model), "data": {**dataclasses.asdict(cfg.data), "source": src},
+           "shape": list(blocks.shape), "first": blocks[0, :16].tolist(), "sum": int(blocks.sum())}
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+def _cached_stats(folder: Path, gram: bool):
+    """Statistics saved by an earlier sweep over the same blocks (reused across invocations)."""
+    from .calibrate import STATS_FILE, Stats
+
+    if not (folder / STATS_FILE).exists():
+        return None
+    try:
+        stats = Stats.load(folder)
+    except MinigptError:
+        return None
+    return stats if (stats.has_gram() or not gram) else None
 
 
 def _fmt(v) -> str:

@@ -264,6 +264,8 @@ def sweep(config: Path = typer.Argument(..., help="run config (TOML): model, cor
           calibrate_on: str = typer.Option("", help="comma list of corpora to calibrate on (default: data.source)"),
           evaluate_on: str = typer.Option("", help="comma list of corpora to evaluate on (default: data.source)"),
           out: Path = typer.Option(Path("sweeps/latest"), "--out", help="folder for sweep.csv and sweep.md"),
+          stats: Optional[Path] = typer.Option(None, "--stats", help="calibration cache shared by sweeps "
+                                                                       "(default: OUT/calibration)"),
           overrides: list[str] = SetOpt):
     """Prune one model many ways without fine-tuning; table of params, held-out ppl and MCQ accuracy."""
     from rich.console import Console
@@ -295,7 +297,7 @@ def sweep(config: Path = typer.Argument(..., help="run config (TOML): model, cor
             else:
                 bar.update(phase, description=e["phase"], completed=e.get("done", 0), total=e.get("total"))
 
-        sweep_mod.run(cfg, grid, out, progress=on, log=lambda m: bar.console.print(m, markup=False))
+        sweep_mod.run(cfg, grid, out, progress=on, log=lambda m: bar.console.print(m, markup=False), stats_dir=stats)
     console.print(f"wrote {out / 'sweep.csv'} and {out / 'sweep.md'}")
 
 

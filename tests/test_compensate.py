@@ -154,8 +154,23 @@ def test_nonuniform_compensated_model_loads_through_load_model(tmp_path, family)
     assert torch.equal(_logits(loaded, ids), _logits(model, ids))
 
 
-def test_sequential_first_layer_matches_one_shot_and_zeroed_equals_sliced():
-    model = tiny.model("llama")
+def _post_norm_opt():
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny.config("opt")
+    cfg.do_layer_norm_before = False  # OPT-350m: the residual add is normalised after the MLP
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return m.eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "opt-post-norm"])
+def test_sequential_first_layer_matches_one_shot_and_zeroed_equals_sliced(family):
+    model = _post_norm_opt() if family == "opt-post-norm" else tiny.model(family)
     ids = _ids(n=5)
     stats = calibrate.calibrate(model, ids, 2, linears=False, gram=True)
     one = prune.select(model, stats, PruneConfig(rule="ratio", ratio=0.3, criterion="wanda"))
@@ -169,6 +184,20 @@ def test_sequential_first_layer_matches_one_shot_and_zeroed_equals_sliced():
     assert torch.allclose(_logits(seq_model, ids), zeroed, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["lstsq", "bias"])
+def test_sequential_correction_brings_the_output_closer_to_the_full_model(method):
+    model = tiny.model("llama").double()
+    ids = _ids(n=8)
+    ref = _logits(model, ids)
+    errs = {}
+    for correct in (False, True):
+        m = copy.deepcopy(model)
+        sequential.prune(m, [32, 32], ids, 4, "wanda", method, 1e-6, correct=correct)
+        errs[correct] = float((_logits(m, ids) - ref).pow(2).mean())
+    # refitting the weights repairs much of the upstream error; a bias only shifts the mean
+    assert errs[True] < (0.9 if method == "lstsq" else 1.0) * errs[False], errs
+
+
 def test_sequential_with_nothing_removed_is_the_identity():
     model = tiny.model("gpt2")
     ids = _ids(n=4)
@@ -176,3 +205,39 @@ def test_sequential_with_nothing_removed_is_the_identity():
     widths = adapters.for_model(model).widths()
     sequential.prune(model, widths, ids, 2, "paper", "none", 0.0)
     assert torch.equal(_logits(model, ids), ref)
+
+
+def test_prune_stage_compensates_and_the_saved_model_is_what_was_evaluated(tmp_path):
+    """Through the pipeline: the Gram is collected only when needed, and the model saved is the compensated one."""
+    import ft_case
+    from safetensors import safe_open
+
+    from engine import pipeline
+
+    cfg = ft_case.config(tmp_path, "llama", prune={"compensation": "lstsq", "allocation": "sensitivity",
+                                                   "sensitivity_tokens": 64, "round_to": 8},
+                         finetune={"enabled": False}, calibrate={"max_tokens": 512})
+    sess = ft_case.session(tmp_path, "lstsq", cfg)
+    results = pipeline.run(sess)
+    assert sess.status() == "done"
+    with safe_open(str(sess.stats_dir / calibrate.STATS_FILE), "pt") as f:
+        assert "mlp.0.gram" in f.keys()
+    widths = results["prune"]["widths"]
+    assert all(w % 8 == 0 for w in widths) and sum(widths) < 0.8 * 128
+    # recompute the same pruning by hand from the saved statistics: identical weights
+    from engine import models
+
+    base, _, _ = models.load(cfg.model)
+    stats = calibrate.Stats.load(sess.stats_dir)
+    from engine import data as data_mod
+
+    d = data_mod.DomainData.build(cfg.data, tiny.tokenizer(), max_calib=cfg.calibrate.max_tokens)
+    plan = prune.select_and_compensate(base, stats, cfg.prune, data_mod.blocks(d.calibrate, 32), 2, cfg.seed)
+    prune.apply_structural(base, plan)
+    saved = export.load_model(sess.model_dir)
+    assert torch.equal(saved.model.layers[1].mlp.down_proj.weight, base.model.layers[1].mlp.down_proj.weight)
+    plain = ft_case.session(tmp_path, "plain", ft_case.config(tmp_path, "llama", finetune={"enabled": False},
+                                                                calibrate={"max_tokens": 512}))
+    pipeline.run(plain, stages=["calibrate"])
+    with safe_open(str(plain.stats_dir / calibrate.STATS_FILE), "pt") as f:
+        assert "mlp.0.gram" not in f.keys()  # the default calibration stays lean

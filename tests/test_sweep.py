@@ -49,7 +49,8 @@ def test_sweep_shares_calibration_and_sensitivity_and_writes_the_table(setup, mo
                       compensations=["lstsq"], ratios=[0.25, 0.5],
                       calibrate_on=[cfg.data.source, b], evaluate_on=[cfg.data.source, b])
     events = []
-    rows = sweep.run(cfg, grid, setup / "out", progress=events.append, log=lambda m: None)
+    rows = sweep.run(cfg, grid, setup / "out", progress=events.append, log=lambda m: None,
+                     stats_dir=setup / "stats")
     assert len(rows) == 2 * 2 * 2
     assert calls["calibrate"] == 2  # one per calibration corpus
     assert calls["measure"] == 2  # per corpus × criterion × compensation, shared across ratios
@@ -64,6 +65,10 @@ def test_sweep_shares_calibration_and_sensitivity_and_writes_the_table(setup, mo
     md = (setup / "out" / "sweep.md").read_text()
     assert md.count("\n| ") == len(rows) + 1 and "MCQ accuracy: not measured" in md
     assert events[-1] == {"kind": "cell", "index": len(rows), "total": len(rows), "cell": "done"}
+    # a later sweep pointed at the same statistics folder reuses them
+    again = sweep.run(cfg, sweep.Grid(criteria=["obs"], compensations=["lstsq"], ratios=[0.25]), setup / "out2",
+                      log=lambda m: None, stats_dir=setup / "stats")
+    assert calls["calibrate"] == 2 and len(again) == 1
 
 
 def _cli(monkeypatch, *args):
