@@ -15,15 +15,16 @@ The paper's rule (`acc_paper`): the answer is the choice with the lowest perplex
 the plain string `question + " " + choice` (no context line, no prompt). The paper's code
 divides that perplexity by the sequence length as well; we do not copy that slip.
 
-Speed: the choices of a question share their prompt, so the prompt runs once with
-`use_cache`, its KV cache is expanded over the choices, and only the choice tokens run
-again (several questions per batch, right-padded, with explicit positions).
+Speed: the choices of a question share their prompt, so a question runs as one packed
+row, the prompt once and then every choice's tokens, with a tree-shaped attention mask
+and explicit positions (the same result as running the prompt once and reusing its KV
+cache for each choice), several questions per batch; the LM head runs only where a
+log-probability is wanted.
 """
 
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import math
 import random
@@ -472,130 +473,138 @@ def _lcp(seqs: list[tuple]) -> int:
     return n
 
 
+@dataclass
+class _Row:
+    """One question packed into one row: the shared prefix once, then each choice's tail.
+
+    Each tail attends to the prefix and to itself only, at the positions it would have
+    after the prefix: a tree-shaped attention mask, equivalent to running the prefix
+    once and reusing its KV cache for every choice, in one forward pass and without
+    padding the choices to a common length.
+    """
+
+    group: int
+    seqs: list  # indices into the group's sequences
+    P: int  # shared prefix length
+    tails: list  # (start offset in the row, length) per sequence
+
+    @property
+    def length(self) -> int:
+        return self.P + sum(n for _, n in self.tails)
+
+
+def _rows(groups, share: bool) -> list[_Row]:
+    rows = []
+    for g, (seqs, _) in enumerate(groups):
+        P = min(_lcp(seqs), min(len(x) for x in seqs) - 1)
+        packs = [list(range(len(seqs)))] if share and P >= 1 else [[j] for j in range(len(seqs))]
+        for js in packs:
+            p = P if len(js) > 1 else len(seqs[js[0]]) - 1
+            tails, off = [], p
+            for j in js:
+                n = len(seqs[j]) - 1 - p
+                tails.append((off, n))
+                off += n
+            rows.append(_Row(g, js, p, tails))
+    return rows
+
+
+def _decoder_and_head(model):
+    """The transformer body and the LM head, so logits are computed only where needed."""
+    try:
+        dec, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError, ValueError):
+        return None, None
+    return (dec, head) if dec is not None and dec is not model and head is not None else (None, None)
+
+
 @torch.no_grad()
 def token_logprobs(model, groups: list[tuple[list[tuple], list[int]]], batch_size: int = 8,
-                   on_batch=None, max_batch_tokens: int = 2048) -> list[list[torch.Tensor]]:
+                   on_batch=None, max_batch_tokens: int = 4096, share: bool | None = None) -> list[list[torch.Tensor]]:
     """log p(token_i | tokens_<i) for i in [lo, len) of every sequence of every group.
 
     A group is one question's sequences (one per choice and rule) with, per sequence, the
-    first position whose log-probability is wanted (>= 1). Their longest common prefix
-    runs once per group with `use_cache`; the cache is repeated over the sequences and
-    only their remaining tokens run again. A batch holds up to `batch_size` groups and
-    about `max_batch_tokens` tokens (the logits of those tokens are held at once).
+    first position whose log-probability is wanted (>= 1). A group runs as one packed
+    row (`_Row`): its common prefix is computed once for all its sequences. Rows are
+    sorted by length and batched (up to `batch_size` rows and about `max_batch_tokens`
+    tokens); the LM head runs only on the positions whose log-probabilities are wanted.
     """
     device = next(model.parameters()).device
-    units = []  # (group, [sequence indices], shared prefix length P)
-    for g, (seqs, _) in enumerate(groups):
-        P = min(_lcp(seqs), min(len(s) for s in seqs) - 1)
-        if P >= 1:
-            units.append((g, list(range(len(seqs))), P))
-        else:  # nothing shared: each sequence is its own unit
-            units += [(g, [j], len(seqs[j]) - 1) for j in range(len(seqs))]
+    if share is None:  # tree masks need a custom 4D mask: sdpa or eager attention, not flash
+        share = getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+    rows = sorted(_rows(groups, share), key=lambda r: -r.length)
     result = [[torch.zeros(0, dtype=torch.float64)] * len(seqs) for seqs, _ in groups]
     remaining = [0] * len(groups)
-    for g, _, _ in units:
-        remaining[g] += 1
-    order = sorted((u for u in units if u[2] >= 1), key=lambda u: -u[2])  # longest first, like lm-eval
-    for g, _, P in units:
-        if P < 1:  # a one-token sequence: nothing to score
-            remaining[g] -= 1
-    done = sum(1 for r in remaining if r == 0)
-    i = 0
-    while i < len(order):
-        batch, tokens = [], 0
-        while i < len(order) and len(batch) < max(1, batch_size):
-            g, js, P = order[i]
-            cost = P + sum(max(len(groups[g][0][j]) - 1 - P, 0) for j in js)
-            if batch and tokens + cost > max_batch_tokens:
-                break
-            batch.append(order[i])
-            tokens += cost
+    for r in rows:
+        remaining[r.group] += 1
+    done, i = 0, 0
+    while i < len(rows):
+        batch = [rows[i]]
+        i += 1
+        while i < len(rows) and len(batch) < max(1, batch_size) and (len(batch) + 1) * batch[0].length <= max_batch_tokens:
+            batch.append(rows[i])
             i += 1
-        _run_units(model, groups, batch, result, device)
-        for g, _, _ in batch:
-            remaining[g] -= 1
-            done += remaining[g] == 0
+        _run_rows(model, groups, batch, result, device, share)
+        for r in batch:
+            remaining[r.group] -= 1
+            done += remaining[r.group] == 0
         if on_batch:
             on_batch(done)
     return result
 
 
-def _forward(model, **kw):
-    try:
-        return model(**kw)
-    except TypeError:  # a remote-code model without `logits_to_keep`
-        keep = kw.pop("logits_to_keep", 0)
-        out = model(**kw)
-        if keep:
-            out.logits = out.logits[:, -keep:]
-        return out
+def _run_rows(model, groups, batch: list[_Row], result, device, share: bool) -> None:
+    B, L = len(batch), max(1, max(r.length for r in batch))
+    x = torch.zeros(B, L, dtype=torch.long)
+    pos = torch.zeros(B, L, dtype=torch.long)
+    allowed = torch.zeros(B, L, L, dtype=torch.bool)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    for b, r in enumerate(batch):
+        seqs = groups[r.group][0]
+        x[b, :r.P] = torch.tensor(seqs[r.seqs[0]][:r.P])
+        pos[b, :r.P] = torch.arange(r.P)
+        allowed[b, :r.P, :r.P] = causal[:r.P, :r.P]
+        for j, (off, n) in zip(r.seqs, r.tails):
+            if n:
+                x[b, off:off + n] = torch.tensor(seqs[j][r.P:r.P + n])
+                pos[b, off:off + n] = torch.arange(r.P, r.P + n)
+                allowed[b, off:off + n, :r.P] = True
+                allowed[b, off:off + n, off:off + n] = causal[:n, :n]
+        tail = torch.arange(r.length, L)  # padding attends to itself only: no empty softmax rows
+        allowed[b, tail, tail] = True
+    if share:
+        mask = torch.zeros(B, 1, L, L, dtype=next(model.parameters()).dtype)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(mask.dtype).min)
+    else:  # one sequence per row: a plain causal model call with a padding mask
+        mask = (torch.arange(L)[None] < torch.tensor([r.length for r in batch])[:, None]).long()
+    # which (row, position, next token) each wanted log-probability needs
+    rr, pp, tt, spans = [], [], [], []
+    for b, r in enumerate(batch):
+        seqs, lo = groups[r.group]
+        for j, (off, n) in zip(r.seqs, r.tails):
+            seq, first = seqs[j], lo[j]
+            want = range(first, len(seq))  # token t is predicted at position t-1
+            rr += [b] * len(want)
+            pp += [t - 1 if t - 1 < r.P else off + (t - 1 - r.P) for t in want]
+            tt += [seq[t] for t in want]
+            spans.append((r.group, j, len(want)))
+    dec, head = _decoder_and_head(model)
+    kw = dict(input_ids=x.to(device), attention_mask=mask.to(device), position_ids=pos.to(device), use_cache=False)
+    rr, pp, tt = (torch.tensor(v, dtype=torch.long, device=device) for v in (rr, pp, tt))
+    if dec is not None:
+        hidden = dec(**kw).last_hidden_state[rr, pp]
+        vals = torch.cat([_logprob(head(h), t) for h, t in zip(hidden.split(512), tt.split(512))]) \
+            if len(tt) else torch.zeros(0)
+    else:
+        vals = _logprob(model(**kw).logits[rr, pp], tt)
+    vals = vals.double().cpu()
+    k = 0
+    for g, j, n in spans:
+        result[g][j] = vals[k:k + n]
+        k += n
 
 
-def _run_units(model, groups, batch, result, device) -> None:
-    B = len(batch)
-    Pmax = max(P for _, _, P in batch)
-    x = torch.zeros(B, Pmax, dtype=torch.long)
-    pmask = torch.zeros(B, Pmax, dtype=torch.long)
-    need_from = Pmax - 1  # earliest prefix position whose logits are needed (any row)
-    for r, (g, js, P) in enumerate(batch):
-        seqs, lo = groups[g]
-        x[r, :P] = torch.tensor(seqs[js[0]][:P])
-        pmask[r, :P] = 1
-        need_from = min(need_from, P - 1, min(lo[j] - 1 for j in js))
-    out = _forward(model, input_ids=x.to(device), attention_mask=pmask.to(device),
-                   position_ids=torch.arange(Pmax).expand(B, Pmax).to(device), use_cache=True,
-                   logits_to_keep=Pmax - need_from)
-    plog = out.logits  # [B, Pmax - need_from, V]: positions need_from .. Pmax-1
-    # suffix rows: each sequence's tokens after the prefix, except its last
-    rows = [(r, j) for r, (g, js, P) in enumerate(batch) for j in js if len(groups[g][0][j]) - 1 > P]
-    slog = None
-    if rows:
-        S = max(len(groups[batch[r][0]][0][j]) - 1 - batch[r][2] for r, j in rows)
-        sx = torch.zeros(len(rows), S, dtype=torch.long)
-        smask = torch.zeros(len(rows), S, dtype=torch.long)
-        pos = torch.zeros(len(rows), S, dtype=torch.long)
-        for k, (r, j) in enumerate(rows):
-            g, _, P = batch[r]
-            tail = groups[g][0][j][P:-1]
-            sx[k, :len(tail)] = torch.tensor(tail)
-            smask[k, :len(tail)] = 1
-            pos[k] = P + torch.arange(S)
-        index = torch.tensor([r for r, _ in rows])
-        cache = out.get("cache", None) or out.get("past_key_values", None)
-        cache.reorder_cache(index.to(device))
-        # transformers >= 5.2x names the argument `cache` (`past_key_values` before)
-        kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        sout = model(input_ids=sx.to(device), attention_mask=torch.cat([pmask[index], smask], 1).to(device),
-                     position_ids=pos.to(device), use_cache=True, **{kw: cache})
-        slog = sout.logits
-    # gather log p of every wanted token: from the prefix logits or the suffix logits
-    row_of = {rj: k for k, rj in enumerate(rows)}
-    pi, si, spans = ([], [], []), ([], [], []), []
-    for r, (g, js, P) in enumerate(batch):
-        seqs, lo = groups[g]
-        for j in js:
-            seq = seqs[j]
-            a = range(lo[j], min(len(seq), P + 1))  # token i predicted at prefix position i-1
-            b = range(max(lo[j], P + 1), len(seq))  # at suffix position i-1-P
-            for idx, vals in zip(pi, ([r] * len(a), [t - 1 - need_from for t in a], [seq[t] for t in a])):
-                idx += vals
-            if b:
-                k = row_of[(r, j)]
-                for idx, vals in zip(si, ([k] * len(b), [t - 1 - P for t in b], [seq[t] for t in b])):
-                    idx += vals
-            spans.append((g, j, len(a), len(b)))
-    pv = _gather(plog, pi)
-    sv = _gather(slog, si) if rows else pv[:0]
-    a0 = b0 = 0
-    for g, j, na, nb in spans:
-        result[g][j] = torch.cat([pv[a0:a0 + na], sv[b0:b0 + nb]])
-        a0, b0 = a0 + na, b0 + nb
-
-
-def _gather(logits, idx) -> torch.Tensor:
-    """log_softmax(logits)[row, pos, token] for index lists, without a vocab-sized copy per row."""
-    rows, pos, tok = (torch.tensor(v, dtype=torch.long, device=logits.device) for v in idx)
-    if rows.numel() == 0:
-        return torch.zeros(0, dtype=torch.float64)
-    picked = logits[rows, pos].float()  # [n, V]
-    return (picked.gather(1, tok[:, None])[:, 0] - torch.logsumexp(picked, -1)).double().cpu()
+def _logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[target] per row, without a vocab-sized log_softmax copy."""
+    logits = logits.float()
+    return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, -1)

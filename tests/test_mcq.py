@@ -208,9 +208,11 @@ def test_batching_and_rules_do_not_change_scores(lm):
         assert x["paper_ppl"] == pytest.approx(y["paper_ppl"], rel=1e-5)
 
 
-@pytest.mark.parametrize("family", tiny.FAMILIES)
-def test_shared_prefix_cache_equals_full_forward(family):
+@pytest.mark.parametrize("family,mode", [(f, "sdpa") for f in tiny.FAMILIES] + [("llama", "eager"), ("llama", "unshared")])
+def test_shared_prefix_rows_equal_full_forward(family, mode):
     model = tiny.model(family)
+    if mode == "eager":
+        model.set_attn_implementation("eager")
     g = torch.Generator().manual_seed(0)
     groups = []
     for _ in range(4):
@@ -220,7 +222,7 @@ def test_shared_prefix_cache_equals_full_forward(family):
         groups.append((seqs, [1, min(2, len(seqs[1]) - 1), len(seqs[2]) - 1]))
     groups.append(([(1, 2, 3), (4, 5, 6, 7)], [1, 2]))  # no shared prefix
     groups.append(([(9, 8, 7), (9, 8, 7)], [1, 2]))  # identical sequences
-    out = mcq.token_logprobs(model, groups, batch_size=3)
+    out = mcq.token_logprobs(model, groups, batch_size=3, share=False if mode == "unshared" else None)
     for (seqs, lo), got in zip(groups, out):
         for seq, first, lp in zip(seqs, lo, got):
             ref = _nll_reference(model, list(seq))[first - 1:]
