@@ -55,6 +55,23 @@ def _windows(n: int, block_size: int, stride: int, cover: bool) -> list[tuple[in
     return out
 
 
+def decoder_and_head(model):
+    """The transformer body and the LM head, so that logits are computed only where a
+    log-probability is wanted. (None, None) when the model does not expose them."""
+    try:
+        dec, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError, ValueError):
+        return None, None
+    return (dec, head) if dec is not None and dec is not model and head is not None else (None, None)
+
+
+def head_nll(head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Per-row -log p(target) of LM-head logits, `chunk` rows at a time (smaller chunks
+    re-read the head's weight, 113 MB for SmolLM2, once per chunk)."""
+    out = [F.cross_entropy(head(h).float(), t, reduction="none") for h, t in zip(hidden.split(chunk), targets.split(chunk))]
+    return torch.cat(out) if out else hidden.new_zeros(0)
+
+
 @torch.no_grad()
 def _score_stream(model, ids: torch.Tensor, windows, batch_size: int, scored: torch.Tensor | None = None,
                   progress=None) -> tuple[float, int]:
@@ -64,6 +81,7 @@ def _score_stream(model, ids: torch.Tensor, windows, batch_size: int, scored: to
     separators) while keeping them as context.
     """
     device = next(model.parameters()).device
+    dec, head = decoder_and_head(model)
     nll, count, t0 = 0.0, 0, time.perf_counter()
     total = sum(e - s for s, e, _ in windows)
     done = 0
@@ -80,11 +98,18 @@ def _score_stream(model, ids: torch.Tensor, windows, batch_size: int, scored: to
             if scored is not None:
                 lab[~scored[s + first: e]] = -100
             labels[r, first: e - s] = lab
-        logits = model(input_ids=x.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        target = labels[:, 1:].reshape(-1).to(device)
-        nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target,
-                                     ignore_index=-100, reduction="sum"))
-        count += int((target != -100).sum())
+        target = labels[:, 1:].to(device)
+        keep = target != -100
+        # no mask when no row is padded: the model then takes its plain causal path
+        kw = dict(input_ids=x.to(device), attention_mask=None if bool(mask.all()) else mask.to(device),
+                  use_cache=False)
+        if dec is not None:
+            hidden = dec(**kw).last_hidden_state[:, :-1][keep]
+            nll += float(head_nll(head, hidden, target[keep]).sum())
+        else:
+            logits = model(**kw).logits[:, :-1]
+            nll += float(F.cross_entropy(logits[keep].float(), target[keep], reduction="sum"))
+        count += int(keep.sum())
         done += sum(e - s for s, e, _ in group)
         if progress:
             dt = time.perf_counter() - t0

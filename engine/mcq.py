@@ -34,8 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .errors import MinigptError
+from .evaluate import decoder_and_head, head_nll
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 RULES = ("acc", "acc_norm", "acc_bytes", "acc_paper")
@@ -509,15 +511,6 @@ def _rows(groups, share: bool) -> list[_Row]:
     return rows
 
 
-def _decoder_and_head(model):
-    """The transformer body and the LM head, so logits are computed only where needed."""
-    try:
-        dec, head = model.get_decoder(), model.get_output_embeddings()
-    except (AttributeError, NotImplementedError, ValueError):
-        return None, None
-    return (dec, head) if dec is not None and dec is not model and head is not None else (None, None)
-
-
 @torch.no_grad()
 def token_logprobs(model, groups: list[tuple[list[tuple], list[int]]], batch_size: int = 8,
                    on_batch=None, max_batch_tokens: int = 4096, share: bool | None = None) -> list[list[torch.Tensor]]:
@@ -588,23 +581,15 @@ def _run_rows(model, groups, batch: list[_Row], result, device, share: bool) -> 
             pp += [t - 1 if t - 1 < r.P else off + (t - 1 - r.P) for t in want]
             tt += [seq[t] for t in want]
             spans.append((r.group, j, len(want)))
-    dec, head = _decoder_and_head(model)
+    dec, head = decoder_and_head(model)
     kw = dict(input_ids=x.to(device), attention_mask=mask.to(device), position_ids=pos.to(device), use_cache=False)
     rr, pp, tt = (torch.tensor(v, dtype=torch.long, device=device) for v in (rr, pp, tt))
     if dec is not None:
-        hidden = dec(**kw).last_hidden_state[rr, pp]
-        vals = torch.cat([_logprob(head(h), t) for h, t in zip(hidden.split(512), tt.split(512))]) \
-            if len(tt) else torch.zeros(0)
+        vals = -head_nll(head, dec(**kw).last_hidden_state[rr, pp], tt)
     else:
-        vals = _logprob(model(**kw).logits[rr, pp], tt)
+        vals = -F.cross_entropy(model(**kw).logits[rr, pp].float(), tt, reduction="none")
     vals = vals.double().cpu()
     k = 0
     for g, j, n in spans:
         result[g][j] = vals[k:k + n]
         k += n
-
-
-def _logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log_softmax(logits)[target] per row, without a vocab-sized log_softmax copy."""
-    logits = logits.float()
-    return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, -1)
