@@ -2,7 +2,7 @@
 
 The base model is calibrated on domain text (builtin:licenses), then 20% and 40% of the
 MLP neurons of every layer are removed for real (`engine.prune`, ratio rule, structural
-mode). Two workloads, each timed round-robin over the three models:
+mode); "/64" rows round each kept width up to a multiple of 64 (prune.round_to = 64). Two workloads, each timed round-robin over the three models:
 
 * prefill: one forward pass over a batch of 512-token blocks (throughput, tokens/s);
 * decode: greedy generation of new tokens after a 64-token prompt, batch 1, KV cache
@@ -58,9 +58,10 @@ def main() -> None:
     stats = calibrate(base, blocks(d.calibrate[: args.calib_tokens], block), 2)
     models = {"base": base}
     for r in (0.2, 0.4):
-        m = copy.deepcopy(base)
-        prune.apply_structural(m, prune.select(m, stats, PruneConfig(rule="ratio", ratio=r)))
-        models[f"pruned {int(r * 100)}%"] = m.eval()
+        for round_to in (1, 64):  # 64: widths the matmul kernels tile evenly
+            m = copy.deepcopy(base)
+            prune.apply_structural(m, prune.select(m, stats, PruneConfig(rule="ratio", ratio=r, round_to=round_to)))
+            models[f"pruned {int(r * 100)}%" + (f" /{round_to}" if round_to > 1 else "")] = m.eval()
 
     x = blocks(d.evaluate, block)[: args.prefill_batch]
     prompt = d.evaluate[:64][None]
@@ -81,10 +82,10 @@ def main() -> None:
 
     print(f"model: {name}; prefill {x.shape[0]}x{x.shape[1]} tokens; decode {n_new} new tokens after 64, "
           f"batch 1; {args.rounds} interleaved rounds; {machine()}")
-    print(f"{'model':12} {'params':>12} {'MACs/token':>12} {'prefill tok/s':>14} {'decode tok/s':>13}")
+    print(f"{'model':16} {'params':>12} {'MACs/token':>12} {'prefill tok/s':>14} {'decode tok/s':>13}")
     base_macs = macs_per_token(base)
     for k, m in models.items():
-        print(f"{k:12} {prune.count_params(m):12,} {macs_per_token(m):12,} "
+        print(f"{k:16} {prune.count_params(m):12,} {macs_per_token(m):12,} "
               f"{x.numel() / min(pre[k]):14.0f} {n_new / min(dec[k]):13.1f}")
     for k in list(models)[1:]:
         p, plo, phi = ratio(pre, "base", k)

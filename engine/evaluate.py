@@ -234,6 +234,7 @@ def mcq_metrics(ctx, model, label: str) -> dict[str, float]:
     for s in sets:
         def progress(done, _total, rate, off=offset):
             ctx.rep.progress(stage, off + done, total, "items", rate)
+            ctx.rep.check_stop()  # evaluation is redone on resume: stopping mid-way loses nothing
 
         res = mcq.score(model, ctx.tokenizer, s, fewshot=e.mcq_fewshot, context=e.mcq_context or None,
                         template=e.mcq_template or None, batch_size=e.batch_size, seed=ctx.cfg.seed,

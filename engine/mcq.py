@@ -378,6 +378,8 @@ def score(model, tokenizer, mcq: MCQSet, fewshot: int = 0, context: str | None =
         raise MinigptError(f"unknown MCQ scoring rule {unknown[0] if unknown else '(none)'}",
                            f"use some of: {', '.join(RULES)}")
     items = mcq.items
+    if not items:
+        raise MinigptError(f"MCQ set {mcq.name} has no questions", "give a set with at least one question")
     max_len = _model_max_length(model)
     want_ll = any(r != "acc_paper" for r in rules)
     want_paper = "acc_paper" in rules

@@ -251,6 +251,9 @@ class _Rep:
     def log(self, msg, level="info"):
         self.events.append(("log", msg))
 
+    def check_stop(self):
+        pass
+
 
 def test_mcq_metrics_for_the_pipeline(lm, tmp_path):
     model, tok = lm
