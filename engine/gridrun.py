@@ -10,7 +10,6 @@ SIGINT/SIGTERM stop the running cell at its next safe point and start no other.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import sys
@@ -24,29 +23,6 @@ from .grid import (LOG_FILE, LOCK_FILE, RESULTS_MD, Cell, GridSpec, _cell_sessio
                    write_outputs)
 
 _SHARED_STAGES = ("baseline", "calibrate")
-
-
-class GridLock:
-    """One runner per grid folder (the kernel drops the lock when it dies)."""
-
-    def __init__(self, folder: Path):
-        self.path = folder / LOCK_FILE
-        self._f = None
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a+")
-        try:
-            fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._f.close()
-            raise MinigptError(f"grid {self.path.parent} is already being run by another process",
-                               f"wait for it, or follow it in {self.path.parent / LOG_FILE}") from None
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self._f, fcntl.LOCK_UN)
-        self._f.close()
 
 
 def _donor(cell: Cell, sessions: dict, cells: list[Cell]) -> session_mod.Session | None:
@@ -168,7 +144,8 @@ def run_grid(spec: GridSpec, display_factory: Callable | None = None, echo: Call
 
     spec.folder.mkdir(parents=True, exist_ok=True)
     todo = cells or spec.cells
-    with GridLock(spec.folder), _Stopper() as stopper:
+    with session_mod.RunnerLock(spec.folder / LOCK_FILE, f"grid {spec.folder} is already being run by another process",
+                                f"wait for it, or follow it in {spec.folder / LOG_FILE}"), _Stopper() as stopper:
         index = _read_index(spec.folder)
         known = {c["key"]: c for c in index.get("cells", []) if isinstance(c, dict) and "key" in c}
         disp = display_factory() if display_factory else None

@@ -129,25 +129,27 @@ class Session:
         return status
 
     def acquire(self) -> "RunnerLock":
-        return RunnerLock(self.path / LOCK_FILE, self.id)
+        return RunnerLock(self.path / LOCK_FILE, f"session {self.id} is already being run by another process",
+                          f"wait for it, or stop it with: minigpt stop {self.id}")
 
 
 class RunnerLock:
-    """Exclusive, process-lifetime lock: the kernel drops it when the runner dies."""
+    """Exclusive, process-lifetime lock holding the runner's pid: the kernel drops it when
+    the runner dies. `busy` is the (problem, fix) error raised when another process holds it."""
 
-    def __init__(self, path: Path, session_id: str):
+    def __init__(self, path: Path, *busy: str):
         self.path = path
-        self.session_id = session_id
+        self.busy = busy
         self._f = None
 
     def __enter__(self) -> "RunnerLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a+")
         try:
             fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._f.close()
-            raise MinigptError(f"session {self.session_id} is already being run by another process",
-                               f"wait for it, or stop it with: minigpt stop {self.session_id}") from None
+            raise MinigptError(*self.busy) from None
         self._f.seek(0)
         self._f.truncate()
         self._f.write(str(os.getpid()))

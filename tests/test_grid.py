@@ -14,6 +14,7 @@ import pytest
 import tiny
 from engine import grid, gridrun, pipeline, presets
 from engine.errors import MinigptError
+from engine.errors import MinigptError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -126,6 +127,16 @@ def test_tiny_grid_runs_shares_calibration_resumes_and_tabulates(tmp_path, monke
     assert calls == [paths[2].name] and _events(paths[2], "run_start") == 2
     assert _events(paths[0], "run_start") == 2 and _events(paths[0], "stage_end", "baseline") == 1
     assert _events(paths[2], "stage_end", "prune") == 1  # resumed after prune, not redone
+
+
+def test_one_runner_per_grid_folder(tmp_path):
+    spec, _ = _tiny_grid(tmp_path)
+    from engine.session import RunnerLock
+
+    with RunnerLock(spec.folder / gridrun.LOCK_FILE, "held", "by this test"):
+        with pytest.raises(MinigptError, match=f"grid {spec.folder} is already being run"):
+            gridrun.run_grid(spec, echo=lambda m: None)
+    assert not (spec.folder / "grid.json").exists()  # nothing ran
 
 
 def test_changed_config_makes_new_cells_and_load_grid_is_torch_free(tmp_path):

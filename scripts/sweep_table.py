@@ -1,0 +1,89 @@
+"""Pivot one or more `minigpt sweep` tables (sweep.csv) into one row per setting, one column per ratio.
+
+Each cell reads "ppl (×base) · MCQ acc" for one evaluation corpus. Rows from several sweeps
+of the same model and corpus are merged (the settings are what tell them apart), so a
+study run as several `minigpt sweep` invocations reads as one table.
+
+Usage: .venv/bin/python scripts/sweep_table.py OUT1/sweep.csv [OUT2/sweep.csv ...]
+       [--evaluate builtin:licenses] [--calibrate builtin:licenses] [--cross]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+SETTING = ("calibrate_on", "criterion", "allocation", "compensation", "sequential")
+
+
+def load(paths: list[Path]) -> list[dict]:
+    rows = []
+    for p in paths:
+        with open(p, newline="") as f:
+            rows.extend(csv.DictReader(f))
+    return rows
+
+
+def pivot(rows: list[dict], evaluate: str, calibrate: str | None = None) -> str:
+    ppl, xb, mcq = f"ppl[{evaluate}]", f"x_base[{evaluate}]", f"mcq_acc[{evaluate}]"
+    rows = [r for r in rows if r.get(ppl) and (calibrate is None or r["calibrate_on"] == calibrate)]
+    if not rows:
+        raise SystemExit(f"no sweep rows evaluated on {evaluate}" + (f" and calibrated on {calibrate}" if calibrate else ""))
+    ratios = sorted({float(r["ratio"]) for r in rows})
+    table: dict[tuple, dict[float, dict]] = {}
+    for r in rows:
+        table.setdefault(tuple(r[k] for k in SETTING), {})[float(r["ratio"])] = r
+    head = ["calibrated on", "criterion", "allocation", "compensation", "sequential"] + \
+           [f"{x:.0%} removed: ppl (×base) · MCQ" for x in ratios]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for setting, by_ratio in table.items():
+        cells = []
+        for x in ratios:
+            r = by_ratio.get(x)
+            if r is None:
+                cells.append("")
+                continue
+            cell = f"{float(r[ppl]):.2f} ({float(r[xb]):.3f}×)"
+            if r.get(mcq):
+                cell += f" · {float(r[mcq]):.2f}"
+            cells.append(cell)
+        seq = "yes" if setting[4] in ("True", "true", "yes") else "no"
+        lines.append("| " + " | ".join([setting[0].removeprefix("builtin:"), *setting[1:4], seq, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def cross(rows: list[dict]) -> str:
+    """Calibrated-on × evaluated-on perplexity, one block of rows per setting and ratio."""
+    evals = sorted({k[4:-1] for r in rows for k, v in r.items() if k.startswith("ppl[") and v})
+    calibs = sorted({r["calibrate_on"] for r in rows})
+    head = ["setting", "removed", "calibrated on"] + [f"ppl on {e.removeprefix('builtin:')} (×base)" for e in evals]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in SETTING[1:]) + (float(r["ratio"]),), {})[r["calibrate_on"]] = r
+    for key, by_calib in groups.items():
+        name = "/".join(key[:3]) + ("/sequential" if key[3] in ("True", "true") else "")
+        for c in calibs:
+            r = by_calib.get(c)
+            if r is None:
+                continue
+            cells = [f"{float(r[f'ppl[{e}]']):.2f} ({float(r[f'x_base[{e}]']):.3f}×)" if r.get(f"ppl[{e}]") else ""
+                     for e in evals]
+            lines.append("| " + " | ".join([name, f"{key[4]:.0%}", c.removeprefix("builtin:"), *cells]) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("csv", nargs="+", type=Path)
+    ap.add_argument("--evaluate", default="builtin:licenses", help="evaluation corpus whose columns to show")
+    ap.add_argument("--calibrate", default=None, help="only rows calibrated on this corpus")
+    ap.add_argument("--cross", action="store_true", help="calibrated-on × evaluated-on table instead")
+    args = ap.parse_args()
+    rows = load(args.csv)
+    print(cross(rows) if args.cross else pivot(rows, args.evaluate, args.calibrate))
+
+
+if __name__ == "__main__":
+    main()
