@@ -48,3 +48,23 @@ def test_smollm2_end_to_end(tmp_path):
     orig = ctx.current_model()
     with torch.no_grad():
         assert torch.equal(m(ids).logits, orig(ids).logits)
+
+
+@pytest.mark.parametrize("source", ["builtin:licenses", "builtin:stdlib-docs"])
+def test_generated_questions_are_answerable_by_smollm2(source):
+    """Generated sentence-completion MCQs are signal, not noise: the base model beats chance
+    by more than 3 standard errors of a guesser (40 questions, 4 choices, chance 0.25)."""
+    import math
+
+    from engine import data as data_mod
+    from engine import mcq, models
+
+    model, tok, _ = models.load(config_mod.ModelConfig(device="cpu", dtype="float32"))
+    d = data_mod.DomainData.build(config_mod.DataConfig(source=source), tok, max_calib=1, max_eval=1)
+    qs = mcq.generate(d.eval_texts, 40, seed=0)
+    assert len(qs.items) == 40
+    res = mcq.score(model, tok, qs, rules=("acc", "acc_norm"), batch_size=4)
+    chance = 0.25
+    guesser_se = math.sqrt(chance * (1 - chance) / 40)
+    assert res["acc"] > chance + 3 * guesser_se, res["acc"]
+    assert res["acc_norm"] > chance + 3 * guesser_se, res["acc_norm"]
