@@ -3,7 +3,7 @@
 The base model is calibrated on domain text (builtin:licenses), then 20% and 40% of the
 MLP neurons of every layer are removed for real (`engine.prune`, ratio rule, structural
 mode); "/64" rows round each kept width up to a multiple of 64 (prune.round_to = 64).
-MLP pruning alone cannot remove the lm_head's share of the work (28% of SmolLM2's
+MLP pruning alone cannot remove the lm_head's share of the work (21% of SmolLM2's
 multiply-accumulates per token), so "+vocab" rows also apply the paper's embedding
 pruning (`engine.vocab`, ε_emb = 0: tokens never seen in the domain's calibration split
 are removed from the embedding, the tied lm_head and the tokenizer); their prefill input

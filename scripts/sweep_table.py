@@ -14,6 +14,10 @@ import argparse
 import csv
 from pathlib import Path
 
+def _num(v: float, digits: int) -> str:
+    return f"{v:.{digits}f}" if v < 1000 else f"{v:,.0f}"
+
+
 SETTING = ("calibrate_on", "criterion", "allocation", "compensation", "sequential")
 
 
@@ -44,7 +48,7 @@ def pivot(rows: list[dict], evaluate: str, calibrate: str | None = None) -> str:
             if r is None:
                 cells.append("")
                 continue
-            cell = f"{float(r[ppl]):.2f} ({float(r[xb]):.3f}×)"
+            cell = f"{_num(float(r[ppl]), 2)} ({_num(float(r[xb]), 3)}×)"
             if r.get(mcq):
                 cell += f" · {float(r[mcq]):.2f}"
             cells.append(cell)
@@ -68,7 +72,7 @@ def cross(rows: list[dict]) -> str:
             r = by_calib.get(c)
             if r is None:
                 continue
-            cells = [f"{float(r[f'ppl[{e}]']):.2f} ({float(r[f'x_base[{e}]']):.3f}×)" if r.get(f"ppl[{e}]") else ""
+            cells = [f"{_num(float(r[f'ppl[{e}]']), 2)} ({_num(float(r[f'x_base[{e}]']), 3)}×)" if r.get(f"ppl[{e}]") else ""
                      for e in evals]
             lines.append("| " + " | ".join([name, f"{key[4]:.0%}", c.removeprefix("builtin:"), *cells]) + " |")
     return "\n".join(lines)
