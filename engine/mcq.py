@@ -497,13 +497,36 @@ class _Row:
         return self.P + sum(n for _, n in self.tails)
 
 
+def _packs(seqs: list[tuple]) -> list[list[int]]:
+    """Split one question's sequences into rows that share a prefix, fewest tokens first.
+
+    The choices of one rule share the prompt; the paper's rule scores question + choice
+    without the few-shot prompt, so its sequences share another prefix. In lexicographic
+    order sequences with a common prefix are adjacent; each joins the current row when
+    that costs fewer tokens than starting a new one.
+    """
+    order = sorted(range(len(seqs)), key=lambda j: seqs[j])
+    packs, cur = [], [order[0]]
+    p = cost = len(seqs[order[0]]) - 1  # shared prefix length, tokens the row runs
+    for j in order[1:]:
+        q = min(p, _lcp([seqs[cur[0]], seqs[j]]), len(seqs[j]) - 1)
+        merged = q + sum(len(seqs[k]) - 1 - q for k in cur + [j])
+        if q >= 1 and merged <= cost + len(seqs[j]) - 1:
+            cur, p, cost = cur + [j], q, merged
+        else:
+            packs.append(cur)
+            cur, p, cost = [j], len(seqs[j]) - 1, len(seqs[j]) - 1
+    packs.append(cur)
+    return packs
+
+
 def _rows(groups, share: bool) -> list[_Row]:
     rows = []
     for g, (seqs, _) in enumerate(groups):
-        P = min(_lcp(seqs), min(len(x) for x in seqs) - 1)
-        packs = [list(range(len(seqs)))] if share and P >= 1 else [[j] for j in range(len(seqs))]
+        packs = _packs(seqs) if share else [[j] for j in range(len(seqs))]
         for js in packs:
-            p = P if len(js) > 1 else len(seqs[js[0]]) - 1
+            p = min(_lcp([seqs[j] for j in js]), min(len(seqs[j]) for j in js) - 1) if len(js) > 1 \
+                else len(seqs[js[0]]) - 1
             tails, off = [], p
             for j in js:
                 n = len(seqs[j]) - 1 - p

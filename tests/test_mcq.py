@@ -222,11 +222,23 @@ def test_shared_prefix_rows_equal_full_forward(family, mode):
         groups.append((seqs, [1, min(2, len(seqs[1]) - 1), len(seqs[2]) - 1]))
     groups.append(([(1, 2, 3), (4, 5, 6, 7)], [1, 2]))  # no shared prefix
     groups.append(([(9, 8, 7), (9, 8, 7)], [1, 2]))  # identical sequences
+    few = list(range(20, 40))  # few-shot prompt + question per choice, and question + choice (paper's rule)
+    groups.append(([tuple(few + [5, 6, 7]), tuple(few + [5, 6, 8, 9]), (5, 6, 7, 1), (5, 6, 8, 2)], [21, 21, 2, 2]))
     out = mcq.token_logprobs(model, groups, batch_size=3, share=False if mode == "unshared" else None)
     for (seqs, lo), got in zip(groups, out):
         for seq, first, lp in zip(seqs, lo, got):
             ref = _nll_reference(model, list(seq))[first - 1:]
             assert lp.tolist() == pytest.approx(ref, abs=2e-5)
+
+
+def test_sequences_pack_by_shared_prefix():
+    few = tuple(range(20, 40))
+    seqs = [few + (5, 6, 7), (5, 6, 7, 1), few + (5, 6, 8, 9), (5, 6, 8, 2), (3, 1)]
+    # the two rules' sequences share different prefixes: two packed rows, plus the stray
+    assert sorted(sorted(p) for p in mcq._packs(seqs)) == [[0, 2], [1, 3], [4]]
+    rows = mcq._rows([(seqs, [1] * 5)], share=True)
+    assert sorted(r.length for r in rows) == [1, 4, 23]  # prefix 22 + tails 0 and 1; prefix 2 + 1 + 1; (3,) alone
+    assert sum(r.length for r in rows) < sum(len(x) - 1 for x in seqs)
 
 
 def test_protocol_and_comparable(lm):
