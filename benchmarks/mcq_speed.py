@@ -14,7 +14,10 @@ The per-choice log-likelihoods of ours and lm-eval's core are compared (max |dif
 Then the accuracy of the model on generated questions of each --domains corpus is
 printed with binomial standard errors (chance = 1/choices).
 
-Usage: .venv/bin/python benchmarks/mcq_speed.py [--tiny] [--threads N] [--items 100] [--fewshot 0]
+--format letters asks the same questions in MMLU's format (the choices listed in the prompt,
+answered by one letter), where every request repeats a long prompt for a one-token answer.
+
+Usage: .venv/bin/python benchmarks/mcq_speed.py [--tiny] [--threads N] [--items 100] [--fewshot 0] [--format letters]
        [--domains builtin:licenses,builtin:stdlib-docs] [--rounds 1]
 """
 
@@ -55,6 +58,9 @@ def main() -> None:
     ap.add_argument("--domains", default="builtin:licenses,builtin:stdlib-docs",
                     help="speed on the first; accuracy on each")
     ap.add_argument("--skip-lmeval", action="store_true", help="accuracy only")
+    ap.add_argument("--format", choices=["completion", "letters"], default="completion",
+                    help="letters: the same questions in MMLU's prompt format (choices listed as A-D "
+                         "in the prompt, answered by one letter)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -66,6 +72,8 @@ def main() -> None:
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
     sets = {src: mcq.generate(domain(tok, src).eval_texts, args.items, seed=0, name=f"generated:{src}")
             for src in domains}
+    if args.format == "letters":
+        sets = {src: as_letters(s) for src, s in sets.items()}
     print(f"model: {name}; {machine()}")
 
     if not args.skip_lmeval:
@@ -77,6 +85,16 @@ def main() -> None:
         res = mcq.score(model, tok, s, fewshot=args.fewshot, batch_size=args.batch)
         cells = " ".join(f"{res[r]:.3f} ± {res['stderr'][r]:.3f}".rjust(15) for r in mcq.RULES)
         print(f"{src:24} {res['n']:5d} {res['protocol']['choices']!s:>7} {cells}")
+
+
+def as_letters(s):
+    """MMLU's lm-eval prompt ("{question}\\nA. ..\\nB. ..\\nAnswer:", choices " A".." D") for the same items."""
+    from engine import mcq
+
+    letters = "ABCDEFGHIJ"
+    items = [mcq.Item(it.question + " ...\n" + "".join(f"{letters[k]}. {c}\n" for k, c in enumerate(it.choices))
+                      + "Answer:", tuple(letters[:len(it.choices)]), it.answer) for it in s.items]
+    return mcq.MCQSet(s.name + " (letters)", items, kind="completion", source=s.source, meta=s.meta)
 
 
 def speed(model, tok, s, args) -> None:
