@@ -33,7 +33,9 @@ def test_sighup_to_the_launching_terminal_does_not_stop_a_detached_run(tmp_path,
     cfg_path.write_text(cfg.to_toml())
     root = tmp_path / "sessions"
     # the CLI in a process session of its own: its process group plays the terminal's
-    cli = _cli("run", str(cfg_path), "--root", str(root), "--name", "hup", start_new_session=True)
+    # SIGHUP's default action restored: a CI launched under nohup would otherwise pass SIG_IGN down
+    cli = _cli("run", str(cfg_path), "--root", str(root), "--name", "hup", start_new_session=True,
+               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     first = cli.stdout.readline().decode()
     assert first.startswith("session hup"), first
     launched = cli.stdout.readline().decode()
