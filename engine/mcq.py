@@ -609,8 +609,9 @@ def _run_rows(model, groups, batch: list[_Row], result, device, share: bool) -> 
     dec, head = decoder_and_head(model)
     kw = dict(input_ids=x.to(device), attention_mask=mask.to(device), position_ids=pos.to(device), use_cache=False)
     rr, pp, tt = (torch.tensor(v, dtype=torch.long, device=device) for v in (rr, pp, tt))
-    if dec is not None:
-        vals = -head_nll(head, dec(**kw).last_hidden_state[rr, pp], tt)
+    if dec is not None:  # the LM head once per distinct (row, position, target): shared prefixes score once
+        uniq, inv = torch.unique(torch.stack([rr, pp, tt], 1), dim=0, return_inverse=True)
+        vals = -head_nll(head, dec(**kw).last_hidden_state[uniq[:, 0], uniq[:, 1]], uniq[:, 2])[inv]
     else:
         vals = -F.cross_entropy(model(**kw).logits[rr, pp].float(), tt, reduction="none")
     vals = vals.double().cpu()

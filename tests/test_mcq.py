@@ -224,6 +224,7 @@ def test_shared_prefix_rows_equal_full_forward(family, mode):
     groups.append(([(9, 8, 7), (9, 8, 7)], [1, 2]))  # identical sequences
     few = list(range(20, 40))  # few-shot prompt + question per choice, and question + choice (paper's rule)
     groups.append(([tuple(few + [5, 6, 7]), tuple(few + [5, 6, 8, 9]), (5, 6, 7, 1), (5, 6, 8, 2)], [21, 21, 2, 2]))
+    groups.append((groups[-1][0], [1, 1, 1, 1]))  # whole-sequence scores (paper rule): prefix positions asked 2x
     out = mcq.token_logprobs(model, groups, batch_size=3, share=False if mode == "unshared" else None)
     for (seqs, lo), got in zip(groups, out):
         for seq, first, lp in zip(seqs, lo, got):
