@@ -497,13 +497,15 @@ class _Row:
         return self.P + sum(n for _, n in self.tails)
 
 
-def _packs(seqs: list[tuple]) -> list[list[int]]:
-    """Split one question's sequences into rows that share a prefix, fewest tokens first.
+def _packs(seqs: list[tuple]) -> list[tuple[list[int], int]]:
+    """Split one question's sequences into rows that share a prefix, fewest tokens first:
+    (sequence indices, shared prefix length) per row.
 
     The choices of one rule share the prompt; the paper's rule scores question + choice
     without the few-shot prompt, so its sequences share another prefix. In lexicographic
     order sequences with a common prefix are adjacent; each joins the current row when
-    that costs fewer tokens than starting a new one.
+    that costs fewer tokens than starting a new one. A prefix never covers a sequence's
+    last token (only ever a target).
     """
     order = sorted(range(len(seqs)), key=lambda j: seqs[j])
     packs, cur = [], [order[0]]
@@ -514,19 +516,17 @@ def _packs(seqs: list[tuple]) -> list[list[int]]:
         if q >= 1 and merged <= cost + len(seqs[j]) - 1:
             cur, p, cost = cur + [j], q, merged
         else:
-            packs.append(cur)
+            packs.append((cur, p))
             cur, p, cost = [j], len(seqs[j]) - 1, len(seqs[j]) - 1
-    packs.append(cur)
+    packs.append((cur, p))
     return packs
 
 
 def _rows(groups, share: bool) -> list[_Row]:
     rows = []
     for g, (seqs, _) in enumerate(groups):
-        packs = _packs(seqs) if share else [[j] for j in range(len(seqs))]
-        for js in packs:
-            p = min(_lcp([seqs[j] for j in js]), min(len(seqs[j]) for j in js) - 1) if len(js) > 1 \
-                else len(seqs[js[0]]) - 1
+        packs = _packs(seqs) if share else [([j], len(seqs[j]) - 1) for j in range(len(seqs))]
+        for js, p in packs:
             tails, off = [], p
             for j in js:
                 n = len(seqs[j]) - 1 - p

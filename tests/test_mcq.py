@@ -236,7 +236,7 @@ def test_sequences_pack_by_shared_prefix():
     few = tuple(range(20, 40))
     seqs = [few + (5, 6, 7), (5, 6, 7, 1), few + (5, 6, 8, 9), (5, 6, 8, 2), (3, 1)]
     # the two rules' sequences share different prefixes: two packed rows, plus the stray
-    assert sorted(sorted(p) for p in mcq._packs(seqs)) == [[0, 2], [1, 3], [4]]
+    assert sorted((sorted(js), p) for js, p in mcq._packs(seqs)) == [([0, 2], 22), ([1, 3], 2), ([4], 1)]
     rows = mcq._rows([(seqs, [1] * 5)], share=True)
     assert sorted(r.length for r in rows) == [1, 4, 23]  # prefix 22 + tails 0 and 1; prefix 2 + 1 + 1; (3,) alone
     assert sum(r.length for r in rows) < sum(len(x) - 1 for x in seqs)
