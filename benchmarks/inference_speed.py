@@ -64,18 +64,19 @@ def main() -> None:
     d = domain(tok)
     stats = calibrate(base, blocks(d.calibrate[: args.calib_tokens], block), 2)
     models = {"base": base}
+    counts = token_counts(d.calibrate, len(tok))
+    inputs = {}  # model name -> (prefill blocks, decode prompt, tokenizer) for vocabulary-pruned models
+    vocab_rows = []
     for r in (0.2, 0.4):
         for round_to in (1, 64):  # 64: widths the matmul kernels tile evenly
             m = copy.deepcopy(base)
             prune.apply_structural(m, prune.select(m, stats, PruneConfig(rule="ratio", ratio=r, round_to=round_to)))
-            models[f"pruned {int(r * 100)}%" + (f" /{round_to}" if round_to > 1 else "")] = m.eval()
-    counts = token_counts(d.calibrate, len(tok))
-    inputs = {}  # model name -> (prefill blocks, decode prompt, tokenizer) for vocabulary-pruned models
-    for r in (0.2, 0.4):
-        m = copy.deepcopy(base)
-        prune.apply_structural(m, prune.select(m, stats, PruneConfig(rule="ratio", ratio=r, round_to=64)))
+            k = f"pruned {int(r * 100)}%" + (f" /{round_to}" if round_to > 1 else "")
+            models[k] = m.eval()
+            if round_to == 64:
+                vocab_rows.append((k + " +vocab", copy.deepcopy(m)))
+    for k, m in vocab_rows:  # after the MLP-only rows, so the table lists them last
         m, new_tok, _ = vocab.prune_vocabulary(m, tok, counts, 0.0)
-        k = f"pruned {int(r * 100)}% /64 +vocab"
         models[k] = m.eval()
         ids = torch.tensor(new_tok("\n\n".join(d.eval_texts))["input_ids"])
         inputs[k] = (blocks(ids, block)[: args.prefill_batch], ids[:64][None], new_tok)
