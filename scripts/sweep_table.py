@@ -14,6 +14,11 @@ import argparse
 import csv
 from pathlib import Path
 
+def _yes(v: str) -> bool:
+    """sweep.csv writes booleans as Python prints them."""
+    return v in ("True", "true", "yes")
+
+
 def _num(v: float, digits: int) -> str:
     return f"{v:.{digits}f}" if v < 1000 else f"{v:,.0f}"
 
@@ -52,7 +57,7 @@ def pivot(rows: list[dict], evaluate: str, calibrate: str | None = None) -> str:
             if r.get(mcq):
                 cell += f" · {float(r[mcq]):.2f}"
             cells.append(cell)
-        seq = "yes" if setting[4] in ("True", "true", "yes") else "no"
+        seq = "yes" if _yes(setting[4]) else "no"
         lines.append("| " + " | ".join([setting[0].removeprefix("builtin:"), *setting[1:4], seq, *cells]) + " |")
     return "\n".join(lines)
 
@@ -67,7 +72,7 @@ def cross(rows: list[dict]) -> str:
     for r in rows:
         groups.setdefault(tuple(r[k] for k in SETTING[1:]) + (float(r["ratio"]),), {})[r["calibrate_on"]] = r
     for key, by_calib in groups.items():
-        name = "/".join(key[:3]) + ("/sequential" if key[3] in ("True", "true") else "")
+        name = "/".join(key[:3]) + ("/sequential" if _yes(key[3]) else "")
         for c in calibs:
             r = by_calib.get(c)
             if r is None:
