@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from pathlib import Path
+
+from engine.errors import MinigptError
 
 def _yes(v: str) -> bool:
     """sweep.csv writes booleans as Python prints them."""
@@ -26,11 +29,24 @@ def _num(v: float, digits: int) -> str:
 SETTING = ("calibrate_on", "criterion", "allocation", "compensation", "sequential")
 
 
+def fail(problem: str, fix: str) -> None:
+    print(f"error: {MinigptError(problem, fix).line()}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def load(paths: list[Path]) -> list[dict]:
     rows = []
     for p in paths:
-        with open(p, newline="") as f:
-            rows.extend(csv.DictReader(f))
+        try:
+            with open(p, newline="") as f:
+                got = list(csv.DictReader(f))
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            fail(f"cannot read {p} ({e.__class__.__name__})", "give the sweep.csv files written by minigpt sweep")
+        missing = [k for k in (*SETTING, "ratio") if got and k not in got[0]]
+        if not got or missing:
+            fail(f"{p} is not a sweep table" + (f" (no column {missing[0]})" if missing else " (no rows)"),
+                 "give the sweep.csv files written by minigpt sweep")
+        rows.extend(got)
     return rows
 
 
@@ -38,7 +54,8 @@ def pivot(rows: list[dict], evaluate: str, calibrate: str | None = None) -> str:
     ppl, xb, mcq = f"ppl[{evaluate}]", f"x_base[{evaluate}]", f"mcq_acc[{evaluate}]"
     rows = [r for r in rows if r.get(ppl) and (calibrate is None or r["calibrate_on"] == calibrate)]
     if not rows:
-        raise SystemExit(f"no sweep rows evaluated on {evaluate}" + (f" and calibrated on {calibrate}" if calibrate else ""))
+        fail(f"no sweep rows evaluated on {evaluate}" + (f" and calibrated on {calibrate}" if calibrate else ""),
+             "pick a corpus the sweeps evaluated on with --evaluate (see the ppl[...] columns)")
     ratios = sorted({float(r["ratio"]) for r in rows})
     table: dict[tuple, dict[float, dict]] = {}
     for r in rows:
