@@ -71,6 +71,9 @@ def run(cfg: RunConfig, grid: Grid, out_dir: str | Path, progress=None, log=prin
 
     grid.check()
     out_dir = Path(out_dir)
+    for what, folder in (("--out", out_dir), ("--stats", stats_dir)):
+        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+            raise MinigptError(f"sweep {what} {folder} is a file, not a folder", f"give a folder for {what}")
     say = progress or (lambda e: None)
     calib_sources = grid.calibrate_on or [cfg.data.source]
     eval_sources = grid.evaluate_on or [cfg.data.source]

@@ -88,6 +88,10 @@ def test_bad_grids_are_one_line_errors(setup, monkeypatch, capsys):
     assert _cli(monkeypatch, "sweep", str(setup / "c.toml"), "--compensations", "exact") == 2
     err = capsys.readouterr().err
     assert err.startswith("error: sweep compensations: 'exact'") and len(err.strip().splitlines()) == 1
+    (setup / "a-file").write_text("x")
+    assert _cli(monkeypatch, "sweep", str(setup / "c.toml"), "--stats", str(setup / "a-file")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: sweep --stats") and "is a file" in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_sweep_writes_csv_and_markdown(setup, monkeypatch):
