@@ -27,9 +27,11 @@ TOP_K = 256  # tokens per position kept from the full model's distribution
 
 
 @torch.no_grad()
-def _logprobs(model, batches) -> list[torch.Tensor]:
+def _logprobs(model, batches):
+    """Per batch, one at a time: a vocabulary-wide tensor per token is too big to hold for all."""
     device = next(model.parameters()).device
-    return [F.log_softmax(model(input_ids=b.to(device), use_cache=False).logits.float(), -1) for b in batches]
+    for b in batches:
+        yield F.log_softmax(model(input_ids=b.to(device), use_cache=False).logits.float(), -1)
 
 
 @torch.no_grad()
