@@ -141,13 +141,10 @@ def compensate_layer(mlp: adapters_mod.MLP, keep: torch.Tensor, stats: Stats, la
         if target is None:
             w_k, db = solve(w, gram, mean, keep, damping, with_bias=bias is not None)
             new_b = None if bias is None else b0 + db
-        else:
+        else:  # without an output bias there is no constant to fit: new_b stays None
             cross, t_mean = target
-            if bias is None:  # no constant to fit: t is reproduced as is
-                w_k, _ = solve_target(cross.index_select(1, keep), t_mean, gram, mean, keep, damping, False)
-                new_b = None
-            else:
-                w_k, new_b = solve_target(cross.index_select(1, keep), t_mean, gram, mean, keep, damping, True)
+            w_k, new_b = solve_target(cross.index_select(1, keep), t_mean, gram, mean, keep, damping,
+                                      with_bias=bias is not None)
         w[:, keep] = w_k
         if new_b is not None:
             bias.data.copy_(new_b.to(bias.dtype))
