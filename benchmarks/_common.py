@@ -32,7 +32,7 @@ def load_model(tiny: bool, threads: int = 0):
         import tiny as tiny_mod
 
         return tiny_mod.model("llama"), tiny_mod.tokenizer(), "tiny-llama (random, smoke run)"
-    from engine import models
+    from engine.models import load as models
     from engine.config import ModelConfig
 
     model, tok, _ = models.load(ModelConfig(device="cpu", dtype="float32"))
@@ -41,9 +41,9 @@ def load_model(tiny: bool, threads: int = 0):
 
 
 def domain(tokenizer, source: str = "builtin:licenses", seed: int = 0):
-    """The corpus's document-disjoint splits (engine.data), tokenized without caps."""
+    """The corpus's document-disjoint splits (engine.data.domain), tokenized without caps."""
     from engine.config import DataConfig
-    from engine.data import DomainData
+    from engine.data.domain import DomainData
 
     return DomainData.build(DataConfig(source=source, seed=seed), tokenizer)
 

@@ -1,4 +1,4 @@
-"""Calibration overhead: `engine.calibrate.calibrate` time ÷ a plain `model(...)` loop on the same tokens.
+"""Calibration overhead: `engine.prune.calibrate.calibrate` time ÷ a plain `model(...)` loop on the same tokens.
 
 Target: <= 1.10x. Both sides run the same blocks in the same batches under no_grad with
 use_cache=False; the only difference is the statistics hooks. Printed: the ratio with all
@@ -30,8 +30,8 @@ def main() -> None:
 
     import torch
 
-    from engine.calibrate import calibrate
-    from engine.data import blocks
+    from engine.prune.calibrate import calibrate
+    from engine.data.domain import blocks
 
     model, tok, name = load_model(args.tiny, args.threads)
     block = min(args.block, 128) if args.tiny else args.block
@@ -77,7 +77,7 @@ def hook_time(model, x, batch) -> tuple[float, float]:
     """
     import time
 
-    from engine import calibrate as cal
+    from engine.prune import calibrate as cal
 
     spent = [0.0]
 

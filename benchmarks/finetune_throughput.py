@@ -1,4 +1,4 @@
-"""Fine-tuning throughput: our loop (`engine.finetune.Finetuner`) against a plain HF `Trainer`.
+"""Fine-tuning throughput: our loop (`engine.train.finetune.Finetuner`) against a plain HF `Trainer`.
 
 Same model (identical initial weights), same packed blocks of the licences corpus, same
 batch size, gradient accumulation, AdamW, cosine schedule and grad-norm clipping. Rounds
@@ -25,7 +25,7 @@ from _common import domain, load_model, machine
 def _ours(model, blocks, fcfg, steps: int):
     import torch
 
-    from engine.finetune import Finetuner
+    from engine.train.finetune import Finetuner
 
     torch.set_grad_enabled(True)
     ft = Finetuner(model, blocks, fcfg, seed=0, total_steps=steps + 1)
@@ -82,7 +82,7 @@ def main() -> None:
     import torch
 
     from engine.config import FinetuneConfig
-    from engine.data import blocks as pack
+    from engine.data.domain import blocks as pack
 
     model, tok, name = load_model(a.model == "tiny")
     init = copy.deepcopy(model.state_dict())
@@ -105,7 +105,7 @@ def main() -> None:
                 times.append(secs)
                 print(f"  round {r + 1} {which:>4}: {tokens / secs:10,.1f} tokens/s")
     ratios = [h / o for o, h in zip(ours, hf)]  # time_hf / time_ours = tokens/s ours / tokens/s hf
-    print(f"ours (engine.finetune.Finetuner): {tokens / statistics.median(ours):,.1f} tokens/s (median of {a.rounds})")
+    print(f"ours (engine.train.finetune.Finetuner): {tokens / statistics.median(ours):,.1f} tokens/s (median of {a.rounds})")
     print(f"HF Trainer:                       {tokens / statistics.median(hf):,.1f} tokens/s (median of {a.rounds})")
     print(f"ratio ours/HF: {statistics.median(ratios):.3f} (per-round range {min(ratios):.3f}-{max(ratios):.3f})")
 

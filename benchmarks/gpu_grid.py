@@ -3,8 +3,8 @@
 The model is Phi-1.5-sized (hidden 2048, 24 layers, 32 heads, MLP 8192, vocab 51,200,
 gelu_new, partial rotary 0.5, context 2048), randomly initialised, fed synthetic tokens:
 the GPU machine cannot reach the hub, and throughput does not depend on the weights'
-values. Every phase runs the engine's own code (`engine.calibrate`, `engine.prune`,
-`engine.evaluate`, `engine.finetune.Finetuner`), and the dense model and its structurally
+values. Every phase runs the engine's own code (`engine.prune.calibrate`, `engine.prune.mlp`,
+`engine.evaluate.perplexity`, `engine.train.finetune.Finetuner`), and the dense model and its structurally
 pruned copy are measured side by side in one run, so the speed-up ratio is measured, not
 inferred.
 
@@ -114,9 +114,12 @@ def build(args, device, dtype):
 def run(args) -> dict:
     import torch
 
-    from engine import calibrate, evaluate, prune
+    from engine.prune import calibrate
+    from engine.evaluate import perplexity as evaluate
+    from engine.prune import mlp as prune
+    from engine.models import size
     from engine.config import FinetuneConfig, PruneConfig
-    from engine.finetune import Finetuner
+    from engine.train.finetune import Finetuner
 
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -198,9 +201,9 @@ def run(args) -> dict:
             plan = prune.select(m2, stats, pcfg)
             prune.apply_structural(m2, plan)
         models["structural"] = m2
-        out["phases"]["prune structural"] = {"seconds": round(mm.seconds, 3), "params_after": prune.count_params(m2),
+        out["phases"]["prune structural"] = {"seconds": round(mm.seconds, 3), "params_after": size.count_params(m2),
                                              "mlp_width_after": plan.widths_after[0]}
-        print(f"{'prune structural':<28} {mm.seconds:8.2f} s  params {n_total:,} → {prune.count_params(m2):,}")
+        print(f"{'prune structural':<28} {mm.seconds:8.2f} s  params {n_total:,} → {size.count_params(m2):,}")
 
     mask_box = {}
 
@@ -211,8 +214,8 @@ def run(args) -> dict:
             masks = prune.merge_masks(prune.mlp_masks(m3, plan), prune.linear_masks(m3, stats, 1e-3))
             prune.apply_masks(m3, masks)
         models["mask"], mask_box["masks"] = m3, masks
-        out["phases"]["prune mask"] = {"seconds": round(mm.seconds, 3), "nonzero_after": prune.count_nonzero(m3)}
-        print(f"{'prune mask':<28} {mm.seconds:8.2f} s  nonzero {prune.count_nonzero(m3):,} of {n_total:,}")
+        out["phases"]["prune mask"] = {"seconds": round(mm.seconds, 3), "nonzero_after": size.count_nonzero(m3)}
+        print(f"{'prune mask':<28} {mm.seconds:8.2f} s  nonzero {size.count_nonzero(m3):,} of {n_total:,}")
 
     guarded("prune structural", prune_structural)
     guarded("prune mask", prune_mask)

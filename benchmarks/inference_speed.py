@@ -1,11 +1,11 @@
 """Inference speed of structurally pruned models ÷ the base model's, on CPU.
 
 The base model is calibrated on domain text (builtin:licenses), then 20% and 40% of the
-MLP neurons of every layer are removed for real (`engine.prune`, ratio rule, structural
+MLP neurons of every layer are removed for real (`engine.prune.mlp`, ratio rule, structural
 mode); "/64" rows round each kept width up to a multiple of 64 (prune.round_to = 64).
 MLP pruning alone cannot remove the lm_head's share of the work (21% of SmolLM2's
 multiply-accumulates per token), so "+vocab" rows also apply the paper's embedding
-pruning (`engine.vocab`, ε_emb = 0: tokens never seen in the domain's calibration split
+pruning (`engine.prune.vocab`, ε_emb = 0: tokens never seen in the domain's calibration split
 are removed from the embedding, the tied lm_head and the tokenizer); their prefill input
 is the same text re-tokenized by the pruned tokenizer, cut to the same shape. Two
 workloads, each timed round-robin over all the models:
@@ -54,10 +54,13 @@ def main() -> None:
 
     import torch
 
-    from engine import prune, vocab
-    from engine.calibrate import calibrate, token_counts
+    from engine.prune import mlp as prune
+
+    from engine.models import size
+    from engine.prune import vocab
+    from engine.prune.calibrate import calibrate, token_counts
     from engine.config import PruneConfig
-    from engine.data import blocks
+    from engine.data.domain import blocks
 
     base, tok, name = load_model(args.tiny, args.threads)
     block = 128 if args.tiny else 512
@@ -106,13 +109,13 @@ def main() -> None:
     print(f"{'model':24} {'params':>12} {'MACs/token':>12} {'prefill tok/s':>14} {'decode tok/s':>13}")
     base_macs = macs_per_token(base)
     for k, m in models.items():
-        print(f"{k:24} {prune.count_params(m):12,} {macs_per_token(m):12,} "
+        print(f"{k:24} {size.count_params(m):12,} {macs_per_token(m):12,} "
               f"{x.numel() / min(pre[k]):14.0f} {n_new / min(dec[k]):13.1f}")
     for k in list(models)[1:]:
         p, plo, phi = ratio(pre, "base", k)
         q, qlo, qhi = ratio(dec, "base", k)
         bound = base_macs / macs_per_token(models[k])
-        removed = 1 - prune.count_params(models[k]) / prune.count_params(base)
+        removed = 1 - size.count_params(models[k]) / size.count_params(base)
         print(f"RATIO {k} ({removed:.1%} of params removed) ÷ base tokens/s: prefill {p:.3f}x "
               f"(rounds {plo:.3f}-{phi:.3f}), decode {q:.3f}x (rounds {qlo:.3f}-{qhi:.3f}); MAC bound {bound:.3f}x")
     print("target: pruned 40% >= 1.5x")

@@ -1,4 +1,4 @@
-"""MCQ scoring speed: `engine.mcq.score` items/s ÷ lm-evaluation-harness's, same model and items.
+"""MCQ scoring speed: `engine.evaluate.mcq.score` items/s ÷ lm-evaluation-harness's, same model and items.
 
 Items: sentence-completion questions generated (seeded) from the held-out split of a
 built-in domain. Contenders, timed round-robin on the same in-memory model:
@@ -66,7 +66,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-    from engine import mcq
+    from engine.evaluate import mcq
 
     model, tok, name = load_model(args.tiny, args.threads)
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
@@ -89,7 +89,7 @@ def main() -> None:
 
 def as_letters(s):
     """MMLU's lm-eval prompt ("{question}\\nA. ..\\nB. ..\\nAnswer:", choices " A".." D") for the same items."""
-    from engine import mcq
+    from engine.evaluate import mcq
 
     letters = "ABCDEFGHIJ"
     items = [mcq.Item(it.question + " ...\n" + "".join(f"{letters[k]}. {c}\n" for k, c in enumerate(it.choices))
@@ -103,7 +103,7 @@ def speed(model, tok, s, args) -> None:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from engine import mcq
+    from engine.evaluate import mcq
 
     tmp = Path(tempfile.mkdtemp(prefix="mcq_speed_"))
     data = tmp / "items.jsonl"

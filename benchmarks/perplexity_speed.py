@@ -1,4 +1,4 @@
-"""Perplexity speed: `engine.evaluate.perplexity` tokens/s ÷ a plain Hugging Face loop, same tokens.
+"""Perplexity speed: `engine.evaluate.perplexity.perplexity` tokens/s ÷ a plain Hugging Face loop, same tokens.
 
 Two protocols on the held-out split of builtin:licenses, each timed round-robin:
 
@@ -34,7 +34,7 @@ def main() -> None:
 
     import torch
 
-    from engine import evaluate
+    from engine.evaluate import perplexity as evaluate
 
     model, tok, name = load_model(args.tiny, args.threads)
     block = min(args.block, 128) if args.tiny else args.block

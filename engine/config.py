@@ -7,19 +7,25 @@ message naming the key and the accepted ones.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from .errors import MinigptError
+from engine import presets
+from engine.errors import MinigptError
 
 EMBEDDED_DEFAULT = "embedded:smollm2"
-# choices checked on load (engine.criteria / engine.compensate hold the implementations)
+# choices checked on load (engine.prune.criteria / engine.prune.compensate hold the implementations)
 CRITERIA = ("paper", "rms", "random", "magnitude", "wanda", "fluctuation", "obs")
 ALLOCATIONS = ("per_layer", "global", "sensitivity")
 COMPENSATIONS = ("none", "bias", "lstsq")
 
+
+def cache_dir() -> Path:
+    """minigpt's cache (converted GGUF models, downloads): $MINIGPT_CACHE or ~/.cache/minigpt."""
+    return Path(os.environ.get("MINIGPT_CACHE", Path.home() / ".cache" / "minigpt"))
 
 @dataclass
 class ModelConfig:
@@ -254,10 +260,14 @@ def _coerce(key: str, hint, value):
     )
 
 
-def from_dict(data: dict) -> RunConfig:
-    from . import presets
+def section_defaults(section: str) -> dict:
+    """A section's keys at their defaults, as TOML values (what a preset may fill in)."""
+    cls = {"model": ModelConfig, "data": DataConfig, "evaluate": EvaluateConfig}[section]
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cls()).items()}
 
-    return _build(RunConfig, presets.expand(data), "").validate()
+
+def from_dict(data: dict) -> RunConfig:
+    return _build(RunConfig, presets.expand(data, section_defaults), "").validate()
 
 
 def load(path: str | Path) -> RunConfig:
@@ -284,11 +294,9 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             value = raw
         parts = key.strip().split(".")
         if len(parts) == 2 and parts[1] == "preset" and isinstance(data.get(parts[0]), dict):
-            from . import presets  # switching presets: drop what the old one filled in
-
-            old = data[parts[0]].get("preset")
+            old = data[parts[0]].get("preset")  # switching presets: drop what the old one filled in
             if old and old != value:
-                data = presets.unexpand(data, parts[0], old)
+                data = presets.unexpand(data, parts[0], old, section_defaults)
         node = data
         for p in parts[:-1]:
             if not isinstance(node.get(p), dict):

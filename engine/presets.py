@@ -7,7 +7,7 @@ app's form. The app reads `MODELS` and `DOMAINS` without importing torch.
 
 A preset only fills config keys the config leaves out (or at their default), so any of
 its choices, most often `data.source` for a local copy on a machine without network,
-can be overridden. Sources are fetched on first use (`engine.download`), never shipped:
+can be overridden. Sources are fetched on first use (`engine.data.download`), never shipped:
 the repository holds none of their text. What the paper's code did with each corpus,
 and what is not verified, is in docs/results/grid_smollm2.md ("Presets").
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import MinigptError
+from engine.errors import MinigptError
 
 PAPER_REPO = "tval2/contextual-pruning"  # MIT licence
 PAPER_COMMIT = "75013869dafcccc63f077f40924a07dc1dba6278"  # the commit that added question_datasets/
@@ -171,15 +171,6 @@ def is_domain(name: str) -> bool:
 
 
 # ---- config expansion ----------------------------------------------------------------------------
-def _defaults(section: str) -> dict:
-    import dataclasses
-
-    from . import config
-
-    cls = {"model": config.ModelConfig, "data": config.DataConfig, "evaluate": config.EvaluateConfig}[section]
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cls()).items()}
-
-
 def provided(section: str, name: str) -> dict:
     """The config keys a preset fills, by section."""
     if section == "model":
@@ -191,9 +182,10 @@ def provided(section: str, name: str) -> dict:
     return out
 
 
-def expand(raw: dict) -> dict:
+def expand(raw: dict, defaults) -> dict:
     """Fill the keys that `model.preset` / `data.preset` provide, where the config leaves them
-    out or at their default. Idempotent: an expanded config expands to itself."""
+    out or at their default (`defaults(section)`: that section's default keys, from the config
+    module, which imports this table, not the other way). Idempotent."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for section in ("model", "data"):
         sec = out.get(section)
@@ -207,14 +199,14 @@ def expand(raw: dict) -> dict:
             tsec = out.setdefault(target, {})
             if not isinstance(tsec, dict):
                 continue  # config validation reports it
-            defaults = _defaults(target)
+            dflt = defaults(target)
             for k, v in values.items():
-                if k not in tsec or tsec[k] == defaults.get(k):
+                if k not in tsec or tsec[k] == dflt.get(k):
                     tsec[k] = v
     return out
 
 
-def unexpand(raw: dict, section: str, old: str) -> dict:
+def unexpand(raw: dict, section: str, old: str, defaults) -> dict:
     """Undo what preset `old` filled (keys still at its values go back to defaults), so that
     switching presets with an override does not keep the old preset's source or columns."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
@@ -226,8 +218,8 @@ def unexpand(raw: dict, section: str, old: str) -> dict:
         tsec = out.get(target)
         if not isinstance(tsec, dict):
             continue
-        defaults = _defaults(target)
+        dflt = defaults(target)
         for k, v in values.items():
-            if tsec.get(k) == v and k in defaults:
-                tsec[k] = defaults[k]
+            if tsec.get(k) == v and k in dflt:
+                tsec[k] = dflt[k]
     return out

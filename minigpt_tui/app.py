@@ -2,7 +2,7 @@
 
 Importing this module must stay cheap and must not import torch or transformers (a test
 checks it in a fresh interpreter): the app only reads session folders and launches the
-runner through `engine.runner`, imported lazily in `launcher.EngineLauncher`.
+runner through `engine.run.runner`, imported lazily in `launcher.EngineLauncher`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 from textual.app import App
 from textual.binding import Binding
 
-from engine import session as session_mod
+from engine.run import session as session_mod
 from engine.errors import MinigptError
 
 from .commands import MinigptCommands

@@ -21,7 +21,7 @@ SetOpt = typer.Option([], "--set", "-s", help="override a config key: section.ke
 
 
 def _root(root: Optional[Path]) -> Path:
-    from engine.session import default_root
+    from engine.run.session import default_root
 
     return Path(root) if root else default_root()
 
@@ -36,7 +36,7 @@ def _main(ctx: typer.Context, root: Optional[Path] = RootOpt):
 
 def _follow(session, stop_on_end: bool = True, since_offset: int = 0) -> str:
     """Tail a session's events with the rich display until its run ends or the runner dies."""
-    from engine.events import EventReader
+    from engine.run.events import EventReader
 
     from .display import Display
 
@@ -60,7 +60,7 @@ def _follow(session, stop_on_end: bool = True, since_offset: int = 0) -> str:
             if events:
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since > 3 and not session.runner_alive():
-                from engine.runner import starting
+                from engine.run.runner import starting
 
                 st = session.status()
                 if st != "starting" or not starting(session):
@@ -77,7 +77,7 @@ def _follow(session, stop_on_end: bool = True, since_offset: int = 0) -> str:
 
 def _start(session, foreground: bool, follow: bool, redo_from: str | None = None) -> None:
     if foreground:
-        from engine import pipeline
+        from engine.run import pipeline
 
         from .display import Display
 
@@ -87,7 +87,7 @@ def _start(session, foreground: bool, follow: bool, redo_from: str | None = None
         finally:
             disp.close()
         return
-    from engine import runner
+    from engine.run import runner
 
     offset = session.events_path.stat().st_size if session.events_path.exists() else 0
     pid = runner.launch_detached(session.path, redo_from=redo_from)
@@ -108,7 +108,7 @@ def run(config: Path = typer.Argument(..., help="run config (TOML)"),
         follow: bool = typer.Option(True, "--follow/--no-follow", help="show live progress after launching")):
     """Create a session from CONFIG and run calibrate → prune → (finetune) → evaluate."""
     from engine import config as config_mod
-    from engine import session as session_mod
+    from engine.run import session as session_mod
 
     cfg = config_mod.apply_overrides(config_mod.load(config), overrides)
     s = session_mod.create(cfg, _root(root), name=name)
@@ -117,7 +117,7 @@ def run(config: Path = typer.Argument(..., help="run config (TOML)"),
 
 
 def _open(ref: str, root):
-    from engine.session import open_session
+    from engine.run.session import open_session
 
     return open_session(ref, _root(root))
 
@@ -162,7 +162,7 @@ def resume(session: str = typer.Argument(...), root: Optional[Path] = RootOpt,
 def stop(session: str = typer.Argument(...), root: Optional[Path] = RootOpt,
          wait: bool = typer.Option(True, "--wait/--no-wait")):
     """Stop a running session gracefully (it checkpoints first)."""
-    from engine import runner
+    from engine.run import runner
 
     s = _open(session, root)
     if not runner.request_stop(s.path):
@@ -179,7 +179,7 @@ def stop(session: str = typer.Argument(...), root: Optional[Path] = RootOpt,
 def logs(session: str = typer.Argument(...), root: Optional[Path] = RootOpt,
          follow: bool = typer.Option(False, "--follow", "-f", help="keep following new events")):
     """Print a session's events as readable lines."""
-    from engine.events import read_events
+    from engine.run.events import read_events
 
     from .display import Display, plain_console
 
@@ -198,7 +198,7 @@ def sessions(root: Optional[Path] = RootOpt):
     from rich.console import Console
     from rich.table import Table
 
-    from engine import session as session_mod
+    from engine.run import session as session_mod
 
     rows = [session_mod.summary(s) for s in session_mod.list_sessions(_root(root))]
     t = Table()
@@ -229,8 +229,8 @@ def grid(spec: Path = typer.Argument(..., help="grid file (TOML): models × doma
          table: bool = typer.Option(False, "--table", help="only rewrite and print the results table")):
     """Run a grid of sessions (the paper's experiment in one command): resumable, one session per cell,
     shared calibration; writes grid.json, results.md and results.csv in the grid folder."""
-    from engine import grid as grid_mod
-    from engine import gridrun
+    from engine.run import grid as grid_mod
+    from engine.run import gridrun
 
     from .display import Display
 
@@ -272,7 +272,7 @@ def sweep(config: Path = typer.Argument(..., help="run config (TOML): model, cor
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from engine import config as config_mod
-    from engine import sweep as sweep_mod
+    from engine.run import sweep as sweep_mod
     from engine.errors import MinigptError
 
     cfg = config_mod.apply_overrides(config_mod.load(config), overrides)

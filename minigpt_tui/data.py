@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-from engine import session as session_mod
+from engine.run import session as session_mod
 from engine.errors import MinigptError
 
 from .runview import STAGE_ORDER, RunView

@@ -1,9 +1,9 @@
 """The one boundary between the app and running a pipeline: launch and stop a runner.
 
-`engine.runner` (owned by the engine) spawns a detached `minigpt run-session PATH`
+`engine.run.runner` (owned by the engine) spawns a detached `minigpt run-session PATH`
 process and asks it to stop. It is imported lazily, inside the call, so importing the app
 never pulls in the runner's dependencies, and tests can monkeypatch
-`engine.runner.launch_detached` / `engine.runner.request_stop` or inject another launcher.
+`engine.run.runner.launch_detached` / `engine.run.runner.request_stop` or inject another launcher.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ class Launcher(Protocol):
 
 
 class EngineLauncher:
-    """Calls `engine.runner.launch_detached(path) -> pid` and `engine.runner.request_stop(path)`."""
+    """Calls `engine.run.runner.launch_detached(path) -> pid` and `engine.run.runner.request_stop(path)`."""
 
     def _runner(self):
         try:
-            return importlib.import_module("engine.runner")
+            return importlib.import_module("engine.run.runner")
         except ImportError as e:
-            raise MinigptError(f"cannot start runs: engine.runner is not available ({e})",
+            raise MinigptError(f"cannot start runs: engine.run.runner is not available ({e})",
                                "install minigpt fully, or run it from the CLI: minigpt run-session PATH") from None
 
     def launch(self, session_path: Path) -> int:

@@ -13,10 +13,13 @@ import time
 
 import torch
 
+from engine.models import size
 from engine import config as config_mod
-from engine import data as data_mod
-from engine import evaluate, models, prune
-from engine.calibrate import calibrate
+from engine.data import domain as data_mod
+from engine.evaluate import perplexity as evaluate
+from engine.models import load as models
+from engine.prune import mlp as prune
+from engine.prune.calibrate import calibrate
 from engine.errors import MinigptError
 
 
@@ -32,7 +35,7 @@ def main() -> None:
     cfg.data.source = args.corpus
     model, tok, _ = models.load(cfg.model)
     d = data_mod.DomainData.build(cfg.data, tok, max_calib=args.calib_tokens, max_eval=args.eval_tokens)
-    base_params = prune.count_params(model)
+    base_params = size.count_params(model)
     base_ppl = evaluate.perplexity(model, d.evaluate, args.block)["ppl"]
     t0 = time.perf_counter()
     stats = calibrate(model, data_mod.blocks(d.calibrate, args.block), batch_size=4)
@@ -52,7 +55,7 @@ def main() -> None:
             print(f"| {rule} {v:g} | — | — | — | {base_ppl:.2f} | refused: {e.problem} | {calib_s:.0f} |")
             continue
         prune.apply_structural(m, plan)
-        n = prune.count_params(m)
+        n = size.count_params(m)
         ppl = evaluate.perplexity(m, d.evaluate, args.block)["ppl"]
         label = f"ε = {v:g}" if rule == "threshold" else f"ratio {v:.0%} per layer"
         print(f"| {label} | {n:,} | {100 * (base_params - n) / base_params:.1f} | "

@@ -21,9 +21,15 @@ from pathlib import Path
 
 import torch
 
+from engine.models import size
 from engine import config as config_mod
-from engine import data as data_mod
-from engine import evaluate, models, pipeline, prune, session, vocab
+from engine.data import domain as data_mod
+from engine.evaluate import perplexity as evaluate
+from engine.models import load as models
+from engine.run import pipeline
+from engine.prune import mlp as prune
+from engine.run import session
+from engine.prune import vocab
 
 PROMPT = "Permission is hereby granted, free of charge, to any person obtaining a copy of this software"
 GENERATE = r"""
@@ -102,7 +108,7 @@ def _row(name, model, tok, texts, block, vinfo=None) -> dict:
     t0 = time.perf_counter()
     res = evaluate.bits_per_byte(model, tok, texts, block)
     print(f"[{name}] bpb {res['bpb']:.4f} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    return {"name": name, "vocab": model.get_input_embeddings().weight.shape[0], "params": prune.count_params(model),
+    return {"name": name, "vocab": model.get_input_embeddings().weight.shape[0], "params": size.count_params(model),
             "bpb": res["bpb"], "bytes": res["bytes"], "tokens": res["tokens"],
             "coverage": f"{100 * vinfo['coverage']:.2f}%" if vinfo else "100%",
             "vinfo": vinfo}

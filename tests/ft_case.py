@@ -64,7 +64,7 @@ def config(tmp: Path, family: str = "gpt2", **sections) -> "RunConfig":
 
 
 def session(tmp: Path, name: str, cfg) -> "Session":
-    from engine import session as session_mod
+    from engine.run import session as session_mod
 
     return session_mod.create(cfg, tmp / "sessions", name=name)
 
@@ -77,10 +77,10 @@ def env() -> dict:
 
 
 def start_runner(sess, reaper: list | None = None) -> subprocess.Popen:
-    """`python -m engine.runner SESSION`, the detached child's own entry point."""
+    """`python -m engine.run.runner SESSION`, the detached child's own entry point."""
     log = open(sess.path / "test-runner.log", "ab")
     # niced, so that on a loaded machine the polling test sees each step before the runner races past
-    proc = subprocess.Popen([sys.executable, "-m", "engine.runner", str(sess.path)], cwd=ROOT, env=env(),
+    proc = subprocess.Popen([sys.executable, "-m", "engine.run.runner", str(sess.path)], cwd=ROOT, env=env(),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             preexec_fn=lambda: os.nice(10))
     if reaper is not None:
@@ -89,7 +89,7 @@ def start_runner(sess, reaper: list | None = None) -> subprocess.Popen:
 
 
 def events(sess) -> list[dict]:
-    from engine.events import read_events
+    from engine.run.events import read_events
 
     return read_events(sess.events_path)
 
@@ -98,7 +98,7 @@ class Tail:
     """Incremental view of a session's events (cheap to poll every few ms)."""
 
     def __init__(self, sess):
-        from engine.events import EventReader
+        from engine.run.events import EventReader
 
         self.reader = EventReader(sess.events_path)
         self.events: list[dict] = []

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import tiny
-from engine.calibrate import _linear_modules, calibrate
-from engine import adapters
+from engine.prune.calibrate import _linear_modules, calibrate
+from engine.models import adapters
 
 
 def _reference(model, blocks, batch):

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 import tiny
-from engine import adapters, calibrate, compensate, export, prune, sequential
+from engine.models import adapters
+from engine.prune import calibrate
+from engine.prune import compensate
+from engine.models import export
+from engine.prune import mlp as prune
+from engine.prune import sequential
 from engine.config import PruneConfig
 from engine.errors import MinigptError
 
@@ -212,7 +217,7 @@ def test_prune_stage_compensates_and_the_saved_model_is_what_was_evaluated(tmp_p
     import ft_case
     from safetensors import safe_open
 
-    from engine import pipeline
+    from engine.run import pipeline
 
     cfg = ft_case.config(tmp_path, "llama", prune={"compensation": "lstsq", "allocation": "sensitivity",
                                                    "sensitivity_tokens": 64, "round_to": 8},
@@ -225,11 +230,11 @@ def test_prune_stage_compensates_and_the_saved_model_is_what_was_evaluated(tmp_p
     widths = results["prune"]["widths"]
     assert all(w % 8 == 0 for w in widths) and sum(widths) < 0.8 * 128
     # recompute the same pruning by hand from the saved statistics: identical weights
-    from engine import models
+    from engine.models import load as models
 
     base, _, _ = models.load(cfg.model)
     stats = calibrate.Stats.load(sess.stats_dir)
-    from engine import data as data_mod
+    from engine.data import domain as data_mod
 
     d = data_mod.DomainData.build(cfg.data, tiny.tokenizer(), max_calib=cfg.calibrate.max_tokens)
     plan = prune.select_and_compensate(base, stats, cfg.prune, data_mod.blocks(d.calibrate, 32), 2, cfg.seed)

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 import tiny
-from engine import adapters, calibrate, compensate, config, criteria, prune, sensitivity
+from engine.models import adapters
+from engine.prune import calibrate
+from engine.prune import compensate
+from engine import config
+from engine.prune import criteria
+from engine.prune import mlp as prune
+from engine.prune import sensitivity
 from engine.config import PruneConfig
 from engine.errors import MinigptError
 

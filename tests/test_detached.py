@@ -2,7 +2,7 @@
 log reads as plain lines when followed through a pipe.
 
 Real processes throughout: the `minigpt` CLI (`python -m minigpt_tui.cli`) launches the
-runner (`python -m engine.runner`) in its own process session.
+runner (`python -m engine.run.runner`) in its own process session.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def test_sighup_to_the_launching_terminal_does_not_stop_a_detached_run(tmp_path,
     assert cli.returncode == -signal.SIGHUP  # the launcher died of it ...
     out, _ = logs.communicate(timeout=600)
     assert logs.returncode == 0
-    from engine.session import open_session
+    from engine.run.session import open_session
 
     s = open_session("hup", root)
     assert s.status() == "done"  # ... the run did not
@@ -63,8 +63,8 @@ def test_sighup_to_the_launching_terminal_does_not_stop_a_detached_run(tmp_path,
 
 def test_stop_checkpoints_then_resume_completes(tmp_path, reaper, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the runner inherits it; 2 spinning threads crawl on a busy machine
-    from engine import runner
-    from engine.session import open_session
+    from engine.run import runner
+    from engine.run.session import open_session
 
     cfg = ft_case.config(tmp_path, "llama", finetune={"max_steps": 60, "eval_every": 30, "checkpoint_every": 30})
     s = ft_case.session(tmp_path, "stopme", cfg)
@@ -83,7 +83,7 @@ def test_stop_checkpoints_then_resume_completes(tmp_path, reaper, monkeypatch):
 
     with pytest.raises(MinigptError, match="already being run"):  # one runner per session
         with s.acquire():
-            from engine import pipeline
+            from engine.run import pipeline
 
             pipeline.run(open_session(s.path))  # a second runner while the lock is held
     reaper.append(runner.launch_detached(s.path))  # `minigpt resume`
@@ -99,7 +99,7 @@ def test_a_launched_runner_counts_as_starting_only_while_alive(tmp_path):
     """`logs -f` and `run` keep waiting through a slow start (torch imports) but not for a corpse."""
     import time
 
-    from engine import runner
+    from engine.run import runner
 
     s = ft_case.session(tmp_path, "starting", ft_case.config(tmp_path, "llama"))
     s.update_state(status="starting", pid=os.getpid())

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from engine import evaluate
+from engine.evaluate import perplexity as evaluate
 from engine.errors import MinigptError
 import tiny
 

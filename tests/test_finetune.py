@@ -12,10 +12,12 @@ import torch
 import ft_case
 from ft_case import one_thread  # noqa: F401  (fixture)
 import tiny
-from engine import checkpoint, pipeline, prune
+from engine.train import checkpoint
+from engine.run import pipeline
+from engine.prune import mlp as prune
 from engine.config import FinetuneConfig
 from engine.errors import MinigptError
-from engine.finetune import Batches, Finetuner, plan_steps
+from engine.train.finetune import Batches, Finetuner, plan_steps
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,7 +31,7 @@ def _masked(family="llama"):
     """A tiny model in mask mode: every other MLP neuron pruned, plus (the paper's linear rule)
     the first 8 input columns of the first attention projection, and its masks."""
     m = tiny.model(family)
-    from engine import adapters
+    from engine.models import adapters
 
     a = adapters.for_model(m)
     widths = a.widths()
@@ -191,8 +193,9 @@ def test_finetune_events_results_and_saved_model(uninterrupted):
     assert [st for st, _ in checkpoint.complete(s.checkpoints_dir)] == [9, 12]
     # the saved model is the fine-tuned one, masks and all
     assert s.state()["model_is"] == "finetuned"
-    from engine import evaluate, export
-    from engine.data import DomainData
+    from engine.evaluate import perplexity as evaluate
+    from engine.models import export
+    from engine.data.domain import DomainData
 
     model = export.load_model(s.model_dir)
     masks = pipeline.load_masks(s.model_dir)
@@ -258,7 +261,7 @@ def test_torchrun_two_processes_gloo_trains_like_one(uninterrupted, tmp_path):
     _, cfg, _, ref = uninterrupted
     s = ft_case.session(tmp_path, "ddp", cfg)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "engine.runner", str(s.path)], cwd=ft_case.ROOT, env=ft_case.env(),
+                        "-m", "engine.run.runner", str(s.path)], cwd=ft_case.ROOT, env=ft_case.env(),
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert s.status() == "done"
@@ -274,7 +277,7 @@ def test_finetuning_a_finetuned_session_again_is_refused(uninterrupted):
     _, _, s, _ = uninterrupted
     import shutil
 
-    from engine.session import open_session
+    from engine.run.session import open_session
 
     again = s.path.with_name("again")
     shutil.copytree(s.path, again)

@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 
 import tiny
-from engine import grid, gridrun, pipeline, presets
+from engine.run import grid
+from engine.run import gridrun
+from engine.run import pipeline
+from engine import presets
 from engine.errors import MinigptError
 from engine.errors import MinigptError
 
@@ -118,7 +121,7 @@ def test_tiny_grid_runs_shares_calibration_resumes_and_tabulates(tmp_path, monke
     monkeypatch.setattr(pipeline, "run", lambda s, **kw: calls.append(s.id) or real_run(s, **kw))
     assert gridrun.run_grid(grid.spec_from_dict(raw, folder=spec.folder), echo=lambda m: None)["status"] == "done"
     assert calls == []
-    from engine.session import Session
+    from engine.run.session import Session
 
     s = Session(paths[2])
     s.update_state(status="stopped", completed_stages=["baseline", "calibrate", "prune"], model_is="pruned")
@@ -131,7 +134,7 @@ def test_tiny_grid_runs_shares_calibration_resumes_and_tabulates(tmp_path, monke
 
 def test_one_runner_per_grid_folder(tmp_path):
     spec, _ = _tiny_grid(tmp_path)
-    from engine.session import RunnerLock
+    from engine.run.session import RunnerLock
 
     with RunnerLock(spec.folder / gridrun.LOCK_FILE, "held", "by this test"):
         with pytest.raises(MinigptError, match=f"grid {spec.folder} is already being run"):
@@ -145,7 +148,7 @@ def test_changed_config_makes_new_cells_and_load_grid_is_torch_free(tmp_path):
     assert rows[0]["status"] == "missing"
     s = grid._cell_session(spec, spec.cells[0], {})
     grid.write_outputs(spec, {spec.cells[0].key: s})
-    code = ("import sys, engine.grid as g; rows = g.load_grid(sys.argv[1]); "
+    code = ("import sys, engine.run.grid as g; rows = g.load_grid(sys.argv[1]); "
             "assert 'torch' not in sys.modules; print(rows[0]['status'], rows[0]['session'])")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "g" / "grid.json")], cwd=ROOT,
                          capture_output=True, text=True, check=True)
@@ -195,10 +198,10 @@ def test_gpu_grid_benchmark_smoke_path_on_cpu(tmp_path):
 
 
 def test_grid_and_presets_import_graphs_never_reach_torch():
-    """The app may import engine.grid / engine.presets: not even a function-level import may lead to torch."""
+    """The app may import engine.run.grid / engine.presets: not even a function-level import may lead to torch."""
     grimp = pytest.importorskip("grimp")
     g = grimp.build_graph("engine", include_external_packages=True)
-    for mod in ("engine.grid", "engine.presets"):
+    for mod in ("engine.run.grid", "engine.presets"):
         for ext in ("torch", "transformers", "datasets"):
             assert g.find_shortest_chain(importer=mod, imported=ext) is None, (mod, ext)
-    assert g.find_shortest_chain(importer="engine.gridrun", imported="torch")  # the check can fail
+    assert g.find_shortest_chain(importer="engine.run.gridrun", imported="torch")  # the check can fail

@@ -8,7 +8,7 @@ import random
 import pytest
 
 import tiny
-from engine import mcq
+from engine.evaluate import mcq
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is in the dev extra")
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import tiny
-from engine import evaluate, mcq
+from engine.evaluate import perplexity as evaluate
+from engine.evaluate import mcq
 from engine.config import RunConfig
 from engine.errors import MinigptError
 
@@ -128,7 +129,7 @@ def test_generator_is_seeded_and_valid():
 
 
 def test_generator_on_a_builtin_corpus_and_too_little_text():
-    from engine.corpora import load_builtin
+    from engine.data.corpora import load_builtin
 
     s = mcq.generate(load_builtin("licenses")[:40], 100, seed=0)
     assert len(s.items) == 100
@@ -290,7 +291,7 @@ def test_mcq_metrics_for_the_pipeline(lm, tmp_path):
 
 def test_pipeline_records_mcq_for_base_and_pruned(tmp_path):
     import ft_case
-    from engine import pipeline
+    from engine.run import pipeline
 
     (tmp_path / "data").mkdir()
     with open(tmp_path / "data" / "corpus.jsonl", "w") as f:

@@ -12,7 +12,10 @@ from urllib.error import URLError
 
 import pytest
 
-from engine import config, data, download, presets
+from engine import config
+from engine.data import domain as data
+from engine.data import download
+from engine import presets
 from engine.errors import MinigptError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,7 +165,7 @@ def test_wikitext_test_split_only_from_a_hub_folder(tmp_path):
 
 
 def test_paper_question_json_loads_with_its_context(tmp_path):
-    from engine import mcq
+    from engine.evaluate import mcq
 
     path = tmp_path / "basic_economics_dataset.json"
     path.write_text(json.dumps({"context": "Economics Test:", "questions": {
@@ -207,7 +210,7 @@ def test_url_source_is_downloaded_once_into_the_cache_with_progress(tmp_path, mo
 
 
 def test_question_set_url_downloads_and_loads(tmp_path, monkeypatch):
-    from engine import mcq
+    from engine.evaluate import mcq
 
     body = json.dumps({"context": "Skyrim sentence completion", "questions": {
         "Let me guess, someone stole": {"choices": ["your sweetroll?", "the moon.", "a horse.", "Ulfric."],
@@ -229,7 +232,7 @@ def test_url_download_failure_says_what_to_fetch_and_where(monkeypatch):
     assert "\n" not in line and "cannot download " + cfg.source in line
     assert f"curl -L -o {download.cache_path(cfg.source)}" in line and "set data.source = PATH" in line
     assert not download.cache_path(cfg.source).exists()  # no half file left behind
-    from engine import mcq
+    from engine.evaluate import mcq
 
     with pytest.raises(MinigptError, match="set evaluate.mcq_files = PATH"):
         mcq.load(presets.mcq("economics").url)
@@ -250,7 +253,8 @@ def test_hub_preset_offline_is_one_line_naming_the_download(monkeypatch, tmp_pat
 
 
 def test_grid_prefetch_of_a_hub_model_offline_is_one_line(monkeypatch, tmp_path):
-    from engine import grid, gridrun
+    from engine.run import grid
+    from engine.run import gridrun
 
     _offline(monkeypatch, tmp_path)
     spec = grid.spec_from_dict({"models": ["opt-1.3b"], "domains": ["licenses"], "methods": ["mask"],

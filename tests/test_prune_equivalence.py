@@ -5,8 +5,11 @@ import pytest
 import torch
 
 import tiny
-from engine import adapters, export, prune
-from engine.calibrate import Calibrator, calibrate
+from engine.models import size
+from engine.models import adapters
+from engine.models import export
+from engine.prune import mlp as prune
+from engine.prune.calibrate import Calibrator, calibrate
 
 FAMILIES = tiny.FAMILIES
 
@@ -31,7 +34,7 @@ def test_structural_equals_mask(family):
     prune.apply_structural(a, plan)
     prune.apply_masks(b, prune.mlp_masks(b, plan))
     assert adapters.for_model(a).widths() == plan.widths_after
-    assert prune.count_params(a) < prune.count_params(b)
+    assert size.count_params(a) < size.count_params(b)
     with torch.no_grad():
         la, lb = a(ids).logits, b(ids).logits
     assert (la - lb).abs().max().item() <= 1e-5

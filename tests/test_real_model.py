@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from engine import config as config_mod
-from engine import embedded, export, pipeline, session
+from engine.models import embedded
+from engine.models import export
+from engine.run import pipeline
+from engine.run import session
 
 pytestmark = pytest.mark.slow
 
@@ -56,8 +59,9 @@ def test_generated_questions_are_answerable_by_smollm2(source):
     by more than 3 standard errors of a guesser (40 questions, 4 choices, chance 0.25)."""
     import math
 
-    from engine import data as data_mod
-    from engine import mcq, models
+    from engine.data import domain as data_mod
+    from engine.evaluate import mcq
+    from engine.models import load as models
 
     model, tok, _ = models.load(config_mod.ModelConfig(device="cpu", dtype="float32"))
     d = data_mod.DomainData.build(config_mod.DataConfig(source=source), tok, max_calib=1, max_eval=1)
@@ -75,9 +79,11 @@ def test_pruning_uses_the_domain_it_was_calibrated_on():
     statistics from licence text beats the same pruning with statistics from docstrings."""
     import copy
 
-    from engine import calibrate as cal_mod
-    from engine import data as data_mod
-    from engine import evaluate, models, prune
+    from engine.prune import calibrate as cal_mod
+    from engine.data import domain as data_mod
+    from engine.evaluate import perplexity as evaluate
+    from engine.models import load as models
+    from engine.prune import mlp as prune
 
     model, tok, _ = models.load(config_mod.ModelConfig(device="cpu", dtype="float32"))
     dom = {src: data_mod.DomainData.build(config_mod.DataConfig(source=src), tok, max_calib=2048,

@@ -1,6 +1,6 @@
 """Kill -9 mid-run, resume, and finish with the numbers of a run that was never interrupted.
 
-The runner is a real subprocess (`python -m engine.runner SESSION`, the detached child's
+The runner is a real subprocess (`python -m engine.run.runner SESSION`, the detached child's
 entry point). It is frozen with SIGSTOP, checked to be inside the stage under test, then
 SIGKILLed: no handler, no graceful checkpoint. The resumed run must reproduce the
 uninterrupted run's final training loss, its whole held-out perplexity curve and the
@@ -28,7 +28,7 @@ SECTIONS = dict(
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
-    from engine import pipeline
+    from engine.run import pipeline
 
     tmp = tmp_path_factory.mktemp("resume")
     ft_case.corpus(tmp / "data", docs=150)
@@ -113,7 +113,7 @@ def test_sigkill_during_finetune_then_resume_matches_uninterrupted(case, reaper)
     assert skipped == ["baseline", "calibrate", "prune"]  # completed stages are not redone
     _assert_same_finish(sess, ref, ref_results)
     # at most keep_checkpoints complete checkpoints remain, the last one is the end of the stage
-    from engine import checkpoint
+    from engine.train import checkpoint
 
     kept = checkpoint.complete(sess.checkpoints_dir)
     assert len(kept) == 2 and kept[-1][0] == 40

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from engine import config as config_mod
-from engine import session as session_mod
+from engine.run import session as session_mod
 from engine.errors import MinigptError
-from engine.events import EventReader, EventWriter, read_events
+from engine.run.events import EventReader, EventWriter, read_events
 
 
 def test_config_roundtrip_and_overrides(tmp_path):
@@ -67,7 +67,7 @@ def test_corrupt_state_is_reported_not_lost(tmp_path):
 
 
 def test_data_splits_are_document_disjoint_and_seeded():
-    from engine.data import split_documents
+    from engine.data.domain import split_documents
 
     docs = [f"document {i} " + "word " * (10 + i % 7) for i in range(60)]
     cfg = config_mod.DataConfig()
@@ -83,7 +83,7 @@ def test_data_splits_are_document_disjoint_and_seeded():
 
 
 def test_template_joins_columns(tmp_path):
-    from engine.data import load_documents
+    from engine.data.domain import load_documents
 
     f = tmp_path / "pairs.csv"
     f.write_text("en,ch\nhello,你好\nbye,再見\n")
@@ -94,7 +94,7 @@ def test_template_joins_columns(tmp_path):
 
 
 def test_builtin_corpora_are_real_and_distinct():
-    from engine.corpora import load_builtin
+    from engine.data.corpora import load_builtin
 
     lic, docs = load_builtin("licenses"), load_builtin("stdlib-docs")
     assert len(lic) >= 5 and len(docs) >= 100

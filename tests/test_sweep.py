@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 import tiny
-from engine import calibrate, config, sensitivity, sweep
+from engine.prune import calibrate
+from engine import config
+from engine.prune import sensitivity
+from engine.run import sweep
 from engine.errors import MinigptError
 
 

@@ -13,7 +13,10 @@ import pytest
 import torch
 
 import tiny
-from engine import calibrate, export, prune, vocab
+from engine.prune import calibrate
+from engine.models import export
+from engine.prune import mlp as prune
+from engine.prune import vocab
 from engine.errors import MinigptError
 
 CORPUS = tiny.TEXT + ("def main(argv):\n    for i in range(10):\n        print(f'{i}: {argv[i]}')\n    return 0\n"
@@ -337,7 +340,8 @@ def test_prune_stage_reports_and_later_stages_use_the_new_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
     from engine import config as config_mod
-    from engine import pipeline, session
+    from engine.run import pipeline
+    from engine.run import session
 
     tok = byte_level()
     folder = tmp_path / "base"
@@ -373,7 +377,8 @@ def test_prune_stage_reports_and_later_stages_use_the_new_tokenizer(tmp_path):
 @pytest.mark.slow
 def test_smollm2_vocabulary_pruning_is_exact_on_kept_text():
     from engine import config as config_mod
-    from engine import data, models
+    from engine.data import domain as data
+    from engine.models import load as models
 
     model, tok, _ = models.load(config_mod.ModelConfig())
     orig_head = model.get_output_embeddings().weight.detach().clone()

@@ -16,7 +16,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
 from engine import atomic
-from engine import session as session_mod
+from engine.run import session as session_mod
 from engine.errors import MinigptError
 
 from ..data import COMPARE_COLUMNS, compare_row, format_cell, short_source, sort_key, to_csv, to_markdown

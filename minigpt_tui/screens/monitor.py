@@ -21,9 +21,9 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Log, Static, TabbedContent, TabPane
 from textual.worker import get_current_worker
 
-from engine import session as session_mod
+from engine.run import session as session_mod
 from engine.errors import MinigptError
-from engine.events import EventReader
+from engine.run.events import EventReader
 
 from ..data import bar, fmt_count, fmt_duration, fmt_metric, fmt_rate, short_method
 from ..messages import RunEvents, RunStatus

@@ -17,7 +17,7 @@ from textual.screen import Screen
 from textual.widgets import Button, Checkbox, Footer, Input, Label, Select, Static
 
 from engine import config as config_mod
-from engine import session as session_mod
+from engine.run import session as session_mod
 from engine.errors import MinigptError
 
 from ..widgets import TitleBar

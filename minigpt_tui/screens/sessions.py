@@ -12,7 +12,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Static
 
-from engine import session as session_mod
+from engine.run import session as session_mod
 from engine.errors import MinigptError
 
 from ..data import fmt_ago, session_rows, short_method, short_source

@@ -8,7 +8,7 @@ import io
 
 from textual.widgets import DataTable
 
-from engine import session as session_mod
+from engine.run import session as session_mod
 from minigpt_tui.data import compare_row
 from minigpt_tui.screens.compare import CompareScreen
 from tui_helpers import head_events, make_session, screen_text, standard_root, wait_for

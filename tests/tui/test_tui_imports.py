@@ -46,7 +46,7 @@ def test_import_linter_contract_catches_a_violation(tmp_path):
 
 def test_importing_the_app_loads_neither_torch_nor_transformers():
     code = ("import json, sys, minigpt_tui.app; "
-            "print(json.dumps([m for m in ('torch', 'transformers', 'engine.runner', 'engine.pipeline') "
+            "print(json.dumps([m for m in ('torch', 'transformers', 'engine.run.runner', 'engine.run.pipeline') "
             "if m in sys.modules]))")
     res = _run([sys.executable, "-c", code], REPO)
     assert res.returncode == 0, res.stderr
@@ -54,7 +54,7 @@ def test_importing_the_app_loads_neither_torch_nor_transformers():
 
 
 def test_engine_session_modules_do_not_load_textual():
-    code = ("import json, sys, engine.session, engine.events, engine.config, engine.errors, engine.atomic; "
+    code = ("import json, sys, engine.run.session, engine.run.events, engine.config, engine.errors, engine.atomic; "
             "print(json.dumps([m for m in ('textual', 'torch') if m in sys.modules]))")
     res = _run([sys.executable, "-c", code], REPO)
     assert res.returncode == 0, res.stderr

@@ -1,12 +1,12 @@
-"""New-run form: a valid form writes config.toml through engine.session.create and launches
-it detached (mocked only at engine.runner); invalid input is shown inline and launches nothing."""
+"""New-run form: a valid form writes config.toml through engine.run.session.create and launches
+it detached (mocked only at engine.run.runner); invalid input is shown inline and launches nothing."""
 
 from __future__ import annotations
 
 from textual.widgets import Checkbox, Input, Select
 
 from engine import config as config_mod
-from engine import session as session_mod
+from engine.run import session as session_mod
 from minigpt_tui.screens.monitor import MonitorScreen
 from minigpt_tui.screens.new_run import NewRunScreen
 from minigpt_tui.screens.sessions import SessionsScreen
@@ -108,7 +108,7 @@ async def test_bad_numbers_and_missing_local_path_are_caught_before_the_engine_a
 
 
 async def test_launch_failure_keeps_the_session_and_says_why(root, make_app, monkeypatch):
-    import engine.runner as runner_mod
+    import engine.run.runner as runner_mod
     from engine.errors import MinigptError
 
     def broken(path, stages=None):

@@ -16,7 +16,9 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from engine import atomic, config as config_mod, session as session_mod  # noqa: E402
+from engine import atomic
+from engine import config as config_mod
+from engine.run import session as session_mod  # noqa: E402
 
 T0 = 1767225600.0  # 2026-01-01 00:00:00 UTC
 NOW = T0 + 3 * 3600  # the app's injected clock in every test
@@ -173,7 +175,7 @@ def standard_root(root: Path) -> dict[str, session_mod.Session]:
 
 
 class FakeRunner:
-    """Stands in for engine.runner at the launch boundary; records calls."""
+    """Stands in for engine.run.runner at the launch boundary; records calls."""
 
     def __init__(self) -> None:
         self.launched: list[Path] = []

@@ -23,9 +23,10 @@ import time
 
 import torch
 
-from . import checkpoint as ckpt_mod
-from .config import FinetuneConfig
-from .errors import MinigptError
+from engine.models import size
+from engine.train import checkpoint as ckpt_mod
+from engine.config import FinetuneConfig
+from engine.errors import MinigptError
 
 _SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 # changing these between a stop and a resume does not invalidate the checkpoints
@@ -178,8 +179,8 @@ def release_followers() -> None:
 
 def follow(session) -> None:
     """Ranks > 0 under torchrun: wait for rank 0's fine-tuning stage and train alongside it."""
-    from .pipeline import Context
-    from .reporter import Reporter
+    from engine.run.pipeline import Context
+    from engine.run.reporter import Reporter
 
     if not Dist().bcast(None):
         return
@@ -286,7 +287,7 @@ class Finetuner:
 
     @torch.no_grad()
     def perplexity(self, ids: torch.Tensor, block_size: int, stride: int, batch_size: int) -> dict:
-        from . import evaluate
+        from engine.evaluate import perplexity as evaluate
 
         self.model.eval()
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -312,7 +313,7 @@ class Finetuner:
 
     def finished_model(self):
         """The plain model to save: LoRA merged, masks re-applied, original dtype, eval mode."""
-        from . import prune
+        from engine.prune import mlp as prune
 
         model = self.model
         if self.cfg.lora_rank > 0:
@@ -371,10 +372,12 @@ def run(ctx) -> None:
     global _followers_told
     from pathlib import Path
 
-    from . import atomic, export, prune
-    from .data import blocks as pack, model_context
-    from .pipeline import save_masks
-    from .reporter import StopRequested
+    from engine import atomic
+    from engine.models import export
+    from engine.prune import mlp as prune
+    from engine.data.domain import blocks as pack, model_context
+    from engine.run.pipeline import save_masks
+    from engine.run.reporter import StopRequested
 
     f, rep, e = ctx.cfg.finetune, ctx.rep, ctx.cfg.evaluate
     dist = Dist()
@@ -518,6 +521,6 @@ def run(ctx) -> None:
         "epochs": ft.epoch(), "block_size": block, "batch_size": f.batch_size, "grad_accum": f.grad_accum,
         "lr": f.lr, "schedule": f.schedule, "lora_rank": f.lora_rank, "resumed_from_step": resumed_from}
     fin = ctx.results.setdefault("models", {}).setdefault("finetuned", {})
-    fin.update(ppl=final_ppl, params=prune.count_params(final))
+    fin.update(ppl=final_ppl, params=size.count_params(final))
     if ctx.masks:
-        fin["nonzero_params"] = prune.count_nonzero(final)
+        fin["nonzero_params"] = size.count_nonzero(final)

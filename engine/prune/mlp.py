@@ -12,17 +12,18 @@ from dataclasses import dataclass
 
 import torch
 
-from . import adapters as adapters_mod
-from .calibrate import Stats
-from .config import PruneConfig
-from .errors import MinigptError
+from engine.models import adapters as adapters_mod
+from engine.models.size import count_nonzero, count_params
+from engine.prune.calibrate import Stats
+from engine.config import PruneConfig
+from engine.errors import MinigptError
 
 
 # ---- scores ------------------------------------------------------------------------
 def neuron_scores(model, stats: Stats, criterion: str = "paper", seed: int = 0,
                   damping: float = 0.01) -> list[torch.Tensor]:
     """One score per MLP neuron and layer; low scores are pruned first."""
-    from . import criteria
+    from engine.prune import criteria
 
     return criteria.scores(model, stats, criterion, seed, damping)
 
@@ -41,7 +42,7 @@ class Plan:
 
 
 def select(model, stats: Stats, cfg: PruneConfig, seed: int = 0, sensitivities: list[float] | None = None) -> Plan:
-    """Neurons to keep. `sensitivities` (engine.sensitivity.measure) drive allocation = "sensitivity"."""
+    """Neurons to keep. `sensitivities` (engine.prune.sensitivity.measure) drive allocation = "sensitivity"."""
     adapter = adapters_mod.for_model(model)
     mlps = adapter.mlps()
     widths = [m.width for m in mlps]
@@ -89,11 +90,11 @@ def _ratio_counts(scores, widths, cfg: PruneConfig, sensitivities=None) -> list[
     if cfg.allocation == "per_layer":
         return [w - int(round(cfg.ratio * w)) for w in widths]
     if cfg.allocation == "sensitivity":
-        from . import sensitivity
+        from engine.prune import sensitivity
 
         if sensitivities is None:
             raise MinigptError("prune.allocation = \"sensitivity\" needs measured layer sensitivities",
-                               "measure them with engine.sensitivity.measure (the prune stage does)")
+                               "measure them with engine.prune.sensitivity.measure (the prune stage does)")
         return sensitivity.allocate(sensitivities, widths, cfg.ratio, cfg.sensitivity_probe, cfg.min_keep,
                                     cfg.sensitivity_spread)
     # global: rank scores normalised by their layer mean (layers differ in scale)
@@ -129,7 +130,7 @@ def select_and_compensate(model, stats: Stats, cfg: PruneConfig, calib=None, bat
     only by sensitivity allocation and sequential mode. `progress(what, done, total)`.
     `sensitivities` reuses an earlier `sensitivity.measure` (same criterion and compensation).
     """
-    from . import compensate
+    from engine.prune import compensate
 
     def blocks():
         b = calib() if callable(calib) else calib
@@ -144,7 +145,7 @@ def select_and_compensate(model, stats: Stats, cfg: PruneConfig, calib=None, bat
                            "recalibrate with the new prune settings: minigpt calibrate SESSION --set ...")
     sens = sensitivities
     if cfg.rule == "ratio" and cfg.allocation == "sensitivity" and sens is None:
-        from . import sensitivity
+        from engine.prune import sensitivity
 
         b = blocks()
         n = max(1, -(-cfg.sensitivity_tokens // b.shape[1]))
@@ -153,7 +154,7 @@ def select_and_compensate(model, stats: Stats, cfg: PruneConfig, calib=None, bat
                                    progress=progress and (lambda d, t: progress("sensitivity", d, t)))
     plan = select(model, stats, cfg, seed, sens)
     if cfg.sequential:
-        from . import sequential
+        from engine.prune import sequential
 
         keep = sequential.prune(model, plan.widths_after, blocks(), batch_size, cfg.criterion, cfg.compensation,
                                 cfg.damping, seed, progress=progress and (lambda d, t: progress("sequential", d, t)))
@@ -223,7 +224,7 @@ def _expand(sel: torch.Tensor, shape, axis: int) -> torch.Tensor:
 
 def linear_masks(model, stats: Stats, threshold: float) -> dict[str, torch.Tensor]:
     """The paper's linear rule (mask mode): zero input columns and output rows whose mean |x| <= ε."""
-    from .calibrate import _linear_modules
+    from engine.prune.calibrate import _linear_modules
 
     masks = {}
     canonical = {id(p): n for n, p in model.named_parameters()}  # a tied lm_head's weight is the embedding's
@@ -251,7 +252,7 @@ def embedding_masks(model, tokenizer, counts: torch.Tensor, threshold: float) ->
     the tokenizer's ids are candidates: padding rows past it are never zeroed (the
     paper's histogram spans the tokenizer's vocabulary only).
     """
-    from .vocab import domain_keep
+    from engine.prune.vocab import domain_keep
 
     keep = domain_keep(tokenizer, counts, threshold, model)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -284,14 +285,6 @@ def apply_masks(model, masks: dict[str, torch.Tensor]) -> None:
 
 
 # ---- report ------------------------------------------------------------------------
-def count_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_nonzero(model) -> int:
-    return sum(int(torch.count_nonzero(p)) for p in model.parameters())
-
-
 def layer_report(model, widths_before: list[int], params_before_total: int, mode: str,
                  mlp_params_before: list[int]) -> dict:
     adapter = adapters_mod.for_model(model)

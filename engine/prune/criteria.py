@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from . import adapters as adapters_mod
-from .calibrate import Stats
-from .errors import MinigptError
+from engine.models import adapters as adapters_mod
+from engine.prune.calibrate import Stats
+from engine.errors import MinigptError
 
 NEEDS_GRAM = ("obs",)
 

@@ -20,9 +20,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import atomic
-from .config import ALLOCATIONS, COMPENSATIONS, CRITERIA, RunConfig
-from .errors import MinigptError
+from engine.models import size
+from engine import atomic
+from engine.config import ALLOCATIONS, COMPENSATIONS, CRITERIA, RunConfig
+from engine.errors import MinigptError
 
 
 @dataclass
@@ -65,9 +66,14 @@ def run(cfg: RunConfig, grid: Grid, out_dir: str | Path, progress=None, log=prin
     """
     import torch
 
-    from . import calibrate as cal_mod
-    from . import data as data_mod
-    from . import adapters, compensate, evaluate, models, prune, sensitivity
+    from engine.prune import calibrate as cal_mod
+    from engine.data import domain as data_mod
+    from engine.models import adapters
+    from engine.prune import compensate
+    from engine.evaluate import perplexity as evaluate
+    from engine.models import load as models
+    from engine.prune import mlp as prune
+    from engine.prune import sensitivity
 
     grid.check()
     out_dir = Path(out_dir)
@@ -95,7 +101,7 @@ def run(cfg: RunConfig, grid: Grid, out_dir: str | Path, progress=None, log=prin
 
     mcq_sets = {}
     if e.mcq_generate or e.mcq_files:
-        from . import mcq
+        from engine.evaluate import mcq
 
         for src in eval_sources:
             sets = [mcq.load(f, e.mcq_columns) for f in e.mcq_files]
@@ -111,7 +117,7 @@ def run(cfg: RunConfig, grid: Grid, out_dir: str | Path, progress=None, log=prin
             res[f"ppl[{src}]"] = evaluate.perplexity(model, corpus(src).evaluate, e.block_size, e.stride,
                                                      e.batch_size)["ppl"]
             if mcq_sets.get(src):
-                from . import mcq
+                from engine.evaluate import mcq
 
                 say({"kind": "phase", "phase": f"{tag}: MCQ on {src}"})
                 n = correct = 0
@@ -123,7 +129,7 @@ def run(cfg: RunConfig, grid: Grid, out_dir: str | Path, progress=None, log=prin
 
     t0 = time.perf_counter()
     baseline = measure(base, "base")
-    base_params = prune.count_params(base)
+    base_params = size.count_params(base)
     widths = sum(adapters.for_model(base).widths())
     meta = {"model": cfg.model.source, "calibrate_tokens": {}, "evaluate": {}, "block_size": bs,
             "base": baseline, "base_params": base_params, "round_to": cfg.prune.round_to,
@@ -181,7 +187,7 @@ def run(cfg: RunConfig, grid: Grid, out_dir: str | Path, progress=None, log=prin
                                            sensitivities=sens)
         prune.apply_structural(model, plan)
         row = {**c, "removed_pct": round(100.0 * (1 - sum(plan.widths_after) / widths), 2),
-               "params": prune.count_params(model),
+               "params": size.count_params(model),
                "min_width": min(plan.widths_after), "max_width": max(plan.widths_after)}
         for k, v in measure(model, tag).items():
             row[k] = v
@@ -209,7 +215,7 @@ def _stats_key(cfg: RunConfig, src: str, blocks) -> str:
 
 def _cached_stats(folder: Path, gram: bool):
     """Statistics saved by an earlier sweep over the same blocks (reused across invocations)."""
-    from .calibrate import STATS_FILE, Stats
+    from engine.prune.calibrate import STATS_FILE, Stats
 
     if not (folder / STATS_FILE).exists():
         return None

@@ -2,7 +2,7 @@
 
 `launch_detached` returns at once; the child survives the terminal closing, SIGHUP and
 the app exiting. `request_stop` asks it to stop at its next safe point (it checkpoints
-first). `python -m engine.runner SESSION` is the child's entry point.
+first). `python -m engine.run.runner SESSION` is the child's entry point.
 """
 
 from __future__ import annotations
@@ -13,21 +13,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import MinigptError
-from .reporter import STOP_FILE
-from .session import LOCK_FILE as LOCK_NAME
+from engine.errors import MinigptError
+from engine.run.reporter import STOP_FILE
+from engine.run.session import LOCK_FILE as LOCK_NAME
 
 LOG_FILE = "runner.log"
 
 
 def launch_detached(session_path: str | os.PathLike, redo_from: str | None = None) -> int:
-    from .session import open_session
+    from engine.run.session import open_session
 
     s = open_session(session_path)
     s.config()  # a corrupt session fails here, in the caller, with its one-line message
     if s.runner_alive():
         raise MinigptError(f"session {s.id} is already running", f"follow it with: minigpt logs {s.id} -f")
-    cmd = [sys.executable, "-m", "engine.runner", str(s.path.resolve())]
+    cmd = [sys.executable, "-m", "engine.run.runner", str(s.path.resolve())]
     if redo_from:
         cmd += ["--redo-from", redo_from]
     env = dict(os.environ)
@@ -73,7 +73,7 @@ def starting(session) -> bool:
 
 def request_stop(session_path: str | os.PathLike) -> bool:
     """Ask the runner to stop gracefully. Returns False if nothing was running."""
-    from .session import open_session
+    from engine.run.session import open_session
 
     s = open_session(session_path)
     if not s.runner_alive():
@@ -94,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     # until the pipeline installs its handlers (after importing torch: seconds), a hangup
     # must not kill us either; the own process session already shields us from the terminal's
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    from . import pipeline
-    from .session import open_session
+    from engine.run import pipeline
+    from engine.run.session import open_session
 
-    ap = argparse.ArgumentParser(prog="python -m engine.runner")
+    ap = argparse.ArgumentParser(prog="python -m engine.run.runner")
     ap.add_argument("session")
     ap.add_argument("--redo-from", default=None, help="redo this stage and the ones after it")
     args = ap.parse_args(argv)
@@ -109,11 +109,11 @@ def main(argv: list[str] | None = None) -> int:
                 pipeline.run(s, handle_signals=True, redo_from=args.redo_from)
             finally:
                 if rank is not None:
-                    from . import finetune
+                    from engine.train import finetune
 
                     finetune.release_followers()
         else:
-            from . import finetune
+            from engine.train import finetune
 
             finetune.follow(s)
     except MinigptError as e:
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _init_distributed() -> int | None:
-    """Under `torchrun --nproc_per_node N -m engine.runner SESSION`: join the process group.
+    """Under `torchrun --nproc_per_node N -m engine.run.runner SESSION`: join the process group.
 
     Returns this process's rank, or None when not distributed. Rank 0 runs the pipeline as
     usual (it holds the lock, writes every file); the other ranks wait for its fine-tuning

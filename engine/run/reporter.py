@@ -11,7 +11,7 @@ import signal
 import time
 from pathlib import Path
 
-from .events import EventWriter
+from engine.run.events import EventWriter
 
 STOP_FILE = "stop.request"
 

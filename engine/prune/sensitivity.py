@@ -18,10 +18,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import adapters as adapters_mod
-from . import compensate, criteria
-from .calibrate import Stats
-from .errors import MinigptError
+from engine.models import adapters as adapters_mod
+from engine.prune import compensate
+from engine.prune import criteria
+from engine.prune.calibrate import Stats
+from engine.errors import MinigptError
 
 TOP_K = 256  # tokens per position kept from the full model's distribution
 

@@ -1,11 +1,11 @@
 """Running a grid: one session per cell, sequentially in this process (or detached).
 
-Cells not done are run with `engine.pipeline.run`; a cell that shares model, corpus,
+Cells not done are run with `engine.run.pipeline.run`; a cell that shares model, corpus,
 calibration and evaluation settings with a calibrated one is seeded from it first (its
 statistics hard-linked, its baseline results copied, both stages marked complete). What it
 downloads, it fetches up front (`prefetch`), so a missing network fails before any work.
 SIGINT/SIGTERM stop the running cell at its next safe point and start no other.
-`python -m engine.gridrun GRID.toml --folder DIR` is the detached runner's entry point.
+`python -m engine.run.gridrun GRID.toml --folder DIR` is the detached runner's entry point.
 """
 
 from __future__ import annotations
@@ -16,17 +16,17 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from . import atomic
-from . import session as session_mod
-from .errors import MinigptError
-from .grid import (LOG_FILE, LOCK_FILE, RESULTS_MD, Cell, GridSpec, _cell_session, _read_index, load_spec,
+from engine import atomic
+from engine.run import session as session_mod
+from engine.errors import MinigptError
+from engine.run.grid import (LOG_FILE, LOCK_FILE, RESULTS_MD, Cell, GridSpec, _cell_session, _read_index, load_spec,
                    write_outputs)
 
 _SHARED_STAGES = ("baseline", "calibrate")
 
 
 def _donor(cell: Cell, sessions: dict, cells: list[Cell]) -> session_mod.Session | None:
-    from .calibrate import STATS_FILE
+    from engine.prune.calibrate import STATS_FILE
 
     for other in cells:
         s = sessions.get(other.key)
@@ -91,7 +91,7 @@ class _Stopper:
         return self
 
     def _on(self, signum, frame):
-        from .reporter import STOP_FILE
+        from engine.run.reporter import STOP_FILE
 
         self.stopped = True
         if self.current is not None:
@@ -108,7 +108,7 @@ class _Stopper:
 def prefetch(spec: GridSpec, display: Callable | None = None, only: list[Cell] | None = None) -> None:
     """Download what the cells need (hub models, question sets, URL corpora) before the first cell
     runs, and pin the question sets to their local copies, so a network failure shows at once."""
-    from . import download
+    from engine.data import download
 
     def prog(label):
         if display is None:
@@ -140,7 +140,7 @@ def prefetch(spec: GridSpec, display: Callable | None = None, only: list[Cell] |
 def run_grid(spec: GridSpec, display_factory: Callable | None = None, echo: Callable = print,
              retry_failed: bool = True, cells: list[Cell] | None = None) -> dict:
     """Run every cell not done yet; returns {"status": .., "done": n, "failed": n, ...}."""
-    from . import pipeline
+    from engine.run import pipeline
 
     spec.folder.mkdir(parents=True, exist_ok=True)
     todo = cells or spec.cells
@@ -205,7 +205,7 @@ def launch_detached(spec_path: Path, folder: Path, overrides: list[str]) -> int:
     import subprocess
 
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "engine.gridrun", str(Path(spec_path).resolve()), "--folder", str(folder.resolve())]
+    cmd = [sys.executable, "-m", "engine.run.gridrun", str(Path(spec_path).resolve()), "--folder", str(folder.resolve())]
     for o in overrides:
         cmd += ["--set", o]
     env = dict(os.environ)
@@ -217,11 +217,11 @@ def launch_detached(spec_path: Path, folder: Path, overrides: list[str]) -> int:
     return proc.pid
 
 
-# ---- python -m engine.gridrun (the detached runner) -----------------------------------------------
+# ---- python -m engine.run.gridrun (the detached runner) -----------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m engine.gridrun")
+    ap = argparse.ArgumentParser(prog="python -m engine.run.gridrun")
     ap.add_argument("spec")
     ap.add_argument("--folder", default=None)
     ap.add_argument("--set", action="append", default=[])

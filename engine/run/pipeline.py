@@ -14,10 +14,11 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from . import session as session_mod
-from .config import RunConfig
-from .errors import MinigptError
-from .reporter import Reporter, StopRequested, clear_stop
+from engine.models import size
+from engine.run import session as session_mod
+from engine.config import RunConfig
+from engine.errors import MinigptError
+from engine.run.reporter import Reporter, StopRequested, clear_stop
 
 MASKS_FILE = "minigpt_masks.safetensors"
 
@@ -38,7 +39,7 @@ class Context:
     # ---- lazy resources --------------------------------------------------------------
     def base_model(self):
         if self.model_is != "base":
-            from . import models
+            from engine.models import load as models
 
             self.rep.log(f"loading model {self.cfg.model.source}")
             self.model, self.tokenizer, self.device = models.load(self.cfg.model, progress=self.rep.log)
@@ -50,7 +51,8 @@ class Context:
         state = self.session.state()
         saved = state.get("model_is")
         if saved and saved != "base" and self.model_is != saved:
-            from . import export, models
+            from engine.models import export
+            from engine.models import load as models
 
             device = models.resolve_device(self.cfg.model.device)
             dtype = models.resolve_dtype(self.cfg.model.dtype, device)
@@ -67,7 +69,7 @@ class Context:
 
     def domain(self):
         if self.data is None:
-            from . import data as data_mod
+            from engine.data import domain as data_mod
 
             if self.tokenizer is None:
                 self.base_model()
@@ -84,7 +86,7 @@ class Context:
         return self.data
 
     def calib_block_size(self) -> int:
-        from .data import model_context
+        from engine.data.domain import model_context
 
         cap = model_context(self.model) if self.model is not None else self.cfg.calibrate.block_size
         return max(1, min(self.cfg.calibrate.block_size, cap))
@@ -104,9 +106,9 @@ def stage_baseline(ctx: Context) -> None:
 def stage_calibrate(ctx: Context) -> None:
     import torch
 
-    from . import calibrate as cal_mod
-    from . import compensate
-    from .data import blocks
+    from engine.prune import calibrate as cal_mod
+    from engine.prune import compensate
+    from engine.data.domain import blocks
 
     model = ctx.base_model()
     d = ctx.domain()
@@ -165,7 +167,7 @@ def _save_partial(path, batch, state, key, seconds) -> None:
 
     import torch
 
-    from . import atomic
+    from engine import atomic
 
     buf = io.BytesIO()
     torch.save({"batch": batch, "state": state, "key": key, "seconds": seconds}, buf)
@@ -173,8 +175,10 @@ def _save_partial(path, batch, state, key, seconds) -> None:
 
 
 def stage_prune(ctx: Context) -> None:
-    from . import adapters, export, prune
-    from .calibrate import Stats
+    from engine.models import adapters
+    from engine.models import export
+    from engine.prune import mlp as prune
+    from engine.prune.calibrate import Stats
 
     p = ctx.cfg.prune
     model = ctx.base_model()
@@ -184,14 +188,14 @@ def stage_prune(ctx: Context) -> None:
     # already (a dequantised GGUF: 325k in SmolLM2), which no pruning removed
     nonzero = p.mode == "mask"
     mlp_params_before = prune.mlp_param_counts(model, nonzero=nonzero)
-    params_before = prune.count_nonzero(model) if nonzero else prune.count_params(model)
+    params_before = size.count_nonzero(model) if nonzero else size.count_params(model)
     plan = prune.select_and_compensate(  # sensitivity/sequential need the calibration tokens
         model, stats, p, lambda: _calib_blocks(ctx), ctx.cfg.calibrate.batch_size, ctx.cfg.seed,
         progress=lambda what, d, n: ctx.rep.progress("prune", d, n, "items", phase=what))
     masks = {}
     if p.mode == "structural":
         if p.embedding_threshold >= 0:
-            from . import vocab
+            from engine.prune import vocab
 
             model, ctx.tokenizer, vinfo = vocab.prune_vocabulary(model, ctx.tokenizer, stats.token_counts,
                                                                  p.embedding_threshold, ctx)
@@ -222,7 +226,7 @@ def stage_prune(ctx: Context) -> None:
 
 
 def _calib_blocks(ctx: Context):
-    from .data import blocks
+    from engine.data.domain import blocks
 
     return blocks(ctx.domain().calibrate, ctx.calib_block_size())
 
@@ -231,7 +235,7 @@ def stage_finetune(ctx: Context) -> None:
     if not ctx.cfg.finetune.enabled:
         ctx.rep.log("fine-tuning is off (finetune.enabled = false)")
         return
-    from . import finetune
+    from engine.train import finetune
 
     finetune.run(ctx)
 
@@ -243,7 +247,7 @@ def stage_evaluate(ctx: Context) -> None:
 
 
 def _evaluate(ctx: Context, model, stage: str, label: str) -> None:
-    from . import evaluate
+    from engine.evaluate import perplexity as evaluate
 
     e = ctx.cfg.evaluate
     d = ctx.domain()
@@ -259,11 +263,11 @@ def _evaluate(ctx: Context, model, stage: str, label: str) -> None:
     ctx.rep.metric(stage, label, "ppl", round(res["ppl"], 4), protocol=res["protocol"])
     ctx.results.setdefault("models", {}).setdefault(label, {})["ppl"] = res["ppl"]
     ctx.results["models"][label]["ppl_protocol"] = res["protocol"]
-    from . import prune
+    from engine.prune import mlp as prune
 
-    ctx.results["models"][label]["params"] = prune.count_params(model)
+    ctx.results["models"][label]["params"] = size.count_params(model)
     if label == "pruned" and ctx.cfg.prune.mode == "mask":
-        ctx.results["models"][label]["nonzero_params"] = prune.count_nonzero(model)
+        ctx.results["models"][label]["nonzero_params"] = size.count_nonzero(model)
     mcq = getattr(evaluate, "mcq_metrics", None)
     if mcq and (e.mcq_files or e.mcq_generate):
         for name, value in mcq(ctx, model, label).items():

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from . import adapters as adapters_mod
-from . import atomic
-from .errors import MinigptError
+from engine.models import adapters as adapters_mod
+from engine import atomic
+from engine.errors import MinigptError
 
 WIDTHS_KEY = "minigpt_mlp_widths"
 

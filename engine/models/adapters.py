@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .errors import MinigptError
+from engine.errors import MinigptError
 
 
 @dataclass
@@ -178,7 +178,7 @@ def for_config(config) -> type[Adapter]:
         if mt in a.model_types:
             return a
     raise MinigptError(f"architecture {mt!r} is not supported",
-                       f"supported model types: {', '.join(supported())} (add one by writing an adapter in engine/adapters.py)")
+                       f"supported model types: {', '.join(supported())} (add one by writing an adapter in engine/models/adapters.py)")
 
 
 def for_model(model) -> Adapter:

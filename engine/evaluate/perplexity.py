@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .errors import MinigptError
+from engine.errors import MinigptError
 
 LN2 = math.log(2.0)
 
@@ -118,7 +118,7 @@ def _score_stream(model, ids: torch.Tensor, windows, batch_size: int, scored: to
 
 
 def _cap_block(model, block_size: int) -> int:
-    from .data import model_context
+    from engine.data.domain import model_context
 
     return max(2, min(block_size, model_context(model)))
 
@@ -211,43 +211,3 @@ def _fmt(v) -> str:
 
 
 # ---- multiple-choice questions (the pipeline's hook) -----------------------------------------
-def mcq_metrics(ctx, model, label: str) -> dict[str, float]:
-    """MCQ accuracy of `model` on the configured sets (files, URLs, hub) and generated questions.
-
-    Returns the micro-averaged accuracies over all items (`mcq_acc`, `mcq_acc_norm`,
-    `mcq_acc_bytes`, `mcq_acc_paper`); per-set figures, standard errors and protocols go to
-    results.json under models[label]["mcq"] and ["mcq_protocol"].
-    """
-    from . import mcq
-
-    e = ctx.cfg.evaluate
-    sets = [mcq.load(f, e.mcq_columns) for f in e.mcq_files]
-    if e.mcq_generate:
-        gen = mcq.generate(ctx.domain().eval_texts, e.mcq_generate, seed=ctx.cfg.seed, n_choices=e.mcq_choices,
-                           name=f"generated:{ctx.cfg.data.source}")
-        if len(gen.items) < e.mcq_generate:
-            ctx.rep.log(f"held-out text gave {len(gen.items)} of {e.mcq_generate} generated questions", "warning")
-        sets.append(gen)
-    stage = "baseline" if label == "base" else "evaluate"
-    total = sum(len(s.items) for s in sets)
-    per_set, correct, offset = {}, {r: 0.0 for r in mcq.RULES}, 0
-    for s in sets:
-        def progress(done, _total, rate, off=offset):
-            ctx.rep.progress(stage, off + done, total, "items", rate)
-            ctx.rep.check_stop()  # evaluation is redone on resume: stopping mid-way loses nothing
-
-        res = mcq.score(model, ctx.tokenizer, s, fewshot=e.mcq_fewshot, context=e.mcq_context or None,
-                        template=e.mcq_template or None, batch_size=e.batch_size, seed=ctx.cfg.seed,
-                        progress=progress)
-        offset += res["n"]
-        per_set[s.name] = {**{r: res[r] for r in mcq.RULES}, "stderr": res["stderr"], "n": res["n"],
-                           "protocol": res["protocol"]}
-        for r in mcq.RULES:
-            correct[r] += res[r] * res["n"]
-        ctx.rep.log(f"MCQ {s.name} ({res['n']} items, {label}): "
-                    + ", ".join(f"{r} {res[r]:.3f} ± {res['stderr'][r]:.3f}" for r in mcq.RULES))
-    holder = ctx.results.setdefault("models", {}).setdefault(label, {})
-    holder["mcq"] = per_set
-    holder["mcq_protocol"] = {"metric": "mcq", "items": total, "sets": sorted(per_set),
-                              "fewshot": e.mcq_fewshot, "rules": list(mcq.RULES)}
-    return {f"mcq_{r}": correct[r] / total for r in mcq.RULES} if total else {}

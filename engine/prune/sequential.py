@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from . import adapters as adapters_mod
-from . import compensate, criteria
-from .calibrate import Calibrator, Stats
+from engine.models import adapters as adapters_mod
+from engine.prune import compensate
+from engine.prune import criteria
+from engine.prune.calibrate import Calibrator, Stats
 
 
 class _Stop(Exception):

@@ -16,8 +16,8 @@ import random
 import shutil
 from pathlib import Path
 
-from . import atomic
-from .errors import MinigptError
+from engine import atomic
+from engine.errors import MinigptError
 
 PREFIX = "step-"
 STATE_FILE = "state.pt"

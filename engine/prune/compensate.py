@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from . import adapters as adapters_mod
-from .calibrate import Stats
-from .errors import MinigptError
+from engine.models import adapters as adapters_mod
+from engine.prune.calibrate import Stats
+from engine.errors import MinigptError
 
 METHODS = ("none", "bias", "lstsq")
 _BIAS_SWITCH = ("llama",)  # model types whose MLP gains biases through config.mlp_bias
@@ -34,7 +34,7 @@ _BIAS_SWITCH = ("llama",)  # model types whose MLP gains biases through config.m
 
 def needs_gram(prune_cfg) -> bool:
     """Whether calibration must collect Gram matrices (sequential mode recomputes its own)."""
-    from .criteria import NEEDS_GRAM
+    from engine.prune.criteria import NEEDS_GRAM
 
     return prune_cfg.criterion in NEEDS_GRAM or (prune_cfg.compensation == "lstsq" and not prune_cfg.sequential)
 

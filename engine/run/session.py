@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import atomic
-from . import config as config_mod
-from .errors import MinigptError
-from .events import EVENTS_FILE, EventWriter, read_events
+from engine import atomic
+from engine import config as config_mod
+from engine.errors import MinigptError
+from engine.run.events import EVENTS_FILE, EventWriter, read_events
 
 STAGES = ("baseline", "calibrate", "prune", "finetune", "evaluate")
 STATE_FILE = "state.json"

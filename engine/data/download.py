@@ -21,7 +21,8 @@ from urllib.error import URLError
 from urllib.parse import urlparse
 from urllib.request import Request, urlopen
 
-from .errors import MinigptError
+from engine.config import cache_dir
+from engine.errors import MinigptError
 
 CHUNK = 1 << 16
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -32,8 +33,6 @@ def is_url(ref: str) -> bool:
 
 
 def cache_root() -> Path:
-    from .models import cache_dir
-
     return cache_dir() / "downloads"
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from . import adapters as adapters_mod
-from .errors import MinigptError
+from engine.models import adapters as adapters_mod
+from engine.errors import MinigptError
 
 STATS_FILE = "calibration.safetensors"
 
@@ -231,7 +231,7 @@ class Stats:
     def save(self, folder: Path) -> Path:
         from safetensors.torch import save_file
 
-        from . import atomic
+        from engine import atomic
 
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / STATS_FILE

@@ -25,7 +25,7 @@ fine-tuned; fine-tune steps to recover; MCQ accuracy before and after; methods s
 side). `load_grid(path)` returns the rows without torch, for the app's compare screen.
 
 This module is the grid's data (spec, cells' sessions, results, tables) and stays torch-free
-down its whole import graph, so the app may import it; running lives in `engine.gridrun`.
+down its whole import graph, so the app may import it; running lives in `engine.run.gridrun`.
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import atomic
-from . import config as config_mod
-from . import presets
-from . import session as session_mod
-from .errors import MinigptError
+from engine import atomic
+from engine import config as config_mod
+from engine import presets
+from engine.run import session as session_mod
+from engine.errors import MinigptError
 
 GRID_FILE = "grid.json"
 RESULTS_MD = "results.md"

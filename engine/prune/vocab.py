@@ -28,7 +28,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import MinigptError
+from engine.models import size
+from engine.errors import MinigptError
+from engine.evaluate import perplexity
 
 SUPPORTED = "byte-level BPE (GPT-2 style: SmolLM2, OPT, Phi) or BPE with byte fallback (Llama style)"
 _ID_LISTS = ("suppress_tokens", "begin_suppress_tokens")
@@ -333,39 +335,36 @@ def _remap_ids(value, o2n: dict[int, int], rows: int):
     return value
 
 
-# ---- the pipeline step ------------------------------------------------------------------------
-def prune_vocabulary(model, tokenizer, counts: torch.Tensor | None, threshold: float, ctx=None):
+# ---- the whole step ---------------------------------------------------------------------------
+def prune_vocabulary(model, tokenizer, counts: torch.Tensor | None, threshold: float,
+                     held_out: list[str] | None = None, eval_cfg=None):
     """Structural vocabulary pruning: returns (model sliced in place, new tokenizer, info).
 
-    With a pipeline context it also measures, on the held-out documents (capped at
-    evaluate.max_tokens), the coverage (share of their original tokens that are kept)
-    and bits per byte before and after, reports them, and drops the domain data
-    tokenized with the old ids so later stages re-tokenize with the new tokenizer.
+    Given the held-out documents and the evaluation settings (`EvaluateConfig`: block size,
+    stride, batch size, and `max_tokens`, which caps the documents), it also measures the
+    coverage (share of their original tokens that are kept) and bits per byte before and
+    after. Token ids change: the caller re-tokenizes whatever it holds.
     """
     if counts is None:
         raise MinigptError("the calibration statistics hold no token counts",
                            "rerun the calibrate stage: minigpt calibrate SESSION --redo")
-    from . import prune
-
     p = plan(tokenizer, counts, threshold, model)
     info = {"threshold": threshold, "tokenizer_before": p.tokenizer_size, "tokenizer_after": p.new_tokenizer_size,
             "rows_before": p.rows, "rows_after": int(p.keep.numel()), "kept_because": p.reasons,
-            "params_before": prune.count_params(model)}
-    texts = None
-    if ctx is not None:
-        texts = held_out_texts(tokenizer, ctx.domain().eval_texts, ctx.cfg.evaluate.max_tokens)
+            "params_before": size.count_params(model)}
+    measure = held_out is not None and eval_cfg is not None
+    if measure:
+        texts = held_out_texts(tokenizer, held_out, eval_cfg.max_tokens)
         info["coverage"] = coverage(tokenizer, texts, p)
-        before = _bpb(ctx, model, tokenizer, texts)
+        before = _bpb(model, tokenizer, texts, eval_cfg)
     new_tok = prune_tokenizer(tokenizer, p)
     slice_model(model, p)
-    info["params_after"] = prune.count_params(model)
+    info["params_after"] = size.count_params(model)
     info["params_saved"] = info["params_before"] - info["params_after"]
-    if ctx is not None:
-        after = _bpb(ctx, model, new_tok, texts)
+    if measure:
+        after = _bpb(model, new_tok, texts, eval_cfg)
         info.update(bpb_before=before["bpb"], bpb_after=after["bpb"], eval_tokens_before=before["tokens"],
                     eval_tokens_after=after["tokens"], bpb_protocol=after["protocol"])
-        _report(ctx, info)
-        ctx.data = None  # the splits hold old ids: rebuilt with the new tokenizer on next use
     return model, new_tok, info
 
 
@@ -394,21 +393,5 @@ def held_out_texts(tokenizer, texts: list[str], max_tokens: int) -> list[str]:
     return [t for t in out if t]
 
 
-def _bpb(ctx, model, tokenizer, texts: list[str]) -> dict:
-    from . import evaluate
-
-    e = ctx.cfg.evaluate
-    return evaluate.bits_per_byte(model, tokenizer, texts, e.block_size, stride=e.stride, batch_size=e.batch_size)
-
-
-def _report(ctx, info: dict) -> None:
-    rep = ctx.rep
-    rep.log(f"vocabulary {info['tokenizer_before']:,} → {info['tokenizer_after']:,} tokens "
-            f"(embedding rows {info['rows_before']:,} → {info['rows_after']:,}), "
-            f"{info['params_saved']:,} parameters removed; held-out coverage {100 * info['coverage']:.1f}%, "
-            f"bits/byte {info['bpb_before']:.4f} → {info['bpb_after']:.4f}")
-    rep.metric("prune", "base", "vocab_size", info["rows_before"])
-    rep.metric("prune", "pruned", "vocab_size", info["rows_after"])
-    rep.metric("prune", "pruned", "vocab_coverage", info["coverage"])
-    for model, key in (("base", "bpb_before"), ("pruned", "bpb_after")):
-        rep.metric("prune", model, "vocab_bpb", round(info[key], 6), protocol=info["bpb_protocol"])
+def _bpb(model, tokenizer, texts: list[str], e) -> dict:
+    return perplexity.bits_per_byte(model, tokenizer, texts, e.block_size, stride=e.stride, batch_size=e.batch_size)

@@ -19,7 +19,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from .errors import MinigptError
+from engine.errors import MinigptError
 
 _LICENSE_NAME = re.compile(r"(^|/)(licen[cs]e|copying|notice)[^/]*$", re.I)
 _SKIP_STDLIB = ("test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "turtledemo")

@@ -11,12 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from .config import EMBEDDED_DEFAULT, ModelConfig
-from .errors import MinigptError
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MINIGPT_CACHE", Path.home() / ".cache" / "minigpt"))
+from engine.config import EMBEDDED_DEFAULT, ModelConfig, cache_dir
+from engine.errors import MinigptError
 
 
 def resolve_device(spec: str):
@@ -49,7 +45,7 @@ def _gguf_cache(gguf: Path) -> Path:
 
 def convert_gguf(gguf: Path, progress=None) -> Path:
     """Dequantise a GGUF file into a cached HF folder (safetensors) and return it."""
-    from . import atomic
+    from engine import atomic
 
     out = _gguf_cache(gguf)
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
@@ -81,7 +77,7 @@ def resolve_source(cfg: ModelConfig, progress=None) -> str:
     """Turn a model spec into something `from_pretrained` takes (converting GGUF if needed)."""
     src = cfg.source.strip()
     if src == EMBEDDED_DEFAULT:
-        from .embedded import gguf_path
+        from engine.models.embedded import gguf_path
 
         return str(convert_gguf(gguf_path(), progress))
     if src.startswith("embedded:"):
@@ -122,7 +118,8 @@ def load(cfg: ModelConfig, progress=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import adapters, export
+    from engine.models import adapters
+    from engine.models import export
 
     from transformers.utils import logging as hf_logging
 

@@ -1,0 +1,1 @@
+"""Evaluation: held-out perplexity and bits per byte, multiple-choice scoring."""

@@ -1,0 +1,1 @@
+"""Models: family adapters, loading (hub, folder, GGUF, embedded), saving and sizes."""

@@ -1,0 +1,1 @@
+"""Pruning: calibration statistics, importance criteria, allocation, compensation, MLP and vocabulary."""

@@ -1,0 +1,1 @@
+"""Run orchestration: sessions, the event log, stages, the pipeline, the runner, sweeps and grids."""

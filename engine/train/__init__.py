@@ -1,0 +1,1 @@
+"""Recovery training: the fine-tuning loop and its checkpoints."""
