@@ -2,7 +2,7 @@
 
 Importing this module must stay cheap and must not import torch or transformers (a test
 checks it in a fresh interpreter): the app only reads session folders and launches the
-runner through `engine.run.runner`, imported lazily in `launcher.EngineLauncher`.
+runner through the torch-free `engine.run.launch`, in `launcher.EngineLauncher`.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ def _follow(session, stop_on_end: bool = True, since_offset: int = 0) -> str:
             if events:
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since > 3 and not session.runner_alive():
-                from engine.run.runner import starting
+                from engine.run.launch import starting
 
                 st = session.status()
                 if st != "starting" or not starting(session):
@@ -87,10 +87,10 @@ def _start(session, foreground: bool, follow: bool, redo_from: str | None = None
         finally:
             disp.close()
         return
-    from engine.run import runner
+    from engine.run import launch
 
     offset = session.events_path.stat().st_size if session.events_path.exists() else 0
-    pid = runner.launch_detached(session.path, redo_from=redo_from)
+    pid = launch.launch_detached(session.path, redo_from=redo_from)
     typer.echo(f"session {session.id} running detached (pid {pid}); Ctrl-C detaches, `minigpt stop {session.id}` stops")
     if follow:
         status = _follow(session, since_offset=offset)
@@ -162,10 +162,10 @@ def resume(session: str = typer.Argument(...), root: Optional[Path] = RootOpt,
 def stop(session: str = typer.Argument(...), root: Optional[Path] = RootOpt,
          wait: bool = typer.Option(True, "--wait/--no-wait")):
     """Stop a running session gracefully (it checkpoints first)."""
-    from engine.run import runner
+    from engine.run import launch
 
     s = _open(session, root)
-    if not runner.request_stop(s.path):
+    if not launch.request_stop(s.path):
         typer.echo(f"session {s.id} is not running ({s.status()})")
         return
     typer.echo(f"stop requested for {s.id}")

@@ -63,17 +63,17 @@ def test_sighup_to_the_launching_terminal_does_not_stop_a_detached_run(tmp_path,
 
 def test_stop_checkpoints_then_resume_completes(tmp_path, reaper, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the runner inherits it; 2 spinning threads crawl on a busy machine
-    from engine.run import runner
+    from engine.run import launch
     from engine.run.session import open_session
 
     cfg = ft_case.config(tmp_path, "llama", finetune={"max_steps": 60, "eval_every": 30, "checkpoint_every": 30})
     s = ft_case.session(tmp_path, "stopme", cfg)
-    pid = runner.launch_detached(s.path)
+    pid = launch.launch_detached(s.path)
     reaper.append(pid)
     os.setpriority(os.PRIO_PROCESS, pid, 10)  # so the polling below keeps up on a loaded machine
     ft_case.wait_for(lambda: any(e["type"] == "train" and e["step"] >= 3 for e in ft_case.events(s)),
                      what="fine-tuning step 3")
-    assert runner.request_stop(s.path)  # what `minigpt stop` does: stop.request + SIGTERM
+    assert launch.request_stop(s.path)  # what `minigpt stop` does: stop.request + SIGTERM
     ft_case.wait_for(lambda: not s.runner_alive(), what="the runner to exit")
     ev = ft_case.events(s)
     assert s.status() == "stopped" and ev[-1] == {**ev[-1], "type": "run_end", "status": "stopped"}
@@ -86,7 +86,7 @@ def test_stop_checkpoints_then_resume_completes(tmp_path, reaper, monkeypatch):
             from engine.run import pipeline
 
             pipeline.run(open_session(s.path))  # a second runner while the lock is held
-    reaper.append(runner.launch_detached(s.path))  # `minigpt resume`
+    reaper.append(launch.launch_detached(s.path))  # `minigpt resume`
     ft_case.wait_for(lambda: s.status() == "done", what="the resumed run to finish")
     ev = ft_case.events(s)
     assert [m["message"] for m in ev if m["type"] == "log" and "resuming fine-tuning" in m.get("message", "")] == \
@@ -99,16 +99,16 @@ def test_a_launched_runner_counts_as_starting_only_while_alive(tmp_path):
     """`logs -f` and `run` keep waiting through a slow start (torch imports) but not for a corpse."""
     import time
 
-    from engine.run import runner
+    from engine.run import launch
 
     s = ft_case.session(tmp_path, "starting", ft_case.config(tmp_path, "llama"))
     s.update_state(status="starting", pid=os.getpid())
-    assert runner.starting(s)
+    assert launch.starting(s)
     child = subprocess.Popen(["true"])
     time.sleep(0.3)  # exited, not reaped: a zombie still answers kill(pid, 0)
     s.update_state(pid=child.pid)
-    assert not runner.starting(s)
+    assert not launch.starting(s)
     child.wait()
-    assert not runner.starting(s)
+    assert not launch.starting(s)
     s.update_state(status="running", pid=os.getpid())
-    assert not runner.starting(s)
+    assert not launch.starting(s)

@@ -1,5 +1,5 @@
 """Fixtures for the TUI tests: isolated session roots, a fixed clock, no cursor blink,
-and the runner boundary (`engine.run.runner.launch_detached` / `request_stop`) mocked."""
+and the runner boundary (`engine.run.launch.launch_detached` / `request_stop`) mocked."""
 
 from __future__ import annotations
 
@@ -27,19 +27,12 @@ def _deterministic(monkeypatch):
 
 @pytest.fixture
 def runner(monkeypatch) -> FakeRunner:
-    """Mock exactly the launch boundary: engine.run.runner's two functions."""
-    import importlib
+    """Mock exactly the launch boundary: engine.run.launch's two functions."""
+    from engine.run import launch
 
     fake = FakeRunner()
-    try:
-        mod = importlib.import_module("engine.run.runner")
-    except ImportError:  # runner not written yet: provide the module the app imports lazily
-        import types
-
-        mod = types.ModuleType("engine.run.runner")
-        monkeypatch.setitem(sys.modules, "engine.run.runner", mod)
-    monkeypatch.setattr(mod, "launch_detached", fake.launch_detached, raising=False)
-    monkeypatch.setattr(mod, "request_stop", fake.request_stop, raising=False)
+    monkeypatch.setattr(launch, "launch_detached", fake.launch_detached)
+    monkeypatch.setattr(launch, "request_stop", fake.request_stop)
     return fake
 
 

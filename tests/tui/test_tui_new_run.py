@@ -1,5 +1,5 @@
 """New-run form: a valid form writes config.toml through engine.run.session.create and launches
-it detached (mocked only at engine.run.runner); invalid input is shown inline and launches nothing."""
+it detached (mocked only at engine.run.launch); invalid input is shown inline and launches nothing."""
 
 from __future__ import annotations
 
@@ -108,13 +108,13 @@ async def test_bad_numbers_and_missing_local_path_are_caught_before_the_engine_a
 
 
 async def test_launch_failure_keeps_the_session_and_says_why(root, make_app, monkeypatch):
-    import engine.run.runner as runner_mod
+    import engine.run.launch as launch_mod
     from engine.errors import MinigptError
 
     def broken(path, stages=None):
         raise MinigptError("session x is already running", "follow it with: minigpt logs x -f")
 
-    monkeypatch.setattr(runner_mod, "launch_detached", broken)
+    monkeypatch.setattr(launch_mod, "launch_detached", broken)
     app = make_app()
     async with app.run_test(size=(100, 40)) as pilot:
         await _open_form(pilot)

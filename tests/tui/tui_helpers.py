@@ -175,7 +175,7 @@ def standard_root(root: Path) -> dict[str, session_mod.Session]:
 
 
 class FakeRunner:
-    """Stands in for engine.run.runner at the launch boundary; records calls."""
+    """Stands in for engine.run.launch at the launch boundary; records calls."""
 
     def __init__(self) -> None:
         self.launched: list[Path] = []
