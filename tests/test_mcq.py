@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import random
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -255,21 +254,7 @@ def test_protocol_and_comparable(lm):
 
 
 # ---- the pipeline hook -----------------------------------------------------------------------
-class _Rep:
-    def __init__(self):
-        self.events = []
-
-    def progress(self, stage, done, total, unit, rate=0.0):
-        self.events.append(("progress", stage, done, total, unit))
-
-    def log(self, msg, level="info"):
-        self.events.append(("log", msg))
-
-    def check_stop(self):
-        pass
-
-
-def test_mcq_metrics_for_the_pipeline(lm, tmp_path):
+def test_mcq_sets_and_scores_for_the_pipeline(lm, tmp_path):
     model, tok = lm
     p = tmp_path / "set.jsonl"
     p.write_text("".join(json.dumps({"question": f"Question {i}?", "choices": ["yes", "no", "maybe"],
@@ -277,16 +262,15 @@ def test_mcq_metrics_for_the_pipeline(lm, tmp_path):
     cfg = RunConfig()
     cfg.evaluate.mcq_files = [str(p)]
     cfg.evaluate.mcq_generate = 12
-    data = SimpleNamespace(eval_texts=_prose())
-    ctx = SimpleNamespace(cfg=cfg, tokenizer=tok, domain=lambda: data, rep=_Rep(), results={})
-    out = evaluate.mcq_metrics(ctx, model, "base")
+    sets = mcq.sets_for(cfg.evaluate, _prose(), cfg.seed, cfg.data.source)
+    progress = []
+    res = mcq.score_sets(model, tok, sets, cfg.evaluate, cfg.seed, progress=lambda d, n, r: progress.append((d, n)))
+    out, per_set = res["metrics"], res["sets"]
     assert set(out) == {"mcq_acc", "mcq_acc_norm", "mcq_acc_bytes", "mcq_acc_paper"}
-    sets = ctx.results["models"]["base"]["mcq"]
-    assert sets["set"]["n"] == 7 and sets["generated:builtin:licenses"]["n"] == 12
-    micro = (sets["set"]["acc"] * 7 + sets["generated:builtin:licenses"]["acc"] * 12) / 19
+    assert per_set["set"]["n"] == 7 and per_set["generated:builtin:licenses"]["n"] == 12
+    micro = (per_set["set"]["acc"] * 7 + per_set["generated:builtin:licenses"]["acc"] * 12) / 19
     assert out["mcq_acc"] == pytest.approx(micro)
-    progress = [e for e in ctx.rep.events if e[0] == "progress"]
-    assert progress[-1][1:] == ("baseline", 19, 19, "items")
+    assert progress[-1] == (19, 19) and res["protocol"]["items"] == 19
 
 
 def test_pipeline_records_mcq_for_base_and_pruned(tmp_path):

@@ -47,7 +47,10 @@ def test_smollm2_end_to_end(tmp_path):
     # the saved model loads back with the same logits
     m = export.load_model(s.model_dir)
     ids = torch.tensor([[1, 504, 3384, 314, 253, 1767, 28, 30]])
-    ctx = pipeline.Context(cfg, s, None)
+    from engine.run.reporter import Reporter
+    from engine.run.stages import Context
+
+    ctx = Context(cfg, s, Reporter(None))
     orig = ctx.current_model()
     with torch.no_grad():
         assert torch.equal(m(ids).logits, orig(ids).logits)

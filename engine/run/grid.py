@@ -301,7 +301,7 @@ def cell_row(meta: dict, session: session_mod.Session | None) -> dict:
                vocab_pruned=bool(res.get("vocab")),
                ppl_base=base.get("ppl"), ppl_pruned=pruned.get("ppl"), ppl_finetuned=models.get("finetuned", {}).get("ppl"),
                calibration_tokens=res.get("calibration", {}).get("tokens"),
-               calibration_reused_from=res.get("calibration", {}).get("reused_from"))
+               calibration_cached=res.get("calibration", {}).get("cached"))
     ft = res.get("finetune")
     if ft:
         row.update(ft_steps=ft.get("steps"), ft_epochs=ft.get("epochs"), ft_stopped=ft.get("stopped_because"),
@@ -440,7 +440,7 @@ def to_markdown(rows: list[dict], title: str = "") -> str:
 CSV_COLUMNS = ("model", "domain", "method", "linear", "activation", "embedding", "status", "session",
                "params_before", "params_after", "relative_size", "neurons_before", "neurons_after", "vocab_pruned",
                "ppl_base", "ppl_pruned", "ppl_finetuned", "ft_steps", "ft_epochs", "ft_stopped", "recovered",
-               "mcq_metric", "mcq_before", "mcq_after", "calibration_tokens", "calibration_reused_from", "error")
+               "mcq_metric", "mcq_before", "mcq_after", "calibration_tokens", "calibration_cached", "error")
 
 
 def to_csv(rows: list[dict]) -> str:

@@ -1,8 +1,9 @@
 """Running a grid: one session per cell, sequentially in this process (or detached).
 
 Cells not done are run with `engine.run.pipeline.run`; a cell that shares model, corpus,
-calibration and evaluation settings with a calibrated one is seeded from it first (its
-statistics hard-linked, its baseline results copied, both stages marked complete). What it
+calibration and evaluation settings with a measured one is seeded with its baseline
+(results and metric events copied, the stage marked complete), and its calibration is a
+hit in the calibration cache that every run shares (`engine.run.stages.calibration`). What it
 downloads, it fetches up front (`prefetch`), so a missing network fails before any work.
 SIGINT/SIGTERM stop the running cell at its next safe point and start no other.
 `python -m engine.run.gridrun GRID.toml --folder DIR` is the detached runner's entry point.
@@ -16,18 +17,16 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from engine import atomic
 from engine.run import session as session_mod
 from engine.errors import MinigptError
 from engine.run.grid import (LOG_FILE, LOCK_FILE, RESULTS_MD, Cell, GridSpec, _cell_session, _read_index, load_spec,
                    write_outputs)
 
-_SHARED_STAGES = ("baseline", "calibrate")
-
-
 def _donor(cell: Cell, sessions: dict, cells: list[Cell]) -> session_mod.Session | None:
-    from engine.prune.calibrate import STATS_FILE
-
+    """A cell of the same group (model, corpus, calibration and evaluation settings) whose
+    baseline is measured. Calibration needs no donor: the calibration cache serves it."""
+    if not cell.cfg.evaluate.evaluate_base:
+        return None
     for other in cells:
         s = sessions.get(other.key)
         if other is cell or s is None or other.group != cell.group:
@@ -36,43 +35,27 @@ def _donor(cell: Cell, sessions: dict, cells: list[Cell]) -> session_mod.Session
             done = s.state().get("completed_stages", [])
         except MinigptError:
             continue
-        if "calibrate" in done and (s.stats_dir / STATS_FILE).exists() and \
-                ("baseline" in done or not cell.cfg.evaluate.evaluate_base):
+        if "baseline" in done and s.results().get("models", {}).get("base"):
             return s
     return None
 
 
 def seed_from(donor: session_mod.Session, s: session_mod.Session) -> None:
-    """Give a fresh session the donor's calibration statistics and baseline results."""
-    s.stats_dir.mkdir(parents=True, exist_ok=True)
-    for f in donor.stats_dir.iterdir():
-        if not f.is_file() or f.name.startswith(".") or f.name == "partial.pt":
-            continue
-        dest = s.stats_dir / f.name
-        if dest.exists():
-            dest.unlink()
-        try:
-            os.link(f, dest)  # stats files are replaced, never edited in place: a link is safe
-        except OSError:
-            atomic.write_bytes(dest, f.read_bytes())
-    dres, res = donor.results(), s.results()
-    if "calibration" in dres:
-        res["calibration"] = {**dres["calibration"], "reused_from": donor.id}
-    base = dres.get("models", {}).get("base")
-    if base:
-        res.setdefault("models", {})["base"] = base
+    """Give a fresh session the donor's baseline: its base-model results and metric events."""
+    res = s.results()
+    res.setdefault("models", {})["base"] = donor.results()["models"]["base"]
     s.write_results(res)
-    done = [st for st in _SHARED_STAGES if st in donor.state().get("completed_stages", [])]
     w = s.writer()
     try:
-        w.emit("log", level="info", message=f"baseline and calibration reused from session {donor.id} "
-                                             "(same model, corpus, calibration and evaluation settings)")
+        w.emit("log", level="info", message=f"baseline reused from session {donor.id} "
+                                             "(same model, corpus and evaluation settings)")
         for e in donor.events():
-            if e.get("type") == "metric" and e.get("stage") in _SHARED_STAGES:
-                w.emit("metric", **{k: v for k, v in e.items() if k not in ("t", "type")}, reused_from=donor.id)
+            if e.get("type") == "metric" and e.get("stage") == "baseline":
+                w.emit("metric", **{k: v for k, v in e.items() if k not in ("t", "type", "reused_from")},
+                       reused_from=donor.id)
     finally:
         w.close()
-    s.update_state(completed_stages=done, reused_from=donor.id)
+    s.update_state(completed_stages=["baseline"], reused_from=donor.id)
 
 
 class _Stopper:
@@ -175,7 +158,7 @@ def run_grid(spec: GridSpec, display_factory: Callable | None = None, echo: Call
                 donor = _donor(cell, sessions, spec.cells)
                 if donor is not None:
                     seed_from(donor, s)
-                    how = f"starting (baseline and calibration reused from {donor.id})"
+                    how = f"starting (baseline reused from {donor.id})"
             echo(f"{head}: {how}")
             stopper.current = s.path
             disp = display_factory() if display_factory else None

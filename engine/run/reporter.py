@@ -1,7 +1,11 @@
-"""The pipeline's voice: events to `events.jsonl`, optionally mirrored to a live display.
+"""The stage layer's voice: events to `events.jsonl` (checked against `engine.run.record`),
+mirrored to a live display, and the run's results.
 
-Progress is coalesced (at most `max_rate` events per second per stage, plus the last
-one), so per-batch callbacks stay cheap and readers never drown.
+Each measured number is written once, through `metric()`: the event and the matching
+entry in results.json (`models[model][name]`) come from that one call. Progress is
+coalesced (at most `max_rate` events per second per stage, plus the last), so per-batch
+callbacks stay cheap and readers never drown; on CUDA each emitted progress also samples
+GPU memory (a `gpu` event at most every `gpu_every` seconds).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import signal
 import time
 from pathlib import Path
 
+from engine.run import record
 from engine.run.events import EventWriter
 
 STOP_FILE = "stop.request"
@@ -22,16 +27,19 @@ class StopRequested(Exception):
 
 class Reporter:
     def __init__(self, writer: EventWriter | None, display=None, stop_dir: Path | None = None,
-                 max_rate: float = 4.0):
+                 max_rate: float = 4.0, results: dict | None = None, gpu_every: float = 5.0):
         self.writer = writer
         self.display = display
         self.stop_dir = stop_dir
         self.min_interval = 1.0 / max_rate
+        self.results = results if results is not None else {}
+        self.gpu_every = gpu_every
         self._last: dict[str, float] = {}
+        self._last_gpu = 0.0
         self._signalled = False
-        self.stage = None
 
     def emit(self, type: str, **fields) -> dict:
+        record.event(type, fields)
         event = self.writer.emit(type, **fields) if self.writer else {"t": time.time(), "type": type, **fields}
         if self.display:
             self.display(event)
@@ -45,6 +53,9 @@ class Reporter:
         eta = (total - done) / rate if rate > 0 else None
         self.emit("progress", stage=stage, done=done, total=total, unit=unit, rate=round(rate, 2),
                   eta_s=None if eta is None else round(eta, 1), **extra)
+        if now - self._last_gpu >= self.gpu_every:
+            self._last_gpu = now
+            self.gpu()
 
     def progress_fn(self, stage: str, unit: str):
         return lambda done, total, rate=0.0: self.progress(stage, done, total, unit, rate)
@@ -52,8 +63,36 @@ class Reporter:
     def log(self, message: str, level: str = "info") -> None:
         self.emit("log", level=level, message=message)
 
-    def metric(self, stage: str, model: str, name: str, value, **extra) -> None:
+    def metric(self, stage: str, model: str, name: str, value, protocol: dict | None = None, **extra) -> None:
+        """One measured number: the `metric` event and results.json's models[model][name]."""
+        if protocol is not None:
+            extra["protocol"] = protocol
         self.emit("metric", stage=stage, model=model, name=name, value=value, **extra)
+        entry = self.results.setdefault("models", {}).setdefault(model, {})
+        entry[name] = value
+        if protocol is not None:
+            entry[f"{name}_protocol"] = protocol
+
+    def section(self, name: str, values: dict) -> dict:
+        """A results.json section of a stage (record.RESULTS), replaced whole."""
+        if name not in record.RESULTS or name == "models":
+            raise ValueError(f"unknown results section {name!r} (engine/run/record.py RESULTS)")
+        self.results[name] = values
+        return values
+
+    def model_entry(self, model: str) -> dict:
+        """results.json's models[model], for what is not a metric (per-set MCQ tables, nonzero counts)."""
+        if model not in record.MODELS:
+            raise ValueError(f"unknown model label {model!r}")
+        return self.results.setdefault("models", {}).setdefault(model, {})
+
+    def gpu(self) -> None:
+        """A `gpu` event when this process uses CUDA (memory from torch; utilisation via nvidia-ml-py)."""
+        from engine.run import gpu
+
+        sample = gpu.sample()
+        if sample is not None:
+            self.emit("gpu", **sample)
 
     # ---- graceful stop -------------------------------------------------------------
     def install_signal_handlers(self) -> None:

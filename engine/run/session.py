@@ -20,9 +20,10 @@ from typing import Any
 from engine import atomic
 from engine import config as config_mod
 from engine.errors import MinigptError
+from engine.run import record
 from engine.run.events import EVENTS_FILE, EventWriter, read_events
 
-STAGES = ("baseline", "calibrate", "prune", "finetune", "evaluate")
+STAGES = record.STAGES
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.toml"
 LOCK_FILE = "runner.lock"

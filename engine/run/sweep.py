@@ -20,10 +20,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.models import size
 from engine import atomic
 from engine.config import ALLOCATIONS, COMPENSATIONS, CRITERIA, RunConfig
 from engine.errors import MinigptError
+from engine.models import size
+from engine.run import stages
 
 
 @dataclass
@@ -60,13 +61,12 @@ def run(cfg: RunConfig, grid: Grid, out_dir: str | Path, progress=None, log=prin
         stats_dir: str | Path | None = None) -> list[dict]:
     """Measure every cell; returns the rows (also written to out_dir/sweep.csv and sweep.md).
 
-    Calibration statistics are saved under `stats_dir` (default out_dir/calibration), keyed
-    by model and calibration blocks, and reused by any later sweep pointed at the same folder.
+    Calibration statistics come from the calibration cache that runs and grids share
+    (`stages.calibration`; `stats_dir` points it elsewhere), keyed by model and blocks.
     `progress(event: dict)` receives {"kind": "cell"|"phase", ...} updates for a display.
     """
     import torch
 
-    from engine.prune import calibrate as cal_mod
     from engine.data import domain as data_mod
     from engine.models import adapters
     from engine.prune import compensate
@@ -87,16 +87,14 @@ def run(cfg: RunConfig, grid: Grid, out_dir: str | Path, progress=None, log=prin
     torch.manual_seed(cfg.seed)
     log(f"loading model {cfg.model.source}")
     base, tok, _ = models.load(cfg.model)
-    bs = min(cfg.calibrate.block_size, data_mod.model_context(base))
+    bs = min(cfg.calibrate.block_size, adapters.model_context(base))
     e = cfg.evaluate
     corpora: dict[str, object] = {}
 
     def corpus(src: str):
         if src not in corpora:
             log(f"loading corpus {src}")
-            dcfg = dataclasses.replace(cfg.data, source=src)
-            corpora[src] = data_mod.DomainData.build(dcfg, tok, max_calib=bs * max(1, cfg.calibrate.max_tokens // bs),
-                                                     max_eval=e.max_tokens)
+            corpora[src] = stages.load_domain(cfg, dataclasses.replace(cfg.data, source=src), tok, bs)
         return corpora[src]
 
     mcq_sets = {}
@@ -151,17 +149,11 @@ def run(cfg: RunConfig, grid: Grid, out_dir: str | Path, progress=None, log=prin
             if blocks.shape[0] == 0:
                 raise MinigptError(f"corpus {src} has fewer calibration tokens than one block of {bs}",
                                    "use a larger corpus or a smaller calibrate.block_size")
-            cache = Path(stats_dir or out_dir / "calibration") / _stats_key(cfg, src, blocks)
-            stats = _cached_stats(cache, gram_wanted)
-            if stats is None:
-                say({"kind": "phase", "phase": f"calibrating on {src} ({blocks.numel():,} tokens)"})
-                stats = cal_mod.calibrate(
-                    base, blocks, cfg.calibrate.batch_size, linears=False, gram=gram_wanted,
-                    progress=lambda d, t, r=0.0: say({"kind": "phase", "phase": f"calibrating on {src}",
-                                                      "done": d, "total": t}))
-                stats.save(cache)
-            else:
-                log(f"reusing calibration statistics {cache}")
+            say({"kind": "phase", "phase": f"calibrating on {src} ({blocks.numel():,} tokens)"})
+            stats, _, _ = stages.calibration(
+                base, blocks, cfg, dataclasses.replace(cfg.data, source=src), linears=False, gram=gram_wanted,
+                progress=lambda d, t, r=0.0: say({"kind": "phase", "phase": f"calibrating on {src}",
+                                                  "done": d, "total": t}), log=log, root=stats_dir)
             stats_by_source[src] = stats
             blocks_by_source[src] = blocks
             meta["calibrate_tokens"][src] = int(blocks.numel())
@@ -201,29 +193,6 @@ def run(cfg: RunConfig, grid: Grid, out_dir: str | Path, progress=None, log=prin
         log(f"{tag}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in row.items() if k.startswith(("ppl", "x_base", "mcq"))))
     say({"kind": "cell", "index": len(todo), "total": len(todo), "cell": "done"})
     return rows
-
-
-def _stats_key(cfg: RunConfig, src: str, blocks) -> str:
-    """Calibration statistics depend on the model, the corpus split and the blocks only."""
-    import hashlib
-    import json
-
-    key = {"model": dataclasses.asdict(cfg.model), "data": {**dataclasses.asdict(cfg.data), "source": src},
-           "shape": list(blocks.shape), "first": blocks[0, :16].tolist(), "sum": int(blocks.sum())}
-    return hashlib.sha1(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:16]
-
-
-def _cached_stats(folder: Path, gram: bool):
-    """Statistics saved by an earlier sweep over the same blocks (reused across invocations)."""
-    from engine.prune.calibrate import STATS_FILE, Stats
-
-    if not (folder / STATS_FILE).exists():
-        return None
-    try:
-        stats = Stats.load(folder)
-    except MinigptError:
-        return None
-    return stats if (stats.has_gram() or not gram) else None
 
 
 def _fmt(v) -> str:

@@ -2,8 +2,8 @@
 
 `Finetuner` is the training loop's state and step (AdamW, warmup + cosine/linear schedule,
 gradient accumulation, grad-norm clipping, bf16 autocast on CUDA, optional gradient
-checkpointing and LoRA); `run(ctx)` is the pipeline stage around it (held-out evaluation
-and the stop rule, events, checkpoints, resume, saving).
+checkpointing and LoRA); `recover` is the loop around it (held-out evaluation and the stop
+rule, checkpoints), with the session's I/O left to its caller, `engine.run.recovery`.
 
 Why a resumed run equals an uninterrupted one: micro-batch i is a pure function of
 (seed, i) (`Batches`), and a checkpoint holds everything else that evolves (weights,
@@ -17,20 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import time
+from typing import Callable
 
 import torch
 
-from engine.models import size
 from engine.train import checkpoint as ckpt_mod
 from engine.config import FinetuneConfig
 from engine.errors import MinigptError
 
 _SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 # changing these between a stop and a resume does not invalidate the checkpoints
-_RESUMABLE_KEYS = ("enabled", "eval_every", "checkpoint_every", "keep_checkpoints")
+RESUMABLE_KEYS = ("enabled", "eval_every", "checkpoint_every", "keep_checkpoints")
 
 
 # ---- data order ---------------------------------------------------------------------------
@@ -169,23 +168,20 @@ class Dist:
 _followers_told = False
 
 
+def start_followers(dist: Dist) -> None:
+    """Rank 0 entering fine-tuning: the followers (waiting in the runner) start too."""
+    global _followers_told
+    if dist.on and dist.rank == 0:
+        _followers_told = True
+        dist.bcast(True)
+
+
 def release_followers() -> None:
     """Rank 0 at exit: followers still waiting for a fine-tuning stage are told there is none."""
     global _followers_told
     if not _followers_told:
         _followers_told = True
         Dist().bcast(None)
-
-
-def follow(session) -> None:
-    """Ranks > 0 under torchrun: wait for rank 0's fine-tuning stage and train alongside it."""
-    from engine.run.pipeline import Context
-    from engine.run.reporter import Reporter
-
-    if not Dist().bcast(None):
-        return
-    ctx = Context(session.config(), session, Reporter(None), results=session.results())
-    run(ctx)
 
 
 # ---- the loop ------------------------------------------------------------------------------
@@ -334,8 +330,8 @@ def _wrap_lora(model, cfg: FinetuneConfig):
     return get_peft_model(model, lcfg)
 
 
-# ---- the pipeline stage -------------------------------------------------------------------
-def _follow_orders(ft: Finetuner) -> None:
+# ---- the recovery loop ------------------------------------------------------------------------
+def follow_orders(ft: Finetuner) -> None:
     """Ranks > 0: do what rank 0 broadcasts, step by step, until it is done."""
     while True:
         order = ft.dist.bcast()
@@ -359,168 +355,59 @@ class Progress:
     pruned: dict | None = None  # the pruned model's held-out ppl and protocol (step 0)
 
 
-def _fingerprint(ctx, block_size: int, n_blocks: int) -> dict:
-    f = {k: v for k, v in dataclasses.asdict(ctx.cfg.finetune).items() if k not in _RESUMABLE_KEYS}
-    fp = {"finetune": f, "seed": ctx.cfg.seed, "model": ctx.cfg.model.source,
-          "data": dataclasses.asdict(ctx.cfg.data), "prune": dataclasses.asdict(ctx.cfg.prune),
-          "widths": ctx.results.get("prune", {}).get("widths"), "block_size": block_size, "blocks": n_blocks}
-    return json.loads(json.dumps(fp))
+@dataclasses.dataclass
+class Hooks:
+    """What the recovery loop asks of its caller (the stage layer): measure held-out
+    perplexity, report a step, write a checkpoint, and whether a stop was requested."""
+
+    held_out: Callable[[], float]
+    on_step: Callable[[dict], None]
+    checkpoint: Callable[[], None]
+    stop_requested: Callable[[], bool]
 
 
-def run(ctx) -> None:
-    """The finetune stage. Under torchrun every rank runs it; rank 0 drives (see `Dist`)."""
-    global _followers_told
-    from pathlib import Path
-
-    from engine import atomic
-    from engine.models import export
-    from engine.prune import mlp as prune
-    from engine.data.domain import blocks as pack, model_context
-    from engine.run.pipeline import save_masks
-    from engine.run.reporter import StopRequested
-
-    f, rep, e = ctx.cfg.finetune, ctx.rep, ctx.cfg.evaluate
-    dist = Dist()
-    if dist.on and dist.rank == 0:
-        _followers_told = True
-        dist.bcast(True)  # the followers (waiting in `follow`) start too
-    model = ctx.current_model()  # before domain(): it would otherwise load the base model
-    d = ctx.domain()
-    block = max(2, min(f.block_size, model_context(model)))
-    data = pack(d.finetune, block)
-    if data.shape[0] < f.batch_size:
-        raise MinigptError(f"the fine-tune split has {d.finetune.numel()} tokens: {data.shape[0]} block(s) of "
-                           f"{block}, fewer than finetune.batch_size = {f.batch_size}",
-                           "lower finetune.block_size or batch_size, or raise data.finetune_fraction")
-    base_ppl = ctx.results.get("models", {}).get("base", {}).get("ppl")
-    target = base_ppl * f.target_ppl_ratio if base_ppl and f.target_ppl_ratio > 0 else None
-    if target is None and f.target_ppl_ratio > 0:
-        rep.log("no base-model perplexity (evaluate.evaluate_base = false): fine-tuning runs to its step limit",
-                level="warning")
-
-    ckpt_mod.seed_everything(ctx.cfg.seed + dist.rank)  # dropout differs per rank; data order comes from Batches
-    ft = Finetuner(model, data, f, seed=ctx.cfg.seed, masks=ctx.masks, dist=dist)
-    prog = Progress()
-    ckdir = ctx.session.checkpoints_dir
-    fp = _fingerprint(ctx, block, data.shape[0])
-    last = dist.bcast(ckpt_mod.latest(ckdir) if dist.rank == 0 else None)
-    last = Path(last) if last else None
-    resumed_from = None
-    if last is None and ctx.session.state().get("model_is") == "finetuned":
-        # model/ holds the fine-tuned model (the pruned one was replaced): never fine-tune it twice by accident
-        raise MinigptError(f"session {ctx.session.id} is already fine-tuned and has no checkpoint to resume from",
-                           f"to fine-tune again from the pruned model, redo pruning: minigpt prune {ctx.session.id}")
-    if last is not None:
-        state, meta = ckpt_mod.load(last, map_location=ft.device)
-        if meta.get("fingerprint") != fp:
-            key = next((k for k in fp if fp[k] != meta.get("fingerprint", {}).get(k)), "?")
-            raise MinigptError(f"the fine-tuning checkpoints in {ckdir} were written with a different "
-                               f"configuration ({key} differs)",
-                               f"restore the previous settings, or delete {ckdir} to fine-tune from the pruned model again")
-        ft.load_state_dict(state)
-        prog = Progress(**state["progress"])
-        resumed_from = ft.step
-        rep.log(f"resuming fine-tuning from checkpoint at step {ft.step} ({last.name})")
-        if len(state["rng"] if isinstance(state["rng"], list) else [1]) != dist.world:
-            rep.log("the checkpoint was written by another number of processes: RNG streams (dropout) "
-                    "restart, so this resume is valid but not bit-identical", level="warning")
-        del state
-    if dist.rank > 0:
-        _follow_orders(ft)
-        return
-
-    def save_checkpoint() -> None:
-        dist.bcast("checkpoint")  # every rank adds its RNG state
-        path = ckpt_mod.save(ckdir, ft.step, {**ft.state_dict(), "progress": dataclasses.asdict(prog)},
-                             meta={"fingerprint": fp, "stopped_because": prog.stopped_because},
-                             keep=f.keep_checkpoints)
-        rep.emit("checkpoint", step=ft.step, path=str(path))
-
+def recover(ft: Finetuner, prog: Progress, target: float | None, hooks: Hooks) -> bool:
+    """Train until held-out ppl <= `target`, the step limit, or a stop request (rank 0 drives;
+    the other ranks follow in `_follow_orders`). Evaluates every `eval_every` steps and at
+    the end, checkpoints every `checkpoint_every` steps. Returns True when stopped on request
+    (a checkpoint was written first)."""
+    f, total = ft.cfg, ft.total_steps
     eval_seconds: list[float] = []
 
-    def held_out() -> dict:
+    def held_out() -> float:
         t0 = time.perf_counter()
-        res = ft.perplexity(d.evaluate, e.block_size, e.stride, e.batch_size)
+        ppl = hooks.held_out()
         eval_seconds.append(time.perf_counter() - t0)
-        prog.curve.append([ft.step, res["ppl"]])
-        rep.emit("eval", step=ft.step, ppl=round(res["ppl"], 6), target_ppl=target)
-        return res
+        return ppl
 
-    total = ft.total_steps
-    rep.log(f"fine-tuning up to {total} steps ({ft.limit}) of {f.batch_size}×{f.grad_accum}×{block} tokens on "
-            f"{data.shape[0]} blocks ({ft.batches.per_epoch} batches/epoch); lr {f.lr:g} {f.schedule}, "
-            + (f"LoRA r={f.lora_rank}, " if f.lora_rank > 0 else "")
-            + (f"stop at held-out ppl <= {target:.4f} ({f.target_ppl_ratio:g} x base {base_ppl:.4f})" if target
-               else "no ppl target"))
-    if not prog.curve:  # the pruned model's held-out ppl: the start of the recovery curve
-        res = held_out()
-        prog.pruned = {"ppl": res["ppl"], "ppl_protocol": res["protocol"]}
-        ctx.rep.metric("finetune", "pruned", "ppl", round(res["ppl"], 4), protocol=res["protocol"])
-        if target is not None and res["ppl"] <= target:
-            prog.stopped_because = "target_ppl"
-    ctx.results.setdefault("models", {}).setdefault("pruned", {}).update(prog.pruned or {})
     t_proc, steps_proc = 0.0, 0
     while prog.stopped_because is None:
         if ft.step >= total:
             prog.stopped_because = ft.limit
             break
         t0 = time.perf_counter()
-        dist.bcast("step")
+        ft.dist.bcast("step")
         m = ft.train_step()
         dt = time.perf_counter() - t0
         t_proc, steps_proc = t_proc + dt, steps_proc + 1
         prog.tokens += ft.tokens_per_step
         prog.train_seconds += dt
         prog.last_loss = m["loss"]
-        tps = ft.tokens_per_step * steps_proc / t_proc
         evals_left = (total - ft.step) // max(f.eval_every, 1)
         eta = (total - ft.step) * t_proc / steps_proc + evals_left * (sum(eval_seconds) / max(len(eval_seconds), 1))
-        rep.emit("train", step=ft.step, total_steps=total, loss=round(m["loss"], 6), lr=m["lr"],
-                 grad_norm=round(m["grad_norm"], 6), tokens_per_s=round(tps, 1), eta_s=round(eta, 1),
-                 epoch=ft.epoch())
-        rep.progress("finetune", ft.step, total, "steps", rate=steps_proc / t_proc)
+        hooks.on_step({**m, "tokens_per_s": ft.tokens_per_step * steps_proc / t_proc, "eta_s": eta,
+                       "steps_per_s": steps_proc / t_proc})
         if (f.eval_every > 0 and ft.step % f.eval_every == 0) or ft.step >= total:
-            ppl = held_out()["ppl"]
+            ppl = held_out()
             if target is not None and ppl <= target:
                 prog.stopped_because = "target_ppl"
         if prog.stopped_because is None and ft.step >= total:
             prog.stopped_because = ft.limit
-        if rep.stop_requested():
-            save_checkpoint()
-            dist.bcast("done")
-            rep.log(f"stopped at step {ft.step}; continue with: minigpt resume {ctx.session.id}")
-            raise StopRequested()
+        if hooks.stop_requested():
+            hooks.checkpoint()
+            return True
         if f.checkpoint_every > 0 and ft.step % f.checkpoint_every == 0 and prog.stopped_because is None:
-            save_checkpoint()
+            hooks.checkpoint()
     if not prog.curve or prog.curve[-1][0] != ft.step:
-        held_out()  # the step limit was not an eval step (or no target): measure the end point
-    if resumed_from != ft.step or last is None:  # the end-of-stage checkpoint
-        save_checkpoint()
-    dist.bcast("done")
-
-    final_ppl = prog.curve[-1][1]
-    rep.log(f"fine-tuning stopped after {ft.step} steps ({prog.stopped_because}); held-out ppl {final_ppl:.4f}")
-    final = ft.finished_model()
-    folder = ctx.session.path / ".model.finetuned"
-    export.save_model(final, ctx.tokenizer, folder,
-                      meta={"stage": "finetuned", "mode": ctx.cfg.prune.mode, "base": ctx.cfg.model.source,
-                            "steps": ft.step})
-    if ctx.masks:
-        save_masks(ctx.masks, folder)
-    atomic.replace_dir(folder, ctx.session.model_dir)
-    ctx.session.update_state(model_is="finetuned")
-    ctx.model, ctx.model_is = final, "finetuned"
-
-    tps = prog.tokens / prog.train_seconds if prog.train_seconds else 0.0
-    ctx.rep.metric("finetune", "finetuned", "ppl", round(final_ppl, 4))
-    ctx.rep.metric("finetune", "finetuned", "tokens_per_s", round(tps, 1))
-    ctx.results["finetune"] = {
-        "steps": ft.step, "total_steps": total, "tokens": prog.tokens, "tokens_per_s": round(tps, 2),
-        "train_seconds": round(prog.train_seconds, 2), "stopped_because": prog.stopped_because,
-        "final_loss": prog.last_loss, "base_ppl": base_ppl, "target_ppl": target, "curve": prog.curve,
-        "epochs": ft.epoch(), "block_size": block, "batch_size": f.batch_size, "grad_accum": f.grad_accum,
-        "lr": f.lr, "schedule": f.schedule, "lora_rank": f.lora_rank, "resumed_from_step": resumed_from}
-    fin = ctx.results.setdefault("models", {}).setdefault("finetuned", {})
-    fin.update(ppl=final_ppl, params=size.count_params(final))
-    if ctx.masks:
-        fin["nonzero_params"] = size.count_nonzero(final)
+        hooks.held_out()  # the step limit was not an eval step (or no target): measure the end point
+    return False

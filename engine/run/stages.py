@@ -1,0 +1,375 @@
+"""The stages: baseline → calibrate → prune → finetune → evaluate, over the plain algorithms.
+
+This is the only layer that does I/O for a run: it loads the model and the corpus, calls
+the algorithms with explicit arguments (model, tensors, config sections, a progress
+callback, a stop check), writes the artefacts into the session folder and reports every
+fact once through the `Reporter` (event and results entry together). `minigpt sweep` and
+the grid use the same functions (`load_domain`, `calibration`) and so the same
+calibration cache, keyed one way (`calibration_key`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine import atomic
+from engine.config import RunConfig, cache_dir
+from engine.errors import MinigptError
+from engine.run import session as session_mod
+from engine.run.reporter import Reporter, StopRequested
+
+
+@dataclass
+class Context:
+    """What the stages of one run share: the config, the session, its reporter, and the
+    model and corpus once loaded (lazily, so a resumed run loads only what it needs)."""
+
+    cfg: RunConfig
+    session: session_mod.Session
+    rep: Reporter
+    model: object = None
+    tokenizer: object = None
+    data: object = None
+    model_is: str = ""  # "base" | "pruned" | "finetuned"
+    masks: dict = field(default_factory=dict)
+
+    @property
+    def results(self) -> dict:
+        return self.rep.results
+
+    def base_model(self):
+        if self.model_is != "base":
+            from engine.models import load as models
+
+            self.rep.log(f"loading model {self.cfg.model.source}")
+            self.model, self.tokenizer, _ = models.load(self.cfg.model, progress=self.rep.log)
+            self.model_is = "base"
+        return self.model
+
+    def current_model(self):
+        """The pruned/fine-tuned model saved by the last completed stage (base if none)."""
+        saved = self.session.state().get("model_is")
+        if saved and saved != "base" and self.model_is != saved:
+            from transformers import AutoTokenizer
+
+            from engine.models import export
+            from engine.models import load as models
+
+            device = models.resolve_device(self.cfg.model.device)
+            dtype = models.resolve_dtype(self.cfg.model.dtype, device)
+            self.model = export.load_model(self.session.model_dir, dtype=dtype, device=device)
+            if self.tokenizer is None:
+                self.tokenizer = AutoTokenizer.from_pretrained(self.session.model_dir)
+            self.model_is = saved
+            self.masks = export.load_masks(self.session.model_dir)
+        elif not saved or saved == "base":
+            self.base_model()
+        return self.model
+
+    def domain(self):
+        if self.data is None:
+            if self.tokenizer is None:
+                self.base_model()
+            self.rep.log(f"loading corpus {self.cfg.data.source}")
+            self.data = load_domain(self.cfg, self.cfg.data, self.tokenizer, self.calib_block_size(),
+                                    progress=self.rep.progress_fn("download", "bytes"))
+            d = self.data
+            self.rep.log(f"corpus split: calibrate {d.calibrate.numel()} tokens, finetune {d.finetune.numel()}, "
+                         f"held-out {d.evaluate.numel()}")
+        return self.data
+
+    def calib_block_size(self) -> int:
+        from engine.models.adapters import model_context
+
+        cap = model_context(self.model) if self.model is not None else self.cfg.calibrate.block_size
+        return max(1, min(self.cfg.calibrate.block_size, cap))
+
+
+# ---- shared by the pipeline, the sweep and the grid ---------------------------------------------
+def load_domain(cfg: RunConfig, data_cfg, tokenizer, calib_block: int, progress=None):
+    """The corpus split and tokenized for a run: calibration capped at whole blocks of
+    `calib_block` (at least one), held-out capped at evaluate.max_tokens."""
+    from engine.data import domain as data_mod
+
+    cal = calib_block * (cfg.calibrate.max_tokens // calib_block or 1)
+    d = data_mod.DomainData.build(data_cfg, tokenizer, max_calib=cal, max_eval=cfg.evaluate.max_tokens,
+                                  progress=progress)
+    if d.evaluate.numel() < 2:
+        raise MinigptError("the held-out split has no tokens", "raise data.evaluate_fraction or add documents")
+    return d
+
+
+def calibration_root() -> Path:
+    """The calibration cache: $MINIGPT_CALIBRATION_CACHE, else <minigpt cache>/calibration."""
+    env = os.environ.get("MINIGPT_CALIBRATION_CACHE")
+    return Path(env) if env else cache_dir() / "calibration"
+
+
+def calibration_key(cfg: RunConfig, data_cfg, blocks, batch_size: int) -> str:
+    """Statistics depend on the model (source, dtype, device), the corpus and its blocks (by
+    content), and the batch size (the order floats are summed in); nothing else."""
+    import numpy as np
+
+    digest = hashlib.sha1(np.ascontiguousarray(blocks.cpu().numpy()).tobytes()).hexdigest()
+    key = {"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(data_cfg),
+           "shape": list(blocks.shape), "blocks": digest, "batch_size": batch_size}
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:20]
+
+
+def cached_stats(folder: Path, linears: bool, gram: bool):
+    """Statistics in the cache folder that hold at least what is wanted, else None."""
+    from engine.prune.calibrate import STATS_FILE, Stats
+
+    if not (folder / STATS_FILE).exists():
+        return None
+    try:
+        stats = Stats.load(folder)
+    except MinigptError:
+        return None
+    has = stats.meta.get("holds", {})
+    if (gram and not stats.has_gram()) or (linears and not has.get("linears", True)):
+        return None
+    return stats
+
+
+def calibration(model, blocks, cfg: RunConfig, data_cfg, linears: bool, gram: bool, progress=None,
+                resume: dict | None = None, on_batch=None, log=None, root: Path | None = None):
+    """Calibration statistics for these blocks: from the cache (`root`, default
+    `calibration_root()`) when it holds them, else measured (resumably: `resume`/`on_batch`
+    as in `calibrate.calibrate`) and cached. Returns (stats, key, cached?)."""
+    from engine.prune import calibrate as cal_mod
+
+    key = calibration_key(cfg, data_cfg, blocks, cfg.calibrate.batch_size)
+    folder = Path(root or calibration_root()) / key
+    stats = cached_stats(folder, linears, gram)
+    if stats is not None:
+        if log:
+            log(f"calibration statistics reused from the cache ({folder})")
+        return stats, key, True
+    held = cached_stats(folder, False, False)  # holds less than wanted: measure the union, replace it
+    if held is not None:
+        linears = linears or held.meta.get("holds", {}).get("linears", True)
+        gram = gram or held.has_gram()
+    t0 = time.perf_counter()
+    r = resume or {}
+    stats = cal_mod.calibrate(model, blocks, cfg.calibrate.batch_size, progress=progress, linears=linears,
+                              gram=gram, start_batch=r.get("batch", 0), resume_state=r.get("state"),
+                              on_batch=on_batch)
+    stats.meta = {"block_size": int(blocks.shape[1]), "blocks": int(blocks.shape[0]),
+                  "seconds": round(r.get("seconds", 0.0) + time.perf_counter() - t0, 2),
+                  "model": cfg.model.source, "corpus": data_cfg.source, "holds": {"linears": linears, "gram": gram}}
+    stats.save(folder)
+    return stats, key, False
+
+
+# ---- the stages -----------------------------------------------------------------------------------
+def stage_baseline(ctx: Context) -> None:
+    if not ctx.cfg.evaluate.evaluate_base:
+        return
+    _evaluate(ctx, ctx.base_model(), "baseline", "base")
+
+
+def stage_calibrate(ctx: Context) -> None:
+    import torch
+
+    from engine.data.domain import blocks
+    from engine.prune import calibrate as cal_mod
+    from engine.prune import compensate
+
+    model = ctx.base_model()
+    d = ctx.domain()
+    bs = ctx.calib_block_size()
+    calib = blocks(d.calibrate, bs)
+    if calib.shape[0] == 0:
+        raise MinigptError(f"calibration split has {d.calibrate.numel()} tokens, fewer than one block of {bs}",
+                           "use a larger corpus, raise data.calibrate_fraction, or lower calibrate.block_size")
+    gram = compensate.needs_gram(ctx.cfg.prune)
+    partial = ctx.session.stats_dir / "partial.pt"
+    key = calibration_key(ctx.cfg, ctx.cfg.data, calib, ctx.cfg.calibrate.batch_size) + f"-gram{int(gram)}"
+    resume = _load_partial(partial, key, ctx.rep)
+    every = ctx.cfg.calibrate.checkpoint_every
+    t0 = time.perf_counter()
+    before = resume.get("seconds", 0.0) if resume else 0.0
+
+    def on_batch(done_batches, state):
+        if ctx.rep.stop_requested():
+            _save_partial(partial, done_batches, state, key, before + time.perf_counter() - t0)
+            raise StopRequested()
+        if every and done_batches % every == 0:
+            _save_partial(partial, done_batches, state, key, before + time.perf_counter() - t0)
+
+    stats, _, cached = calibration(model, calib, ctx.cfg, ctx.cfg.data, linears=True, gram=gram,
+                                   progress=ctx.rep.progress_fn("calibrate", "tokens"), resume=resume,
+                                   on_batch=on_batch, log=ctx.rep.log)
+    vocab = max(model.get_input_embeddings().weight.shape[0], len(ctx.tokenizer))
+    stats.t["token_counts"] = cal_mod.token_counts(torch.cat([d.calibrate, d.finetune]), vocab)
+    secs = stats.meta["seconds"]
+    stats.save(ctx.session.stats_dir)
+    if partial.exists():
+        partial.unlink()
+    ctx.rep.metric("calibrate", "base", "calibration_seconds", round(secs, 2))
+    ctx.rep.metric("calibrate", "base", "calibration_tokens", stats.n_tokens)
+    ctx.rep.section("calibration", {"tokens": stats.n_tokens, "seconds": round(secs, 2), "block_size": bs,
+                                    "cached": cached})
+
+
+def _load_partial(path: Path, key: str, rep: Reporter) -> dict | None:
+    """A partial pass is reused only for the very same blocks, model and statistics wanted."""
+    import torch
+
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, weights_only=True)
+    except Exception:  # unreadable: never happens with atomic writes, unless edited by hand
+        saved = {}
+    if saved.get("key") != key:
+        rep.log("discarding partial calibration statistics from another setup", level="warning")
+        return None
+    rep.log(f"resuming calibration at batch {int(saved['batch'])}")
+    return {"batch": int(saved["batch"]), "state": saved["state"], "seconds": float(saved.get("seconds", 0.0))}
+
+
+def _save_partial(path, batch, state, key, seconds) -> None:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({"batch": batch, "state": state, "key": key, "seconds": seconds}, buf)
+    atomic.write_bytes(path, buf.getvalue())
+
+
+def stage_prune(ctx: Context) -> None:
+    from engine.models import adapters, export, size
+    from engine.prune import mlp as prune
+    from engine.prune.calibrate import Stats
+
+    p = ctx.cfg.prune
+    model = ctx.base_model()
+    stats = Stats.load(ctx.session.stats_dir)
+    widths_before = adapters.for_model(model).widths()
+    # mask mode counts nonzero parameters before and after: a base model may hold exact zeros
+    # already (a dequantised GGUF: 325k in SmolLM2), which no pruning removed
+    nonzero = p.mode == "mask"
+    mlp_params_before = prune.mlp_param_counts(model, nonzero=nonzero)
+    params_before = size.count_nonzero(model) if nonzero else size.count_params(model)
+    plan = prune.select_and_compensate(  # sensitivity/sequential need the calibration tokens
+        model, stats, p, lambda: _calib_blocks(ctx), ctx.cfg.calibrate.batch_size, ctx.cfg.seed,
+        progress=lambda what, d, n: ctx.rep.progress("prune", d, n, "items", phase=what))
+    masks = {}
+    if p.mode == "structural":
+        if p.embedding_threshold >= 0:
+            model = _prune_vocabulary(ctx, model, stats)
+        prune.apply_structural(model, plan)
+    else:
+        masks = prune.mlp_masks(model, plan)
+        if p.linear_threshold >= 0:
+            masks = prune.merge_masks(masks, prune.linear_masks(model, stats, p.linear_threshold))
+        if p.embedding_threshold >= 0:
+            masks = prune.merge_masks(masks, prune.embedding_masks(model, ctx.tokenizer, stats.token_counts,
+                                                                   p.embedding_threshold))
+        prune.apply_masks(model, masks)
+    report = prune.layer_report(model, widths_before, params_before, p.mode, mlp_params_before)
+    ctx.rep.emit("layer_report", **report)
+    t = report["totals"]
+    ctx.rep.log(f"pruned {t['neurons_before'] - t['neurons_after']} of {t['neurons_before']} MLP neurons; "
+                f"params {t['params_before']:,} → {t['params_after']:,} (-{t['pct_removed']}%)")
+    ctx.rep.metric("prune", "base", "params", t["params_before"])
+    ctx.rep.metric("prune", "pruned", "params", t["params_after"])
+    ctx.rep.section("prune", {"mode": p.mode, "widths": plan.widths_after, **t})
+    export.save_model(model, ctx.tokenizer, ctx.session.model_dir,
+                      meta={"stage": "pruned", "mode": p.mode, "base": ctx.cfg.model.source})
+    if masks:
+        export.save_masks(masks, ctx.session.model_dir)
+    ctx.masks, ctx.model_is = masks, "pruned"
+    ctx.session.update_state(model_is="pruned")
+
+
+def _prune_vocabulary(ctx: Context, model, stats):
+    from engine.prune import vocab
+
+    model, ctx.tokenizer, info = vocab.prune_vocabulary(model, ctx.tokenizer, stats.token_counts,
+                                                        ctx.cfg.prune.embedding_threshold,
+                                                        held_out=ctx.domain().eval_texts, eval_cfg=ctx.cfg.evaluate)
+    ctx.data = None  # the splits hold old ids: rebuilt with the new tokenizer on next use
+    rep = ctx.rep
+    rep.log(f"vocabulary {info['tokenizer_before']:,} → {info['tokenizer_after']:,} tokens "
+            f"(embedding rows {info['rows_before']:,} → {info['rows_after']:,}), "
+            f"{info['params_saved']:,} parameters removed; held-out coverage {100 * info['coverage']:.1f}%, "
+            f"bits/byte {info['bpb_before']:.4f} → {info['bpb_after']:.4f}")
+    rep.metric("prune", "base", "vocab_size", info["rows_before"])
+    rep.metric("prune", "pruned", "vocab_size", info["rows_after"])
+    rep.metric("prune", "pruned", "vocab_coverage", info["coverage"])
+    for label, k in (("base", "bpb_before"), ("pruned", "bpb_after")):
+        rep.metric("prune", label, "vocab_bpb", round(info[k], 6), protocol=info["bpb_protocol"])
+    rep.section("vocab", info)
+    return model
+
+
+def _calib_blocks(ctx: Context):
+    from engine.data.domain import blocks
+
+    return blocks(ctx.domain().calibrate, ctx.calib_block_size())
+
+
+def stage_finetune(ctx: Context) -> None:
+    if not ctx.cfg.finetune.enabled:
+        ctx.rep.log("fine-tuning is off (finetune.enabled = false)")
+        return
+    from engine.run import recovery
+
+    recovery.run(ctx)
+
+
+def stage_evaluate(ctx: Context) -> None:
+    model = ctx.current_model()
+    _evaluate(ctx, model, "evaluate", ctx.session.state().get("model_is", "pruned"))
+
+
+def _evaluate(ctx: Context, model, stage: str, label: str) -> None:
+    from engine.evaluate import perplexity
+
+    e = ctx.cfg.evaluate
+    d = ctx.domain()
+    progress = ctx.rep.progress_fn(stage, "tokens")
+
+    def progress_or_stop(*args):  # evaluation is redone on resume, so stopping mid-way loses nothing
+        progress(*args)
+        ctx.rep.check_stop()
+
+    res = perplexity.perplexity(model, d.evaluate, e.block_size, e.stride, e.batch_size, progress=progress_or_stop)
+    # token-level ppl only compares under the same tokenizer (vocabulary pruning changes it)
+    res["protocol"]["vocab_size"] = len(ctx.tokenizer)
+    ctx.rep.metric(stage, label, "ppl", res["ppl"], protocol=res["protocol"])
+    if e.mcq_files or e.mcq_generate:
+        _mcq(ctx, model, stage, label, d)
+
+
+def _mcq(ctx: Context, model, stage: str, label: str, d) -> None:
+    from engine.evaluate import mcq
+
+    e = ctx.cfg.evaluate
+    sets = mcq.sets_for(e, d.eval_texts, ctx.cfg.seed, ctx.cfg.data.source, log=ctx.rep.log)
+
+    def progress(done, total, rate):
+        ctx.rep.progress(stage, done, total, "items", rate)
+        ctx.rep.check_stop()  # evaluation is redone on resume: stopping mid-way loses nothing
+
+    res = mcq.score_sets(model, ctx.tokenizer, sets, e, ctx.cfg.seed, progress=progress)
+    for name, s in res["sets"].items():
+        ctx.rep.log(f"MCQ {name} ({s['n']} items, {label}): "
+                    + ", ".join(f"{r} {s[r]:.3f} ± {s['stderr'][r]:.3f}" for r in mcq.RULES))
+    entry = ctx.rep.model_entry(label)
+    entry["mcq"], entry["mcq_protocol"] = res["sets"], res["protocol"]
+    for name, value in res["metrics"].items():
+        ctx.rep.metric(stage, label, name, value)
+
+
+STAGE_FUNCS = {"baseline": stage_baseline, "calibrate": stage_calibrate, "prune": stage_prune,
+               "finetune": stage_finetune, "evaluate": stage_evaluate}
