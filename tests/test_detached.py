@@ -1,8 +1,9 @@
 """Detached runs: they outlive the launching terminal, stop gracefully, resume, and their
 log reads as plain lines when followed through a pipe.
 
-Real processes throughout: the `minigpt` CLI (`python -m minigpt_tui.cli`) launches the
-runner (`python -m engine.run.runner`) in its own process session.
+Real processes throughout (marker `process`): the `minigpt` CLI (`python -m minigpt_tui.cli`)
+launches the runner (`python -m engine.run.runner`, through `engine.run.launch`) in its own
+process session.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from ft_case import one_thread, reaper  # noqa: F401  (fixtures)
 from engine.errors import MinigptError
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.process]
+
 
 def _cli(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "minigpt_tui.cli", *args], cwd=ft_case.ROOT, env=ft_case.env(),

@@ -10,6 +10,8 @@ import pytest
 
 import tiny
 
+pytestmark = pytest.mark.process  # every test runs the `minigpt` CLI as a subprocess
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

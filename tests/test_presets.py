@@ -52,6 +52,7 @@ def _docs(preset: str, **keys) -> list[str]:
 
 
 # ---- the presets themselves ----------------------------------------------------------------------
+@pytest.mark.process
 def test_preset_lists_cover_the_paper_and_load_without_torch():
     code = ("import sys, engine.presets as p; assert 'torch' not in sys.modules, 'torch imported';"
             "print(len(p.MODELS), len(p.DOMAINS), len(p.MCQ_SETS), len(p.paper_thresholds()))")

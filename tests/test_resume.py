@@ -17,7 +17,7 @@ import torch
 import ft_case
 from ft_case import one_thread, reaper  # noqa: F401  (fixtures)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.process]
 
 # structural pruning of a GPT-2 with dropout 0.1: resuming must restore the RNG stream too
 SECTIONS = dict(

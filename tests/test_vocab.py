@@ -277,6 +277,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.process
 def test_exported_folder_loads_with_stock_transformers_in_a_fresh_process(tmp_path):
     folders, expect = [], {}
     for kind, family in (("byte_level", "llama"), ("byte_fallback", "phi")):
