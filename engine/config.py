@@ -137,61 +137,18 @@ class RunConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def validate(self) -> "RunConfig":
-        p = self.prune
-        _choice("prune.mode", p.mode, ("structural", "mask"))
-        _choice("prune.rule", p.rule, ("threshold", "ratio"))
-        _choice("prune.allocation", p.allocation, ALLOCATIONS)
-        _choice("prune.criterion", p.criterion, CRITERIA)
-        _choice("prune.compensation", p.compensation, COMPENSATIONS)
-        if p.damping < 0:
-            raise MinigptError(f"prune.damping = {p.damping} is negative", "use a small fraction such as 0.01")
-        if not (0.0 < p.sensitivity_probe < 1.0) or not (0.0 <= p.sensitivity_spread <= 1.0):
-            raise MinigptError("prune.sensitivity_probe must be in (0, 1) and prune.sensitivity_spread in [0, 1]",
-                               "use e.g. sensitivity_probe = 0.5, sensitivity_spread = 0.5")
-        if p.sensitivity_tokens < 1:
-            raise MinigptError("prune.sensitivity_tokens must be positive", "use e.g. 2048")
-        if p.sequential and p.rule != "ratio":
-            raise MinigptError("prune.sequential needs prune.rule = \"ratio\"",
-                               "set prune.rule = \"ratio\" (sequential re-chooses neurons layer by layer)")
+        _check_prune(self.prune)
         _choice("model.dtype", self.model.dtype, ("auto", "float32", "bfloat16", "float16"))
         _choice("finetune.schedule", self.finetune.schedule, ("cosine", "linear", "constant"))
-        if not (0.0 <= p.ratio < 1.0):
-            raise MinigptError(f"prune.ratio = {p.ratio} is outside [0, 1)", "use a fraction such as 0.3")
-        if p.min_keep < 1:
-            raise MinigptError("prune.min_keep must be at least 1", "set prune.min_keep = 8")
-        if p.round_to < 1:
-            raise MinigptError("prune.round_to must be at least 1", "use 1, 8 or 64")
-        d = self.data
-        fr = (d.calibrate_fraction, d.finetune_fraction, d.evaluate_fraction)
-        if min(fr) < 0 or d.calibrate_fraction <= 0 or d.evaluate_fraction <= 0 or sum(fr) > 1.0 + 1e-9:
-            raise MinigptError(
-                f"data fractions {fr} are invalid",
-                "calibrate and evaluate must be > 0 and the three must sum to at most 1",
-            )
-        e = self.evaluate
-        if e.mcq_generate < 0 or e.mcq_fewshot < 0 or e.mcq_choices < 2:
-            raise MinigptError("evaluate.mcq_generate/mcq_fewshot must be >= 0 and mcq_choices >= 2",
-                               "e.g. mcq_generate = 100, mcq_fewshot = 0, mcq_choices = 4")
-        if e.mcq_template and not _template_ok(e.mcq_template):
-            raise MinigptError(f"evaluate.mcq_template {e.mcq_template!r} is not a template of {{question}} alone",
-                               'e.g. mcq_template = "Question: {question}\\nAnswer:" (write {{ }} for braces)')
+        _check_data(self.data)
+        _check_evaluate(self.evaluate)
         for name, v in (("calibrate.block_size", self.calibrate.block_size),
                         ("evaluate.block_size", self.evaluate.block_size),
                         ("calibrate.batch_size", self.calibrate.batch_size),
                         ("evaluate.batch_size", self.evaluate.batch_size)):
             if v < 1:
                 raise MinigptError(f"{name} = {v} must be positive", f"set {name} to e.g. 512")
-        ft = self.finetune
-        for name, v in (("finetune.batch_size", ft.batch_size), ("finetune.grad_accum", ft.grad_accum),
-                        ("finetune.block_size", ft.block_size), ("finetune.keep_checkpoints", ft.keep_checkpoints)):
-            if v < 1:
-                raise MinigptError(f"{name} = {v} must be at least 1", f"set {name} to e.g. 1, 4 or 512")
-        if not ft.lr > 0 or len(ft.betas) != 2 or not all(0.0 <= b < 1.0 for b in ft.betas):
-            raise MinigptError(f"finetune.lr = {ft.lr} / betas = {list(ft.betas)} are invalid",
-                               "use lr > 0 (e.g. 5e-5) and two betas in [0, 1), e.g. [0.9, 0.999]")
-        if min(ft.warmup_steps, ft.eval_every, ft.checkpoint_every, ft.lora_rank, self.calibrate.checkpoint_every) < 0:
-            raise MinigptError("finetune.warmup_steps, eval_every, checkpoint_every, lora_rank and "
-                               "calibrate.checkpoint_every must not be negative", "use 0 to turn one off")
+        _check_finetune(self.finetune, self.calibrate)
         return self
 
     def to_dict(self) -> dict:
@@ -202,6 +159,59 @@ class RunConfig:
 
         return tomli_w.dumps(self.to_dict())
 
+
+
+def _check_prune(p: PruneConfig) -> None:
+    _choice("prune.mode", p.mode, ("structural", "mask"))
+    _choice("prune.rule", p.rule, ("threshold", "ratio"))
+    _choice("prune.allocation", p.allocation, ALLOCATIONS)
+    _choice("prune.criterion", p.criterion, CRITERIA)
+    _choice("prune.compensation", p.compensation, COMPENSATIONS)
+    if p.damping < 0:
+        raise MinigptError(f"prune.damping = {p.damping} is negative", "use a small fraction such as 0.01")
+    if not (0.0 < p.sensitivity_probe < 1.0) or not (0.0 <= p.sensitivity_spread <= 1.0):
+        raise MinigptError("prune.sensitivity_probe must be in (0, 1) and prune.sensitivity_spread in [0, 1]",
+                           "use e.g. sensitivity_probe = 0.5, sensitivity_spread = 0.5")
+    if p.sensitivity_tokens < 1:
+        raise MinigptError("prune.sensitivity_tokens must be positive", "use e.g. 2048")
+    if p.sequential and p.rule != "ratio":
+        raise MinigptError("prune.sequential needs prune.rule = \"ratio\"",
+                           "set prune.rule = \"ratio\" (sequential re-chooses neurons layer by layer)")
+    if not (0.0 <= p.ratio < 1.0):
+        raise MinigptError(f"prune.ratio = {p.ratio} is outside [0, 1)", "use a fraction such as 0.3")
+    if p.min_keep < 1:
+        raise MinigptError("prune.min_keep must be at least 1", "set prune.min_keep = 8")
+    if p.round_to < 1:
+        raise MinigptError("prune.round_to must be at least 1", "use 1, 8 or 64")
+
+
+def _check_data(d: DataConfig) -> None:
+    fr = (d.calibrate_fraction, d.finetune_fraction, d.evaluate_fraction)
+    if min(fr) < 0 or d.calibrate_fraction <= 0 or d.evaluate_fraction <= 0 or sum(fr) > 1.0 + 1e-9:
+        raise MinigptError(f"data fractions {fr} are invalid",
+                           "calibrate and evaluate must be > 0 and the three must sum to at most 1")
+
+
+def _check_evaluate(e: EvaluateConfig) -> None:
+    if e.mcq_generate < 0 or e.mcq_fewshot < 0 or e.mcq_choices < 2:
+        raise MinigptError("evaluate.mcq_generate/mcq_fewshot must be >= 0 and mcq_choices >= 2",
+                           "e.g. mcq_generate = 100, mcq_fewshot = 0, mcq_choices = 4")
+    if e.mcq_template and not _template_ok(e.mcq_template):
+        raise MinigptError(f"evaluate.mcq_template {e.mcq_template!r} is not a template of {{question}} alone",
+                           'e.g. mcq_template = "Question: {question}\\nAnswer:" (write {{ }} for braces)')
+
+
+def _check_finetune(ft: FinetuneConfig, cal: CalibrateConfig) -> None:
+    for name, v in (("finetune.batch_size", ft.batch_size), ("finetune.grad_accum", ft.grad_accum),
+                    ("finetune.block_size", ft.block_size), ("finetune.keep_checkpoints", ft.keep_checkpoints)):
+        if v < 1:
+            raise MinigptError(f"{name} = {v} must be at least 1", f"set {name} to e.g. 1, 4 or 512")
+    if not ft.lr > 0 or len(ft.betas) != 2 or not all(0.0 <= b < 1.0 for b in ft.betas):
+        raise MinigptError(f"finetune.lr = {ft.lr} / betas = {list(ft.betas)} are invalid",
+                           "use lr > 0 (e.g. 5e-5) and two betas in [0, 1), e.g. [0.9, 0.999]")
+    if min(ft.warmup_steps, ft.eval_every, ft.checkpoint_every, ft.lora_rank, cal.checkpoint_every) < 0:
+        raise MinigptError("finetune.warmup_steps, eval_every, checkpoint_every, lora_rank and "
+                           "calibrate.checkpoint_every must not be negative", "use 0 to turn one off")
 
 def _template_ok(template: str) -> bool:
     try:

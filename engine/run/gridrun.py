@@ -11,12 +11,12 @@ SIGINT/SIGTERM stop the running cell at its next safe point and start no other.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from pathlib import Path
 from typing import Callable
 
+from engine import atomic
 from engine.run import session as session_mod
 from engine.errors import MinigptError
 from engine.run.grid import (LOG_FILE, LOCK_FILE, RESULTS_MD, Cell, GridSpec, _cell_session, _read_index, load_spec,
@@ -74,12 +74,10 @@ class _Stopper:
         return self
 
     def _on(self, signum, frame):
-        from engine.run.reporter import STOP_FILE
-
         self.stopped = True
         if self.current is not None:
             try:
-                (self.current / STOP_FILE).write_text("stop\n")
+                atomic.write_text(self.current / session_mod.STOP_FILE, "stop\n")
             except OSError:
                 pass
 
@@ -123,8 +121,6 @@ def prefetch(spec: GridSpec, display: Callable | None = None, only: list[Cell] |
 def run_grid(spec: GridSpec, display_factory: Callable | None = None, echo: Callable = print,
              retry_failed: bool = True, cells: list[Cell] | None = None) -> dict:
     """Run every cell not done yet; returns {"status": .., "done": n, "failed": n, ...}."""
-    from engine.run import pipeline
-
     spec.folder.mkdir(parents=True, exist_ok=True)
     todo = cells or spec.cells
     with session_mod.RunnerLock(spec.folder / LOCK_FILE, f"grid {spec.folder} is already being run by another process",
@@ -142,39 +138,7 @@ def run_grid(spec: GridSpec, display_factory: Callable | None = None, echo: Call
         for i, cell in enumerate(todo, 1):
             if stopper.stopped:
                 break
-            s = sessions[cell.key]
-            status = s.status()
-            head = f"[{i}/{len(todo)}] {cell.model} · {cell.domain} · {cell.setting} · {cell.method} ({s.id})"
-            if status == "done":
-                continue
-            if status == "running":
-                echo(f"{head}: already running in another process; skipped")
-                continue
-            if status == "failed" and not retry_failed:
-                echo(f"{head}: failed before ({s.state().get('error')}); skipped (--no-retry-failed)")
-                continue
-            how = "resuming" if s.state().get("completed_stages") else "starting"
-            if how == "starting":
-                donor = _donor(cell, sessions, spec.cells)
-                if donor is not None:
-                    seed_from(donor, s)
-                    how = f"starting (baseline reused from {donor.id})"
-            echo(f"{head}: {how}")
-            stopper.current = s.path
-            disp = display_factory() if display_factory else None
-            try:
-                pipeline.run(s, display=disp, handle_signals=False)
-            except MinigptError as e:
-                echo(f"{head}: failed: {e.line()}")
-            except Exception as e:  # a bug or OOM in one cell must not lose the others
-                echo(f"{head}: failed: {type(e).__name__}: {e}")
-            finally:
-                stopper.current = None
-                if disp is not None and hasattr(disp, "close"):
-                    disp.close()
-            write_outputs(spec, sessions)
-            if s.status() == "stopped":
-                stopper.stopped = True
+            _run_cell(spec, cell, sessions, f"[{i}/{len(todo)}]", stopper, display_factory, echo, retry_failed)
         rows = write_outputs(spec, sessions)
     statuses = [r["status"] for r in rows]
     overall = ("stopped" if stopper.stopped else "done" if all(x == "done" for x in statuses)
@@ -183,21 +147,56 @@ def run_grid(spec: GridSpec, display_factory: Callable | None = None, echo: Call
             "failed": statuses.count("failed"), "folder": str(spec.folder)}
 
 
+def _run_cell(spec: GridSpec, cell: Cell, sessions: dict, counter: str, stopper: _Stopper,
+              display_factory: Callable | None, echo: Callable, retry_failed: bool) -> None:
+    """Run (or resume) one cell's session unless it is done, running elsewhere, or failed
+    (with retry_failed off); a stopped cell stops the grid."""
+    from engine.run import pipeline
+
+    s = sessions[cell.key]
+    status = s.status()
+    head = f"{counter} {cell.model} · {cell.domain} · {cell.setting} · {cell.method} ({s.id})"
+    if status == "done":
+        return
+    if status == "running":
+        echo(f"{head}: already running in another process; skipped")
+        return
+    if status == "failed" and not retry_failed:
+        echo(f"{head}: failed before ({s.state().get('error')}); skipped (--no-retry-failed)")
+        return
+    how = "resuming" if s.state().get("completed_stages") else "starting"
+    if how == "starting":
+        donor = _donor(cell, sessions, spec.cells)
+        if donor is not None:
+            seed_from(donor, s)
+            how = f"starting (baseline reused from {donor.id})"
+    echo(f"{head}: {how}")
+    stopper.current = s.path
+    disp = display_factory() if display_factory else None
+    try:
+        pipeline.run(s, display=disp, handle_signals=False)
+    except MinigptError as e:
+        echo(f"{head}: failed: {e.line()}")
+    except Exception as e:  # a bug or OOM in one cell must not lose the others
+        echo(f"{head}: failed: {type(e).__name__}: {e}")
+    finally:
+        stopper.current = None
+        if disp is not None and hasattr(disp, "close"):
+            disp.close()
+    write_outputs(spec, sessions)
+    if s.status() == "stopped":
+        stopper.stopped = True
+
+
 def launch_detached(spec_path: Path, folder: Path, overrides: list[str]) -> int:
     """Run the grid in its own process session (survives the terminal); log in the grid folder."""
-    import subprocess
+    from engine.run import launch
 
     folder.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "engine.run.gridrun", str(Path(spec_path).resolve()), "--folder", str(folder.resolve())]
     for o in overrides:
         cmd += ["--set", o]
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    with open(folder / LOG_FILE, "ab") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                                close_fds=True, env=env)
-    return proc.pid
+    return launch.spawn(cmd, folder / LOG_FILE)
 
 
 # ---- python -m engine.run.gridrun (the detached runner) -----------------------------------------------

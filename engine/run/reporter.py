@@ -17,8 +17,7 @@ from pathlib import Path
 
 from engine.run import record
 from engine.run.events import EventWriter
-
-STOP_FILE = "stop.request"
+from engine.run.session import STOP_FILE
 
 
 class StopRequested(Exception):

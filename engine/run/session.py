@@ -27,6 +27,7 @@ STAGES = record.STAGES
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.toml"
 LOCK_FILE = "runner.lock"
+STOP_FILE = "stop.request"  # `minigpt stop` leaves it; the runner polls it at safe points
 RESULTS_FILE = "results.json"
 
 

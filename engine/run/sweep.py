@@ -67,132 +67,150 @@ def run(cfg: RunConfig, grid: Grid, out_dir: str | Path, progress=None, log=prin
     """
     import torch
 
-    from engine.data import domain as data_mod
-    from engine.models import adapters
     from engine.prune import compensate
-    from engine.evaluate import perplexity as evaluate
-    from engine.models import load as models
-    from engine.prune import mlp as prune
-    from engine.prune import sensitivity
 
     grid.check()
     out_dir = Path(out_dir)
     for what, folder in (("--out", out_dir), ("--stats", stats_dir)):
         if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
             raise MinigptError(f"sweep {what} {folder} is a file, not a folder", f"give a folder for {what}")
-    say = progress or (lambda e: None)
-    calib_sources = grid.calibrate_on or [cfg.data.source]
-    eval_sources = grid.evaluate_on or [cfg.data.source]
-    todo = cells(grid, calib_sources)
+    todo = cells(grid, grid.calibrate_on or [cfg.data.source])
     torch.manual_seed(cfg.seed)
-    log(f"loading model {cfg.model.source}")
-    base, tok, _ = models.load(cfg.model)
-    bs = min(cfg.calibrate.block_size, adapters.model_context(base))
-    e = cfg.evaluate
-    corpora: dict[str, object] = {}
+    sw = _Sweep(cfg, grid.evaluate_on or [cfg.data.source], progress or (lambda e: None), log, stats_dir)
+    t0 = time.perf_counter()
+    baseline = sw.measure(sw.base, "base")
+    meta = sw.meta(baseline)
+    sw.gram = any(compensate.needs_gram(sw.prune_cfg(c)) for c in todo)
+    rows = []
+    for i, c in enumerate(todo):
+        stats, blocks = sw.calibrated(c["calibrate_on"], meta)
+        rows.append(sw.cell(i, len(todo), c, stats, blocks, baseline))
+        meta["seconds"] = round(time.perf_counter() - t0, 1)
+        write(rows, meta, out_dir)
+    sw.say({"kind": "cell", "index": len(todo), "total": len(todo), "cell": "done"})
+    return rows
 
-    def corpus(src: str):
-        if src not in corpora:
-            log(f"loading corpus {src}")
-            corpora[src] = stages.load_domain(cfg, dataclasses.replace(cfg.data, source=src), tok, bs)
-        return corpora[src]
 
-    mcq_sets = {}
-    if e.mcq_generate or e.mcq_files:
-        from engine.evaluate import mcq
+class _Sweep:
+    """One sweep's shared state: the base model, corpora, MCQ sets, calibrations and
+    sensitivity measurements, each made once and reused by every cell that needs it."""
 
-        for src in eval_sources:
-            sets = [mcq.load(f, e.mcq_columns) for f in e.mcq_files]
-            if e.mcq_generate:
-                sets.append(mcq.generate(corpus(src).eval_texts, e.mcq_generate, seed=cfg.seed,
-                                         n_choices=e.mcq_choices, name=f"generated:{src}"))
-            mcq_sets[src] = sets
+    def __init__(self, cfg: RunConfig, eval_sources: list[str], say, log, stats_dir):
+        from engine.models import adapters
+        from engine.models import load as models
 
-    def measure(model, tag: str) -> dict:
-        res = {}
-        for src in eval_sources:
-            say({"kind": "phase", "phase": f"{tag}: perplexity on {src}"})
-            res[f"ppl[{src}]"] = evaluate.perplexity(model, corpus(src).evaluate, e.block_size, e.stride,
-                                                     e.batch_size)["ppl"]
-            if mcq_sets.get(src):
-                from engine.evaluate import mcq
+        self.cfg, self.eval_sources, self.say, self.log, self.stats_dir = cfg, eval_sources, say, log, stats_dir
+        log(f"loading model {cfg.model.source}")
+        self.base, self.tok, _ = models.load(cfg.model)
+        self.bs = min(cfg.calibrate.block_size, adapters.model_context(self.base))
+        self.widths = sum(adapters.for_model(self.base).widths())
+        self.corpora: dict[str, object] = {}
+        self.stats: dict[str, tuple] = {}
+        self.sens: dict[tuple, object] = {}
+        self.gram = False
+        self.mcq_sets = {}
+        e = cfg.evaluate
+        if e.mcq_generate or e.mcq_files:
+            from engine.evaluate import mcq
 
-                say({"kind": "phase", "phase": f"{tag}: MCQ on {src}"})
+            self.mcq_sets = {src: mcq.sets_for(e, self.corpus(src).eval_texts, cfg.seed, src, log=None)
+                             for src in eval_sources}
+
+    def corpus(self, src: str):
+        if src not in self.corpora:
+            self.log(f"loading corpus {src}")
+            self.corpora[src] = stages.load_domain(self.cfg, dataclasses.replace(self.cfg.data, source=src),
+                                                   self.tok, self.bs)
+        return self.corpora[src]
+
+    def meta(self, baseline: dict) -> dict:
+        cfg = self.cfg
+        return {"model": cfg.model.source, "calibrate_tokens": {}, "block_size": self.bs,
+                "evaluate": {src: int(self.corpus(src).evaluate.numel()) for src in self.eval_sources},
+                "base": baseline, "base_params": size.count_params(self.base), "round_to": cfg.prune.round_to,
+                "min_keep": cfg.prune.min_keep, "damping": cfg.prune.damping, "seed": cfg.seed,
+                "mcq": {src: sum(len(s.items) for s in sets) for src, sets in self.mcq_sets.items()}}
+
+    def prune_cfg(self, c: dict):
+        return dataclasses.replace(self.cfg.prune, mode="structural", rule="ratio", ratio=c["ratio"],
+                                   criterion=c["criterion"], allocation=c["allocation"],
+                                   compensation=c["compensation"], sequential=c["sequential"])
+
+    def measure(self, model, tag: str) -> dict:
+        from engine.evaluate import mcq, perplexity
+
+        e, res = self.cfg.evaluate, {}
+        for src in self.eval_sources:
+            self.say({"kind": "phase", "phase": f"{tag}: perplexity on {src}"})
+            res[f"ppl[{src}]"] = perplexity.perplexity(model, self.corpus(src).evaluate, e.block_size, e.stride,
+                                                       e.batch_size)["ppl"]
+            if self.mcq_sets.get(src):
+                self.say({"kind": "phase", "phase": f"{tag}: MCQ on {src}"})
                 n = correct = 0
-                for s in mcq_sets[src]:
-                    r = mcq.score(model, tok, s, rules=("acc",), batch_size=e.batch_size, seed=cfg.seed)
+                for s in self.mcq_sets[src]:
+                    r = mcq.score(model, self.tok, s, rules=("acc",), batch_size=e.batch_size, seed=self.cfg.seed)
                     n, correct = n + r["n"], correct + r["acc"] * r["n"]
                 res[f"mcq_acc[{src}]"] = correct / n if n else float("nan")
         return res
 
-    t0 = time.perf_counter()
-    baseline = measure(base, "base")
-    base_params = size.count_params(base)
-    widths = sum(adapters.for_model(base).widths())
-    meta = {"model": cfg.model.source, "calibrate_tokens": {}, "evaluate": {}, "block_size": bs,
-            "base": baseline, "base_params": base_params, "round_to": cfg.prune.round_to,
-            "min_keep": cfg.prune.min_keep, "damping": cfg.prune.damping, "seed": cfg.seed,
-            "mcq": {src: sum(len(s.items) for s in sets) for src, sets in mcq_sets.items()}}
-    for src in eval_sources:
-        meta["evaluate"][src] = int(corpus(src).evaluate.numel())
-    stats_by_source, blocks_by_source, sens_cache, rows = {}, {}, {}, []
-    def prune_cfg(c: dict):
-        return dataclasses.replace(cfg.prune, mode="structural", rule="ratio", ratio=c["ratio"],
-                                   criterion=c["criterion"], allocation=c["allocation"],
-                                   compensation=c["compensation"], sequential=c["sequential"])
+    def calibrated(self, src: str, meta: dict) -> tuple:
+        """(statistics, blocks) of calibration corpus `src`, from the shared cache or measured once."""
+        from engine.data.domain import blocks as pack
 
-    gram_wanted = any(compensate.needs_gram(prune_cfg(c)) for c in todo)
-    for i, c in enumerate(todo):
-        src = c["calibrate_on"]
-        if src not in stats_by_source:
-            blocks = data_mod.blocks(corpus(src).calibrate, bs)
+        if src not in self.stats:
+            blocks = pack(self.corpus(src).calibrate, self.bs)
             if blocks.shape[0] == 0:
-                raise MinigptError(f"corpus {src} has fewer calibration tokens than one block of {bs}",
+                raise MinigptError(f"corpus {src} has fewer calibration tokens than one block of {self.bs}",
                                    "use a larger corpus or a smaller calibrate.block_size")
-            say({"kind": "phase", "phase": f"calibrating on {src} ({blocks.numel():,} tokens)"})
+            self.say({"kind": "phase", "phase": f"calibrating on {src} ({blocks.numel():,} tokens)"})
             stats, _, _ = stages.calibration(
-                base, blocks, cfg, dataclasses.replace(cfg.data, source=src), linears=False, gram=gram_wanted,
-                progress=lambda d, t, r=0.0: say({"kind": "phase", "phase": f"calibrating on {src}",
-                                                  "done": d, "total": t}), log=log, root=stats_dir)
-            stats_by_source[src] = stats
-            blocks_by_source[src] = blocks
+                self.base, blocks, self.cfg, dataclasses.replace(self.cfg.data, source=src), linears=False,
+                gram=self.gram, log=self.log, root=self.stats_dir,
+                progress=lambda d, t, r=0.0: self.say({"kind": "phase", "phase": f"calibrating on {src}",
+                                                       "done": d, "total": t}))
+            self.stats[src] = (stats, blocks)
             meta["calibrate_tokens"][src] = int(blocks.numel())
-        stats, blocks = stats_by_source[src], blocks_by_source[src]
-        pcfg = prune_cfg(c)
+        return self.stats[src]
+
+    def sensitivities(self, model, stats, blocks, pcfg, src: str, tag: str):
+        from engine.prune import sensitivity
+
+        if pcfg.allocation != "sensitivity":
+            return None
+        key = (src, pcfg.criterion, pcfg.compensation)
+        if key not in self.sens:
+            n = max(1, -(-pcfg.sensitivity_tokens // self.bs))
+            self.say({"kind": "phase", "phase": f"{tag}: layer sensitivities"})
+            self.sens[key] = sensitivity.measure(model, stats, blocks[:n], pcfg.criterion, pcfg.compensation,
+                                                 pcfg.damping, pcfg.sensitivity_probe,
+                                                 self.cfg.calibrate.batch_size, self.cfg.seed)
+        return self.sens[key]
+
+    def cell(self, i: int, n: int, c: dict, stats, blocks, baseline: dict) -> dict:
+        from engine.prune import mlp as prune
+
+        pcfg, src = self.prune_cfg(c), c["calibrate_on"]
         tag = (f"{c['criterion']}/{c['allocation']}/{c['compensation']}{'/seq' if c['sequential'] else ''}"
                f" {c['ratio']:.0%} (calib {src})")
-        say({"kind": "cell", "index": i, "total": len(todo), "cell": tag})
+        self.say({"kind": "cell", "index": i, "total": n, "cell": tag})
         t = time.perf_counter()
-        model = copy.deepcopy(base)
-        sens = None
-        if pcfg.allocation == "sensitivity":
-            key = (src, pcfg.criterion, pcfg.compensation)
-            if key not in sens_cache:
-                n = max(1, -(-pcfg.sensitivity_tokens // bs))
-                say({"kind": "phase", "phase": f"{tag}: layer sensitivities"})
-                sens_cache[key] = sensitivity.measure(model, stats, blocks[:n], pcfg.criterion, pcfg.compensation,
-                                                      pcfg.damping, pcfg.sensitivity_probe,
-                                                      cfg.calibrate.batch_size, cfg.seed)
-            sens = sens_cache[key]
-        say({"kind": "phase", "phase": f"{tag}: pruning"})
-        plan = prune.select_and_compensate(model, stats, pcfg, blocks, cfg.calibrate.batch_size, cfg.seed,
+        model = copy.deepcopy(self.base)
+        sens = self.sensitivities(model, stats, blocks, pcfg, src, tag)
+        self.say({"kind": "phase", "phase": f"{tag}: pruning"})
+        plan = prune.select_and_compensate(model, stats, pcfg, blocks, self.cfg.calibrate.batch_size, self.cfg.seed,
                                            sensitivities=sens)
         prune.apply_structural(model, plan)
-        row = {**c, "removed_pct": round(100.0 * (1 - sum(plan.widths_after) / widths), 2),
+        row = {**c, "removed_pct": round(100.0 * (1 - sum(plan.widths_after) / self.widths), 2),
                "params": size.count_params(model),
                "min_width": min(plan.widths_after), "max_width": max(plan.widths_after)}
-        for k, v in measure(model, tag).items():
+        for k, v in self.measure(model, tag).items():
             row[k] = v
             if k.startswith("ppl["):
                 row["x_base" + k[3:]] = v / baseline[k]
         row["seconds"] = round(time.perf_counter() - t, 1)
-        rows.append(row)
-        del model
-        meta["seconds"] = round(time.perf_counter() - t0, 1)
-        write(rows, meta, out_dir)
-        log(f"{tag}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in row.items() if k.startswith(("ppl", "x_base", "mcq"))))
-    say({"kind": "cell", "index": len(todo), "total": len(todo), "cell": "done"})
-    return rows
+        self.log(f"{tag}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in row.items()
+                                        if k.startswith(("ppl", "x_base", "mcq"))))
+        return row
 
 
 def _fmt(v) -> str:
