@@ -219,15 +219,6 @@ def blocks(ids, block_size: int):
     return ids[: n * block_size].view(n, block_size)
 
 
-def model_context(model) -> int:
-    c = model.config
-    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        v = getattr(c, key, None)
-        if v:
-            return int(v)
-    return 2048
-
-
 @dataclass
 class DomainData:
     """The tokenized splits of a corpus (document-disjoint)."""

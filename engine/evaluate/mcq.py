@@ -358,7 +358,7 @@ def prompt(mcq: MCQSet, item_index: int, fewshot: int = 0, context: str | None =
 
 
 def _model_max_length(model) -> int:
-    from engine.data.domain import model_context
+    from engine.models.adapters import model_context
 
     return model_context(model)
 

@@ -118,7 +118,7 @@ def _score_stream(model, ids: torch.Tensor, windows, batch_size: int, scored: to
 
 
 def _cap_block(model, block_size: int) -> int:
-    from engine.data.domain import model_context
+    from engine.models.adapters import model_context
 
     return max(2, min(block_size, model_context(model)))
 

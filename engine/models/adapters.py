@@ -1,8 +1,12 @@
-"""Per-architecture adapters: where each part of a model lives.
+"""Per-architecture adapters: where each part of a model lives, and every other family fact.
 
 Everything else in the engine is architecture-agnostic and talks to models only through
-an adapter (SliceGPT's design). Adding a family means writing one subclass and listing
-its `model_types`.
+an adapter (SliceGPT's design): module names, GPT-2's transposed Conv1D layout, the
+config fields of the MLP width and of the context length, the switch that gives an MLP
+biases, what LoRA must be told about the layout, and the block structure sequential
+pruning relies on. Adding a family means writing one subclass and listing its
+`model_types`; `tests/test_family_facts.py` fails if a family name or a model type
+appears anywhere else in `engine/`.
 
 Convention: the MLP's *neurons* are the intermediate features. They are produced by the
 `ins` projections (gate+up, fc1, c_fc: one output feature each) and consumed by `out`
@@ -17,6 +21,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from engine.errors import MinigptError
+
+DEFAULT_CONTEXT = 2048  # tokens, when a config names no context length
 
 
 @dataclass
@@ -39,6 +45,22 @@ class Proj:
     def bias(self):
         return getattr(self.module, "bias", None)
 
+    @property
+    def in_features(self) -> int:
+        return self.module.weight.shape[self.in_axis]
+
+    @property
+    def out_features(self) -> int:
+        return self.module.weight.shape[self.out_axis]
+
+    def sync_shape(self) -> None:
+        """Record the weight's current shape on the module, after its weight was replaced."""
+        mod = self.module
+        if self.transposed:  # Conv1D keeps nf = output features
+            mod.nf = mod.weight.shape[1]
+        else:
+            mod.out_features, mod.in_features = mod.weight.shape
+
 
 @dataclass
 class MLP:
@@ -54,11 +76,18 @@ class MLP:
         w = self.out.module.weight
         return w.shape[self.out.in_axis]
 
+    def record_width(self, width: int) -> None:
+        """Tell the MLP module its new width, where it keeps one (Llama-style `intermediate_size`)."""
+        if hasattr(self.owner, "intermediate_size"):
+            self.owner.intermediate_size = int(width)
+
 
 class Adapter:
     model_types: ClassVar[tuple] = ()
     family: ClassVar[str] = ""
     width_key: ClassVar[str] = "intermediate_size"  # the config field of the MLP width
+    context_keys: ClassVar[tuple] = ("max_position_embeddings",)  # config fields of the context length
+    bias_switches: ClassVar[dict] = {}  # model type -> config flag that gives every MLP projection a bias
     gated: ClassVar[bool] = False
     layers_path: ClassVar[str] = "model.layers"
     mlp_attr: ClassVar[str] = "mlp"  # attribute of the decoder layer holding the MLP ("" = the layer itself)
@@ -68,10 +97,16 @@ class Adapter:
     attn_attr: ClassVar[str] = "self_attn"
     attn_names: ClassVar[tuple] = ("q_proj", "k_proj", "v_proj", "o_proj")
     embed_path: ClassVar[str] = "model.embed_tokens"
+    head_path: ClassVar[str] = "lm_head"
     transposed: ClassVar[bool] = False
 
     def __init__(self, model):
         self.model = model
+
+    @property
+    def architecture(self) -> str:
+        """The model's HF model type, for messages."""
+        return str(getattr(self.model.config, "model_type", None))
 
     # ---- navigation -----------------------------------------------------------
     def layers(self) -> list:
@@ -95,14 +130,76 @@ class Adapter:
         return [Proj(f"{self.layers_path}.{i}.{self.attn_attr}.{n}", getattr(attn, n), self.transposed)
                 for n in self.attn_names]
 
+    def linears(self) -> list[Proj]:
+        """Every linear map of the model (lm_head included), in `named_modules` order."""
+        import torch
+
+        extra = self._transposed_linear_types()
+        out = []
+        for name, mod in self.model.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                out.append(Proj(name, mod, False))
+            elif extra and isinstance(mod, extra):
+                out.append(Proj(name, mod, True))
+        return out
+
+    @classmethod
+    def _transposed_linear_types(cls) -> tuple:
+        """Module classes of linear maps stored [in, out] (none, but in GPT-2)."""
+        return ()
+
     def embeddings(self):
         return self.model.get_input_embeddings()
 
     def lm_head(self):
         return self.model.get_output_embeddings()
 
+    def is_head_key(self, key: str) -> bool:
+        """Whether a state-dict key belongs to the LM head (which a tied checkpoint leaves out)."""
+        return key.startswith(self.head_path + ".")
+
     def widths(self) -> list[int]:
         return [m.width for m in self.mlps()]
+
+    # ---- block structure ------------------------------------------------------
+    @property
+    def residual_after_mlp(self) -> bool:
+        """True when a layer's output is (everything else) + MLP output: pre-norm blocks."""
+        return True
+
+    # ---- MLP biases (bias compensation) ---------------------------------------
+    @property
+    def mlp_bias_switch(self) -> str | None:
+        """The config flag that makes stock transformers build MLP biases (None: there is none)."""
+        return self.bias_switches.get(getattr(self.model.config, "model_type", None))
+
+    @property
+    def supports_bias_compensation(self) -> bool:
+        """Whether every MLP has, or can be given, an output bias that a saved model keeps."""
+        return self.mlp_bias_switch is not None or all(m.out.bias is not None for m in self.mlps())
+
+    def add_mlp_biases(self) -> None:
+        """Switch the MLP biases on: the config flag, and zero biases where missing (same function)."""
+        import torch
+
+        switch = self.mlp_bias_switch
+        if switch is None:
+            raise MinigptError(f"{self.architecture} models cannot store MLP biases",
+                               "use prune.compensation = \"lstsq\" or \"none\" for this model")
+        setattr(self.model.config, switch, True)
+        for m in self.mlps():
+            for p in [*m.ins, m.out]:
+                mod = p.module
+                if getattr(mod, "bias", None) is None:
+                    n = mod.weight.shape[p.out_axis]
+                    mod.bias = torch.nn.Parameter(torch.zeros(n, dtype=mod.weight.dtype, device=mod.weight.device),
+                                                  requires_grad=mod.weight.requires_grad)
+
+    # ---- fine-tuning ----------------------------------------------------------
+    @property
+    def lora_fan_in_fan_out(self) -> bool:
+        """peft's `fan_in_fan_out`: True when the linear weights are stored [in, out] (Conv1D)."""
+        return self.transposed
 
     # ---- config ---------------------------------------------------------------
     @classmethod
@@ -113,12 +210,26 @@ class Adapter:
     def set_config_width(cls, config, width: int) -> None:
         setattr(config, cls.width_key, int(width))
 
+    @classmethod
+    def context_length(cls, config) -> int:
+        """The longest sequence the model takes (positions), DEFAULT_CONTEXT when unset."""
+        for key in cls.context_keys:
+            v = getattr(config, key, None)
+            if v:
+                return int(v)
+        return DEFAULT_CONTEXT
+
 
 class LlamaAdapter(Adapter):
-    """Llama, Mistral, Qwen2/3: gated SiLU MLP (gate_proj, up_proj -> down_proj)."""
+    """Llama, Mistral, Qwen2/3: gated SiLU MLP (gate_proj, up_proj -> down_proj).
+
+    Only Llama's config has `mlp_bias` (biases in gate, up and down), which stock
+    transformers loads; Mistral and Qwen have no such switch.
+    """
 
     model_types = ("llama", "mistral", "qwen2", "qwen3")
     family = "llama"
+    bias_switches = {"llama": "mlp_bias"}
     gated = True
     in_names = ("gate_proj", "up_proj")
     out_name = "down_proj"
@@ -136,6 +247,11 @@ class OPTAdapter(Adapter):
     attn_names = ("q_proj", "k_proj", "v_proj", "out_proj")
     embed_path = "model.decoder.embed_tokens"
 
+    @property
+    def residual_after_mlp(self) -> bool:
+        """OPT-350m normalises after the residual add, so its MLP cannot aim at a target there."""
+        return getattr(self.model.config, "do_layer_norm_before", True) is not False
+
 
 class PhiAdapter(Adapter):
     """Phi-1/1.5/2: GELU MLP (fc1 -> fc2), attention output named `dense`."""
@@ -151,6 +267,7 @@ class GPT2Adapter(Adapter):
     model_types = ("gpt2",)
     family = "gpt2"
     width_key = "n_inner"
+    context_keys = ("n_positions", "n_ctx")
     layers_path = "transformer.h"
     in_names = ("c_fc",)
     out_name = "c_proj"
@@ -159,6 +276,12 @@ class GPT2Adapter(Adapter):
     attn_names = ("c_attn", "c_proj")
     embed_path = "transformer.wte"
     transposed = True
+
+    @classmethod
+    def _transposed_linear_types(cls) -> tuple:
+        from transformers.pytorch_utils import Conv1D
+
+        return (Conv1D,)
 
     @classmethod
     def config_width(cls, config) -> int:
@@ -183,6 +306,11 @@ def for_config(config) -> type[Adapter]:
 
 def for_model(model) -> Adapter:
     return for_config(model.config)(model)
+
+
+def model_context(model) -> int:
+    """The model's context length in tokens (its family's config field; DEFAULT_CONTEXT when unset)."""
+    return for_config(model.config).context_length(model.config)
 
 
 def _get(obj, path: str):

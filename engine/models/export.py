@@ -85,7 +85,7 @@ def load_model(folder: str | os.PathLike, dtype=torch.float32, device="cpu"):
     for f in files:
         state.update(load_file(str(f)))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if "lm_head" in k and getattr(config, "tie_word_embeddings", False)}
+    tied = {k for k in missing if adapter.is_head_key(k) and getattr(config, "tie_word_embeddings", False)}
     if set(missing) - tied or unexpected:
         raise MinigptError(f"saved model {folder} does not match its config "
                            f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})",
@@ -99,8 +99,7 @@ def _resize(m: adapters_mod.MLP, width: int, dtype) -> None:
     for p in m.ins:
         _new_shape(m.owner, p, width, p.out_axis, dtype)
     _new_shape(m.owner, m.out, width, m.out.in_axis, dtype)
-    if hasattr(m.owner, "intermediate_size"):
-        m.owner.intermediate_size = width
+    m.record_width(width)
 
 
 def _new_shape(owner, proj: adapters_mod.Proj, width: int, axis: int, dtype) -> None:
@@ -110,7 +109,4 @@ def _new_shape(owner, proj: adapters_mod.Proj, width: int, axis: int, dtype) -> 
     mod.weight = torch.nn.Parameter(torch.empty(shape, dtype=dtype))
     if getattr(mod, "bias", None) is not None and axis == proj.out_axis:
         mod.bias = torch.nn.Parameter(torch.empty(width, dtype=dtype))
-    if isinstance(mod, torch.nn.Linear):
-        mod.out_features, mod.in_features = shape
-    else:
-        mod.nf = shape[1]
+    proj.sync_shape()

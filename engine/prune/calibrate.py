@@ -21,9 +21,8 @@ STATS_FILE = "calibration.safetensors"
 
 
 def _linear_modules(model):
-    from transformers.pytorch_utils import Conv1D
-
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+    """(name, module) of every linear map the adapter knows (nn.Linear, and GPT-2's Conv1D)."""
+    return [(p.name, p.module) for p in adapters_mod.for_model(model).linears()]
 
 
 class Calibrator:
@@ -51,10 +50,10 @@ class Calibrator:
                 self.acc[f"mlp.{m.layer}.gram"] = torch.zeros(w, w, dtype=dt)
         self.linear_names = []
         if linears:
-            for name, mod in _linear_modules(model):
-                self.linear_names.append(name)
-                self.acc[f"linear.{name}.in_abs"] = torch.zeros(_in_features(mod), dtype=torch.float64, device=dev)
-                self.acc[f"linear.{name}.out_abs"] = torch.zeros(_out_features(mod), dtype=torch.float64, device=dev)
+            for p in self.adapter.linears():
+                self.linear_names.append(p.name)
+                self.acc[f"linear.{p.name}.in_abs"] = torch.zeros(p.in_features, dtype=torch.float64, device=dev)
+                self.acc[f"linear.{p.name}.out_abs"] = torch.zeros(p.out_features, dtype=torch.float64, device=dev)
 
     # hooks -----------------------------------------------------------------------
     def _mlp_hook(self, layer: int):
@@ -259,11 +258,3 @@ class Stats:
             raise MinigptError(f"calibration statistics {path} are corrupt ({e})",
                                "delete the file and rerun: minigpt calibrate SESSION") from None
         return cls(tensors, int(meta.get("n_tokens", 0)), json.loads(meta.get("meta", "{}")))
-
-
-def _in_features(mod) -> int:
-    return mod.in_features if isinstance(mod, torch.nn.Linear) else mod.weight.shape[0]
-
-
-def _out_features(mod) -> int:
-    return mod.out_features if isinstance(mod, torch.nn.Linear) else mod.weight.shape[1]

@@ -12,9 +12,10 @@ architecture:
   [W_K' c] = W E[x zᵀ] (E[z zᵀ] + λ)⁻¹ with z = [x_K; 1], λ = damping · mean diag E[x_K x_Kᵀ]
   (the constant is not damped). It needs the Gram matrix E[x xᵀ] from calibration.
 
-Llama has no MLP bias by default; bias compensation turns on `config.mlp_bias` (zero
-biases in gate/up, the compensation in down), which stock transformers loads. Mistral
-and Qwen have no such switch, so `bias` is refused there.
+Bias compensation needs an output bias on every MLP. Where a family has none by default,
+its adapter's config switch (`Adapter.mlp_bias_switch`) turns them on with zero biases
+(the compensation then lands in `out`), which stock transformers loads; families without
+such a switch refuse `bias`.
 
 Every function here works at the full width: the pruned columns of `out` are zeroed, so
 the model already computes the pruned function; structural slicing or masks follow.
@@ -29,7 +30,6 @@ from engine.prune.calibrate import Stats
 from engine.errors import MinigptError
 
 METHODS = ("none", "bias", "lstsq")
-_BIAS_SWITCH = ("llama",)  # model types whose MLP gains biases through config.mlp_bias
 
 
 def needs_gram(prune_cfg) -> bool:
@@ -45,21 +45,13 @@ def has_out_bias(mlp: adapters_mod.MLP) -> bool:
 
 def ensure_out_bias(model) -> None:
     """Give every MLP an output bias (zeros: the function is unchanged), or fail clearly."""
-    mlps = adapters_mod.for_model(model).mlps()
-    if all(has_out_bias(m) for m in mlps):
+    adapter = adapters_mod.for_model(model)
+    if all(has_out_bias(m) for m in adapter.mlps()):
         return
-    mt = model.config.model_type
-    if mt not in _BIAS_SWITCH:
-        raise MinigptError(f"bias compensation needs an MLP output bias, which {mt} models cannot store",
-                           "use prune.compensation = \"lstsq\" or \"none\" for this model")
-    model.config.mlp_bias = True
-    for m in mlps:
-        for p in [*m.ins, m.out]:
-            mod = p.module
-            if getattr(mod, "bias", None) is None:
-                n = mod.weight.shape[p.out_axis]
-                mod.bias = torch.nn.Parameter(torch.zeros(n, dtype=mod.weight.dtype, device=mod.weight.device),
-                                              requires_grad=mod.weight.requires_grad)
+    if adapter.mlp_bias_switch is None:
+        raise MinigptError(f"bias compensation needs an MLP output bias, which {adapter.architecture} models "
+                           "cannot store", "use prune.compensation = \"lstsq\" or \"none\" for this model")
+    adapter.add_mlp_biases()
 
 
 def _weight(mlp: adapters_mod.MLP) -> torch.Tensor:

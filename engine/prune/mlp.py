@@ -177,10 +177,7 @@ def _slice_proj(proj: adapters_mod.Proj, idx: torch.Tensor, axis: int):
     b = getattr(mod, "bias", None)
     if b is not None and axis == proj.out_axis:
         mod.bias = torch.nn.Parameter(b.data.index_select(0, idx.to(b.device)).clone(), requires_grad=b.requires_grad)
-    if isinstance(mod, torch.nn.Linear):
-        mod.out_features, mod.in_features = mod.weight.shape
-    else:  # Conv1D keeps nf = output features
-        mod.nf = mod.weight.shape[1]
+    proj.sync_shape()
 
 
 def apply_structural(model, plan: Plan) -> None:
@@ -191,8 +188,7 @@ def apply_structural(model, plan: Plan) -> None:
         for p in m.ins:
             _slice_proj(p, keep, p.out_axis)
         _slice_proj(m.out, keep, m.out.in_axis)
-        if hasattr(m.owner, "intermediate_size"):
-            m.owner.intermediate_size = int(keep.numel())
+        m.record_width(int(keep.numel()))
     widths = adapter.widths()
     if len(set(widths)) == 1:
         adapter.set_config_width(model.config, widths[0])
@@ -224,20 +220,17 @@ def _expand(sel: torch.Tensor, shape, axis: int) -> torch.Tensor:
 
 def linear_masks(model, stats: Stats, threshold: float) -> dict[str, torch.Tensor]:
     """The paper's linear rule (mask mode): zero input columns and output rows whose mean |x| <= ε."""
-    from engine.prune.calibrate import _linear_modules
-
     masks = {}
     canonical = {id(p): n for n, p in model.named_parameters()}  # a tied lm_head's weight is the embedding's
-    for name, mod in _linear_modules(model):
+    for proj in adapters_mod.for_model(model).linears():
+        name, mod = proj.name, proj.module
         xin, xout = stats.linear_in(name), stats.linear_out(name)
         if xin is None:
             continue
-        tr = not isinstance(mod, torch.nn.Linear)
         w = mod.weight
         keep = torch.ones(w.shape, dtype=torch.bool)
-        in_axis, out_axis = (0, 1) if tr else (1, 0)
-        keep &= _expand(xin > threshold, w.shape, in_axis)
-        keep &= _expand(xout > threshold, w.shape, out_axis)
+        keep &= _expand(xin > threshold, w.shape, proj.in_axis)
+        keep &= _expand(xout > threshold, w.shape, proj.out_axis)
         key = canonical.get(id(w), f"{name}.weight")
         masks[key] = masks[key] & keep if key in masks else keep
         if getattr(mod, "bias", None) is not None:

@@ -92,7 +92,7 @@ def prune(model, keep_counts: list[int], blocks: torch.Tensor, batch_size: int, 
     layers, mlps = adapter.layers(), adapter.mlps()
     if method == "bias":
         compensate.ensure_out_bias(model)
-    residual = _residual_after_mlp(model)
+    residual = adapter.residual_after_mlp
     correct = correct and method != "none" and residual
     gram = method == "lstsq" or criterion in criteria.NEEDS_GRAM
     batches = [blocks[i:i + batch_size] for i in range(0, blocks.shape[0], batch_size)]
@@ -146,11 +146,3 @@ def prune(model, keep_counts: list[int], blocks: torch.Tensor, batch_size: int, 
         if progress:
             progress(i + 1, len(layers))
     return keep_all
-
-
-def _residual_after_mlp(model) -> bool:
-    """True when a layer's output is (everything else) + MLP output: pre-norm blocks.
-
-    OPT-350m normalises after the residual add, so its MLP cannot aim at a target there.
-    """
-    return getattr(model.config, "do_layer_norm_before", True) is not False
