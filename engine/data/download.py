@@ -21,6 +21,7 @@ from urllib.error import URLError
 from urllib.parse import urlparse
 from urllib.request import Request, urlopen
 
+from engine import atomic
 from engine.config import cache_dir
 from engine.errors import MinigptError
 
@@ -58,9 +59,8 @@ def fetch(url: str, setting: str = "data.source", progress=None, timeout: float 
         return dest
     fix = (f"download it yourself with `curl -L -o {shlex.quote(str(dest))} {shlex.quote(url)}` "
            f"(that path is the cache, used from then on), or set {setting} = PATH to a local copy")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
-    try:
+
+    def download(tmp: Path) -> None:
         with urlopen(Request(url, headers={"User-Agent": "minigpt"}), timeout=timeout) as resp:
             total = int(resp.headers.get("Content-Length") or 0)
             done, t0 = 0, time.perf_counter()
@@ -74,17 +74,14 @@ def fetch(url: str, setting: str = "data.source", progress=None, timeout: float 
                     if progress:
                         dt = time.perf_counter() - t0
                         progress(done, max(total, done), done / dt if dt > 0 else 0.0)
-                f.flush()
-                os.fsync(f.fileno())
         if progress:
             progress(done, done, 0.0)
-        os.replace(tmp, dest)
+
+    try:
+        atomic.write_with(dest, download)  # temp file, fsync, rename; a dead download's temp is removed
     except (URLError, OSError, TimeoutError, ValueError) as e:
         reason = getattr(e, "reason", None) or e
         raise MinigptError(f"cannot download {url} ({str(reason).splitlines()[0][:160]})", fix) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return dest
 
 

@@ -5,6 +5,8 @@ MLP widths are recorded in config.json as `minigpt_mlp_widths`. Uniform widths a
 also written to the family's own width field, so stock `from_pretrained` loads them;
 non-uniform widths (which stock transformers cannot load: it fails, or silently
 re-initialises the MLPs with `ignore_mismatched_sizes`) load through `load_model`.
+Mask-mode pruning keeps every shape and stores its keep-masks beside the weights
+(`save_masks` / `load_masks`). Every write goes through `engine.atomic`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from engine import atomic
 from engine.errors import MinigptError
 
 WIDTHS_KEY = "minigpt_mlp_widths"
+MASKS_FILE = "minigpt_masks.safetensors"
 
 
 def is_minigpt_model(source: str) -> bool:
@@ -33,7 +36,7 @@ def is_minigpt_model(source: str) -> bool:
 
 
 def save_model(model, tokenizer, folder: str | os.PathLike, meta: dict | None = None) -> Path:
-    """Write model + tokenizer atomically (temp folder, then rename)."""
+    """Write model + tokenizer atomically (temp folder, fsync, rename; a dead writer's temp is removed)."""
     folder = Path(folder)
     adapter = adapters_mod.for_model(model)
     widths = adapter.widths()
@@ -45,17 +48,29 @@ def save_model(model, tokenizer, folder: str | os.PathLike, meta: dict | None = 
     model.hf_quantizer = None
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    if tmp.exists():
-        import shutil
 
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    atomic.replace_dir(tmp, folder)
-    return folder
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return atomic.write_dir(folder, write)
+
+
+def save_masks(masks: dict, folder: str | os.PathLike) -> Path:
+    """Write mask-mode keep-masks ({parameter name: bool tensor}) into `folder`, atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.to("cpu").to(torch.uint8).contiguous() for k, v in masks.items()}
+    return atomic.write_with(Path(folder) / MASKS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+
+
+def load_masks(folder: str | os.PathLike) -> dict:
+    """The keep-masks saved in `folder` ({} when there are none)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / MASKS_FILE
+    return {k: v.bool() for k, v in load_file(str(path)).items()} if path.exists() else {}
 
 
 def load_model(folder: str | os.PathLike, dtype=torch.float32, device="cpu"):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from engine.config import EMBEDDED_DEFAULT, ModelConfig, cache_dir
@@ -64,13 +63,13 @@ def convert_gguf(gguf: Path, progress=None) -> Path:
     model.hf_quantizer = None  # a GGUF-loaded model refuses save_pretrained otherwise
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "minigpt_source.json").write_text(json.dumps({"gguf": str(gguf)}))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic.replace_dir(tmp, out)
-    return out
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "minigpt_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+
+    return atomic.write_dir(out, write)
 
 
 def resolve_source(cfg: ModelConfig, progress=None) -> str:

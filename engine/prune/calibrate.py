@@ -232,15 +232,11 @@ class Stats:
 
         from engine import atomic
 
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / STATS_FILE
-        tmp = folder / f".{STATS_FILE}.tmp"
-        save_file({k: v.contiguous() for k, v in self.t.items()}, str(tmp),
-                  metadata={"n_tokens": str(self.n_tokens), "meta": json.dumps(self.meta)})
-        import os
-
-        os.replace(tmp, path)
-        atomic.write_json(folder / "calibration.json", {"n_tokens": self.n_tokens, **self.meta})
+        path = Path(folder) / STATS_FILE
+        tensors = {k: v.contiguous() for k, v in self.t.items()}
+        metadata = {"n_tokens": str(self.n_tokens), "meta": json.dumps(self.meta)}
+        atomic.write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        atomic.write_json(Path(folder) / "calibration.json", {"n_tokens": self.n_tokens, **self.meta})
         return path
 
     @classmethod
