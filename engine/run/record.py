@@ -16,12 +16,16 @@ from dataclasses import dataclass, field
 STAGES = ("baseline", "calibrate", "prune", "finetune", "evaluate")
 # the model a figure was measured on: the unpruned model, after pruning, after recovery
 MODELS = ("base", "pruned", "finetuned")
-# state.json's status; `disconnected` is derived by readers (running, but no one holds the lock)
-STATUSES = ("new", "starting", "running", "stopping", "stopped", "failed", "done")
+# state.json's status (`starting`: launched, the runner still importing); readers derive two more:
+# `disconnected` (running, but no one holds the lock) and `corrupt` (the session's files are unreadable)
+STATUSES = ("new", "starting", "running", "stopped", "failed", "done")
 DISCONNECTED = "disconnected"
+CORRUPT = "corrupt"
 END_STATUSES = ("done", "stopped", "failed")
-LIVE_STATUSES = ("starting", "running", "stopping")
-UNITS = ("tokens", "steps", "items", "blocks", "bytes")
+LIVE_STATUSES = ("starting", "running")
+# stage_skip's reason for a stage a previous run completed (resume)
+SKIP_COMPLETED = "completed"
+UNITS = ("tokens", "steps", "items", "bytes")
 LEVELS = ("info", "warning", "error")
 
 
@@ -52,9 +56,9 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
           _f("stages", "list[str]", "the stages this run will go through, in order"))),
     Kind("stage_start", "a stage began", (_f("stage", "str", "one of STAGES"),)),
     Kind("stage_skip", "a stage was not run",
-         (_f("stage", "str", "one of STAGES"), _f("reason", "str", "`completed` (resume), or why it is off"))),
+         (_f("stage", "str", "one of STAGES"), _f("reason", "str", "`completed` (SKIP_COMPLETED: resume), or why it is off"))),
     Kind("progress", "coalesced progress of the running stage (at most 4 a second per stage, plus the last)",
-         (_f("stage", "str", "the stage, or `download <what>`"), _f("done", "number", "units done"),
+         (_f("stage", "str", "the stage, or `download` (the corpus)"), _f("done", "number", "units done"),
           _f("total", "number", "units in all"), _f("unit", "str", "one of UNITS"),
           _f("rate", "number", "units per second"), _f("eta_s", "number|null", "seconds left at this rate"),
           _f("phase", "str", "what part of the stage (prune: `sensitivity`, `sequential`)", optional=True))),
@@ -76,8 +80,8 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("layer_report", "the per-layer pruning report",
          (_f("mode", "str", "`structural` or `mask`"),
           _f("rows", "list[dict]", "per MLP: layer, module, neurons_before/after, params_before/after, pct_removed"),
-          _f("totals", "dict", "params_before/after, pct_removed, neurons_before/after "
-                               "(mask mode: nonzero_params_after; structural: stored_params)"))),
+          _f("totals", "dict", "params_before/after (stored; mask mode: nonzero), pct_removed, "
+                               "neurons_before/after; mask mode also nonzero_params_after and stored_params"))),
     Kind("checkpoint", "a complete checkpoint was written (periodic, on a graceful stop, at the end)",
          (_f("step", "int", "the step it holds"), _f("path", "str", "its folder"))),
     Kind("stage_end", "the stage completed", (_f("stage", "str", "one of STAGES"),
@@ -89,7 +93,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("gpu", "a GPU memory sample of this process (torch.cuda; utilisation with nvidia-ml-py)",
          (_f("device", "int", "CUDA device index"), _f("rank", "int", "torch.distributed rank (0 alone)"),
           _f("mem_used_mb", "number", "memory reserved by torch"),
-          _f("mem_peak_mb", "number", "peak memory allocated since the stage began"),
+          _f("mem_peak_mb", "number", "peak memory allocated by torch in this process"),
           _f("mem_total_mb", "number", "the device's memory"),
           _f("util_pct", "number|null", "utilisation, null without nvidia-ml-py")), only_on="cuda"),
 )}
@@ -117,6 +121,14 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("vocab_bpb", "bits/byte", "held-out bits per byte before and after the vocabulary step alone", True),
     Metric("tokens_per_s", "tokens/s", "fine-tuning throughput of this process", False),
 )}
+MCQ_METRICS = tuple(n for n in METRICS if n.startswith("mcq_"))
+
+# fields whose value is one of a closed set (the check in `event()`)
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    **{(k, "stage"): STAGES for k in ("stage_start", "stage_skip", "stage_end")},
+    ("progress", "unit"): UNITS, ("log", "level"): LEVELS, ("run_end", "status"): END_STATUSES,
+    ("layer_report", "mode"): ("structural", "mask"), ("metric", "model"): MODELS,
+}
 
 
 # ---- results.json ------------------------------------------------------------------------
@@ -129,16 +141,19 @@ class Section:
 
 RESULTS: dict[str, Section] = {s.name: s for s in (
     Section("models", "per model (MODELS): every metric by name, `<name>_protocol` where it has one, "
-                      "`nonzero_params` in mask mode, `mcq` (per set: accuracies, stderr, n, protocol)"),
+                      "`mcq` (per set: accuracies, stderr, n, protocol) and `mcq_protocol`"),
     Section("calibration", "the calibration pass", ("tokens", "seconds", "block_size", "cached")),
-    Section("prune", "the pruning step", ("mode", "widths", "params_before", "params_after", "pct_removed",
-                                          "neurons_before", "neurons_after")),
-    Section("vocab", "structural vocabulary pruning", ("threshold", "tokenizer_before", "tokenizer_after",
-                                                       "rows_before", "rows_after", "coverage", "bpb_before",
-                                                       "bpb_after")),
-    Section("finetune", "recovery fine-tuning", ("steps", "total_steps", "tokens", "tokens_per_s",
-                                                 "train_seconds", "stopped_because", "final_loss", "base_ppl",
-                                                 "target_ppl", "curve", "resumed_from_step")),
+    Section("prune", "the pruning step: the layer report's totals", (
+        "mode", "widths", "params_before", "params_after", "pct_removed", "neurons_before", "neurons_after",
+        "nonzero_params_after", "stored_params")),
+    Section("vocab", "structural vocabulary pruning", (
+        "threshold", "tokenizer_before", "tokenizer_after", "rows_before", "rows_after", "kept_because",
+        "params_before", "params_after", "params_saved", "coverage", "bpb_before", "bpb_after",
+        "eval_tokens_before", "eval_tokens_after", "bpb_protocol")),
+    Section("finetune", "recovery fine-tuning", (
+        "steps", "total_steps", "tokens", "tokens_per_s", "train_seconds", "stopped_because", "final_loss",
+        "base_ppl", "target_ppl", "curve", "epochs", "block_size", "batch_size", "grad_accum", "lr", "schedule",
+        "lora_rank", "resumed_from_step")),
 )}
 
 
@@ -154,8 +169,9 @@ def event(kind: str, fields: dict) -> dict:
         raise ValueError(f"{kind} event: missing {missing}, unknown {extra} (engine/run/record.py)")
     if kind == "metric" and fields["name"] not in METRICS:
         raise ValueError(f"unknown metric {fields['name']!r} (engine/run/record.py METRICS)")
-    if kind == "metric" and fields["model"] not in MODELS:
-        raise ValueError(f"unknown model label {fields['model']!r}")
+    for (k, name), allowed in CHOICES.items():
+        if k == kind and fields.get(name) not in allowed:
+            raise ValueError(f"{kind} event: {name} = {fields.get(name)!r} is not one of {allowed}")
     return fields
 
 
@@ -167,7 +183,8 @@ def markdown() -> str:
            "`t` (unix seconds) and `type`. Readers ignore unknown types and fields and tolerate a torn last",
            "line (no newline yet).", "",
            f"Stages: {', '.join(f'`{s}`' for s in STAGES)}. Models: {', '.join(f'`{m}`' for m in MODELS)}. "
-           f"Units: {', '.join(f'`{u}`' for u in UNITS)}.", "",
+           f"Units: {', '.join(f'`{u}`' for u in UNITS)}. Log levels: {', '.join(f'`{v}`' for v in LEVELS)}. "
+           f"`run_end` statuses: {', '.join(f'`{v}`' for v in END_STATUSES)}.", "",
            "| type | fields | meaning |", "|---|---|---|"]
     for k in KINDS.values():
         fields = ", ".join(f"`{f.name}`{' (optional)' if f.optional else ''}" for f in k.fields)
@@ -182,11 +199,13 @@ def markdown() -> str:
         out.append(f"| `{m.name}` | {m.unit} | {better} | {m.doc} |")
     out += ["", "## `state.json`", "",
             f"Rewritten atomically: `status` ({', '.join(f'`{s}`' for s in STATUSES)}), `stage`, "
-            "`completed_stages`, `pid`, `model_is`, `created`, `updated`, `error`. A session whose state says "
-            f"`running` while no one holds `runner.lock` reads as `{DISCONNECTED}`.", "",
+            "`completed_stages`, `pid`, `model_is`, `created`, `updated`, `error`, `reused_from` (a grid cell "
+            "seeded from another's baseline). A session whose state says "
+            f"`running` while no one holds `runner.lock` reads as `{DISCONNECTED}`; one whose files cannot be read, "
+            f"as `{CORRUPT}`.", "",
             "## `results.json`", "", "| section | keys | meaning |", "|---|---|---|"]
     for s in RESULTS.values():
-        out.append(f"| `{s.name}` | {', '.join(f'`{k}`' for k in s.keys) or '(by model, below)'} | {s.doc} |")
+        out.append(f"| `{s.name}` | {', '.join(f'`{k}`' for k in s.keys) or '(by model)'} | {s.doc} |")
     return "\n".join(out) + "\n"
 
 
