@@ -212,7 +212,7 @@ def test_sequential_with_nothing_removed_is_the_identity():
     assert torch.equal(_logits(model, ids), ref)
 
 
-def test_prune_stage_compensates_and_the_saved_model_is_what_was_evaluated(tmp_path):
+def test_prune_stage_compensates_and_the_saved_model_is_what_was_evaluated(tmp_path, monkeypatch):
     """Through the pipeline: the Gram is collected only when needed, and the model saved is the compensated one."""
     import ft_case
     from safetensors import safe_open
@@ -241,6 +241,8 @@ def test_prune_stage_compensates_and_the_saved_model_is_what_was_evaluated(tmp_p
     prune.apply_structural(base, plan)
     saved = export.load_model(sess.model_dir)
     assert torch.equal(saved.model.layers[1].mlp.down_proj.weight, base.model.layers[1].mlp.down_proj.weight)
+    # an empty calibration cache: a cached gram-bearing pass would serve the plain run too
+    monkeypatch.setenv("MINIGPT_CALIBRATION_CACHE", str(tmp_path / "other-cache"))
     plain = ft_case.session(tmp_path, "plain", ft_case.config(tmp_path, "llama", finetune={"enabled": False},
                                                                 calibrate={"max_tokens": 512}))
     pipeline.run(plain, stages=["calibrate"])

@@ -324,7 +324,9 @@ class Finetuner:
 def _wrap_lora(model, cfg: FinetuneConfig):
     from peft import LoraConfig, get_peft_model
 
-    conv1d = model.config.model_type == "gpt2"
+    from engine.models import adapters
+
+    conv1d = adapters.for_model(model).lora_fan_in_fan_out
     lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
                       fan_in_fan_out=conv1d, task_type="CAUSAL_LM")
     return get_peft_model(model, lcfg)
