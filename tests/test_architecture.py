@@ -134,9 +134,3 @@ def test_the_cycle_check_sees_a_cycle():
     comps = _strongly_connected(Graph(), set(Graph.edges))
     assert sorted(comps) == [["a", "b", "c"], ["d"]]
 
-
-def test_the_stop_request_is_the_file_the_reporter_watches():
-    """`engine.run.launch` (torch-free) names the stop file itself rather than importing the reporter."""
-    from engine.run import launch, reporter
-
-    assert launch.STOP_FILE == reporter.STOP_FILE

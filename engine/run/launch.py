@@ -19,12 +19,9 @@ import psutil
 from engine import atomic
 from engine.errors import MinigptError
 from engine.run.session import LOCK_FILE as LOCK_NAME
-from engine.run.session import open_session
+from engine.run.session import STOP_FILE, open_session
 
 LOG_FILE = "runner.log"
-# the file engine.run.reporter watches (its STOP_FILE; a test keeps the two equal). Not
-# imported from there: the reporter samples the GPU through torch, and this module is torch-free.
-STOP_FILE = "stop.request"
 # the folder holding the `engine` package: the child must import this very copy
 _ROOT = str(Path(__file__).resolve().parents[2])
 
