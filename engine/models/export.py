@@ -35,8 +35,10 @@ def is_minigpt_model(source: str) -> bool:
         return False
 
 
-def save_model(model, tokenizer, folder: str | os.PathLike, meta: dict | None = None) -> Path:
-    """Write model + tokenizer atomically (temp folder, fsync, rename; a dead writer's temp is removed)."""
+def save_model(model, tokenizer, folder: str | os.PathLike, meta: dict | None = None,
+               masks: dict | None = None) -> Path:
+    """Write model + tokenizer (+ mask-mode keep-masks) as one folder, atomically (temp folder,
+    fsync, rename; a dead writer's temp is removed). An existing folder is replaced whole."""
     folder = Path(folder)
     adapter = adapters_mod.for_model(model)
     widths = adapter.widths()
@@ -53,6 +55,8 @@ def save_model(model, tokenizer, folder: str | os.PathLike, meta: dict | None = 
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if masks:
+            save_masks(masks, tmp)
 
     return atomic.write_dir(folder, write)
 

@@ -13,7 +13,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-from engine import atomic
 from engine.errors import MinigptError
 from engine.run.reporter import Reporter, StopRequested
 
@@ -185,13 +184,9 @@ def _save(ctx, ft, prog) -> None:
     ctx.rep.log(f"fine-tuning stopped after {ft.step} steps ({prog.stopped_because}); "
                 f"held-out ppl {prog.curve[-1][1]:.4f}")
     final = ft.finished_model()
-    folder = ctx.session.path / ".model.finetuned"
-    export.save_model(final, ctx.tokenizer, folder,
+    export.save_model(final, ctx.tokenizer, ctx.session.model_dir,
                       meta={"stage": "finetuned", "mode": ctx.cfg.prune.mode, "base": ctx.cfg.model.source,
-                            "steps": ft.step})
-    if ctx.masks:
-        export.save_masks(ctx.masks, folder)
-    atomic.replace_dir(folder, ctx.session.model_dir)
+                            "steps": ft.step}, masks=ctx.masks)
     ctx.session.update_state(model_is="finetuned")
     ctx.model, ctx.model_is = final, "finetuned"
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import time
@@ -240,9 +239,8 @@ def _load_partial(path: Path, key: str, rep: Reporter) -> dict | None:
 def _save_partial(path, batch, state, key, seconds) -> None:
     import torch
 
-    buf = io.BytesIO()
-    torch.save({"batch": batch, "state": state, "key": key, "seconds": seconds}, buf)
-    atomic.write_bytes(path, buf.getvalue())
+    atomic.write_with(path, lambda tmp: torch.save({"batch": batch, "state": state, "key": key,
+                                                    "seconds": seconds}, tmp))
 
 
 def stage_prune(ctx: Context) -> None:
@@ -284,9 +282,7 @@ def stage_prune(ctx: Context) -> None:
     ctx.rep.metric("prune", "pruned", "params", t["params_after"])
     ctx.rep.section("prune", {"mode": p.mode, "widths": plan.widths_after, **t})
     export.save_model(model, ctx.tokenizer, ctx.session.model_dir,
-                      meta={"stage": "pruned", "mode": p.mode, "base": ctx.cfg.model.source})
-    if masks:
-        export.save_masks(masks, ctx.session.model_dir)
+                      meta={"stage": "pruned", "mode": p.mode, "base": ctx.cfg.model.source}, masks=masks)
     ctx.masks, ctx.model_is = masks, "pruned"
     ctx.session.update_state(model_is="pruned")
 

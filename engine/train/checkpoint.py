@@ -53,19 +53,12 @@ def save(root: str | os.PathLike, step: int, state: dict, meta: dict | None = No
     import torch
 
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{_name(step)}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    with open(tmp / STATE_FILE, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    atomic.write_json(tmp / META_FILE, {"step": step, **(meta or {})})
-    _fsync_dir(tmp)
-    final = root / _name(step)
-    atomic.replace_dir(tmp, final)
+
+    def write(tmp: Path) -> None:
+        torch.save(state, tmp / STATE_FILE)
+        atomic.write_json(tmp / META_FILE, {"step": step, **(meta or {})})
+
+    final = atomic.write_dir(root / _name(step), write)
     _fsync_dir(root)
     for p in root.iterdir():  # one runner per session (lock), so any other temp folder is a leftover
         if p.name.startswith((".tmp-", f".{PREFIX}")) and p.is_dir():
