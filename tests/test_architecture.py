@@ -133,4 +133,3 @@ def test_the_cycle_check_sees_a_cycle():
 
     comps = _strongly_connected(Graph(), set(Graph.edges))
     assert sorted(comps) == [["a", "b", "c"], ["d"]]
-
