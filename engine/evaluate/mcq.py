@@ -383,22 +383,10 @@ def score(model, tokenizer, mcq: MCQSet, fewshot: int = 0, context: str | None =
     max_len = _model_max_length(model)
     want_ll = any(r != "acc_paper" for r in rules)
     want_paper = "acc_paper" in rules
-    # one request list per item: (sequence, first scored index)
     groups, plans = [], []
     for i, item in enumerate(items):
-        seqs, reqs = {}, {"ll": [], "paper": []}
-        if want_ll:
-            ctx = prompt(mcq, i, fewshot, context, template, seed)
-            for c in item.choices:
-                a, b = encode_pair(tokenizer, ctx, TARGET_DELIMITER + c)
-                seq = (a + b)[-(max_len + 1):]
-                reqs["ll"].append((seqs.setdefault(tuple(seq), len(seqs)), len(seq) - len(b)))
-        if want_paper:
-            for c in item.choices:
-                seq = list(tokenizer(item.question + " " + c)["input_ids"])[-max_len:]
-                reqs["paper"].append((seqs.setdefault(tuple(seq), len(seqs)), 1))
-        seq_list = list(seqs)
-        lo = [min([s for k, s in reqs["ll"] + reqs["paper"] if k == j]) for j in range(len(seq_list))]
+        seq_list, lo, reqs = _requests(tokenizer, mcq, i, item, max_len, want_ll, want_paper,
+                                       (fewshot, context, template, seed))
         plans.append(reqs)
         groups.append((seq_list, lo))
     t0 = time.perf_counter()
@@ -411,22 +399,7 @@ def score(model, tokenizer, mcq: MCQSet, fewshot: int = 0, context: str | None =
     logprobs = token_logprobs(model, groups, batch_size, on_batch)
     per_item, correct = [], {r: 0 for r in rules}
     for item, reqs, lps, (seq_list, lo) in zip(items, plans, logprobs, groups):
-        rec = {"answer": item.answer, "pred": {}}
-        if want_ll:
-            lls = [float(lps[k][s - lo[k]:].sum()) for k, s in reqs["ll"]]
-            rec["lls"] = lls
-            norms = {"acc": [1.0] * len(lls), "acc_norm": [float(len(c)) for c in item.choices],
-                     "acc_bytes": [float(len(c.encode("utf-8"))) for c in item.choices]}
-            for r in ("acc", "acc_norm", "acc_bytes"):
-                if r in rules:
-                    rec["pred"][r] = _argmax([_div(ll, d) for ll, d in zip(lls, norms[r])])
-        if want_paper:
-            ppl = []
-            for k, s in reqs["paper"]:
-                lp = lps[k][s - lo[k]:]
-                ppl.append(math.exp(-float(lp.sum()) / lp.numel()) if lp.numel() else math.inf)
-            rec["paper_ppl"] = ppl
-            rec["pred"]["acc_paper"] = _argmax([-p for p in ppl])
+        rec = _predict(item, reqs, lps, lo, rules)
         for r in rules:
             correct[r] += int(rec["pred"][r] == item.answer)
         per_item.append(rec)
@@ -437,6 +410,48 @@ def score(model, tokenizer, mcq: MCQSet, fewshot: int = 0, context: str | None =
     out["items"] = per_item
     out["protocol"] = protocol(mcq, fewshot, context, template, rules, seed)
     return out
+
+
+def _requests(tokenizer, mcq: MCQSet, i: int, item: Item, max_len: int, want_ll: bool, want_paper: bool,
+              prompt_args: tuple) -> tuple[list, list, dict]:
+    """One item's distinct token sequences, the first scored index of each, and per choice
+    the (sequence, first scored index) the lm-eval rules and the paper's rule read."""
+    fewshot, context, template, seed = prompt_args
+    seqs, reqs = {}, {"ll": [], "paper": []}
+    if want_ll:
+        ctx = prompt(mcq, i, fewshot, context, template, seed)
+        for c in item.choices:
+            a, b = encode_pair(tokenizer, ctx, TARGET_DELIMITER + c)
+            seq = (a + b)[-(max_len + 1):]
+            reqs["ll"].append((seqs.setdefault(tuple(seq), len(seqs)), len(seq) - len(b)))
+    if want_paper:
+        for c in item.choices:
+            seq = list(tokenizer(item.question + " " + c)["input_ids"])[-max_len:]
+            reqs["paper"].append((seqs.setdefault(tuple(seq), len(seqs)), 1))
+    seq_list = list(seqs)
+    lo = [min([s for k, s in reqs["ll"] + reqs["paper"] if k == j]) for j in range(len(seq_list))]
+    return seq_list, lo, reqs
+
+
+def _predict(item: Item, reqs: dict, lps, lo: list, rules) -> dict:
+    """The choice each rule picks from the sequences' token log-probabilities."""
+    rec = {"answer": item.answer, "pred": {}}
+    if reqs["ll"]:
+        lls = [float(lps[k][s - lo[k]:].sum()) for k, s in reqs["ll"]]
+        rec["lls"] = lls
+        norms = {"acc": [1.0] * len(lls), "acc_norm": [float(len(c)) for c in item.choices],
+                 "acc_bytes": [float(len(c.encode("utf-8"))) for c in item.choices]}
+        for r in ("acc", "acc_norm", "acc_bytes"):
+            if r in rules:
+                rec["pred"][r] = _argmax([_div(ll, d) for ll, d in zip(lls, norms[r])])
+    if reqs["paper"]:
+        ppl = []
+        for k, s in reqs["paper"]:
+            lp = lps[k][s - lo[k]:]
+            ppl.append(math.exp(-float(lp.sum()) / lp.numel()) if lp.numel() else math.inf)
+        rec["paper_ppl"] = ppl
+        rec["pred"]["acc_paper"] = _argmax([-p for p in ppl])
+    return rec
 
 
 def sets_for(e, held_out: list[str], seed: int, source: str, log=None) -> list[MCQSet]:

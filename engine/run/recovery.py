@@ -4,7 +4,8 @@ The stage layer around `engine.train.finetune`: it packs the fine-tune split, se
 held-out target, resumes from the session's checkpoints (refusing ones written under
 another configuration), runs `finetune.recover` with hooks that report and checkpoint,
 and saves the recovered model in place of the pruned one. Under torchrun every rank
-enters here; rank 0 drives and the others follow (`finetune.follow_orders`).
+enters here (ranks > 0 through `stages.follow`); rank 0 drives and the others follow
+(`finetune.follow_orders`).
 """
 
 from __future__ import annotations
@@ -14,17 +15,7 @@ import json
 from pathlib import Path
 
 from engine.errors import MinigptError
-from engine.run.reporter import Reporter, StopRequested
-
-
-def follow(session) -> None:
-    """Ranks > 0 under torchrun: wait for rank 0's fine-tuning stage and train alongside it."""
-    from engine.run.stages import Context
-    from engine.train import finetune
-
-    if not finetune.Dist().bcast(None):
-        return
-    run(Context(session.config(), session, Reporter(None, results=session.results())))
+from engine.run.reporter import StopRequested
 
 
 def run(ctx) -> None:

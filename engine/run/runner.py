@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
 
                     finetune.release_followers()
         else:
-            from engine.run import recovery
+            from engine.run import stages
 
-            recovery.follow(s)
+            stages.follow(s)
     except MinigptError as e:
         print(f"error: {e.line()}", file=sys.stderr)
         return 2

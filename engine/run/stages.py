@@ -367,5 +367,15 @@ def _mcq(ctx: Context, model, stage: str, label: str, d) -> None:
         ctx.rep.metric(stage, label, name, value)
 
 
+def follow(session) -> None:
+    """Ranks > 0 under torchrun: wait for rank 0's fine-tuning stage and train alongside it."""
+    from engine.run import recovery
+    from engine.train import finetune
+
+    if not finetune.Dist().bcast(None):
+        return
+    recovery.run(Context(session.config(), session, Reporter(None, results=session.results())))
+
+
 STAGE_FUNCS = {"baseline": stage_baseline, "calibrate": stage_calibrate, "prune": stage_prune,
                "finetune": stage_finetune, "evaluate": stage_evaluate}
