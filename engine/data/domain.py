@@ -49,50 +49,62 @@ def _from_dataset(cfg: DataConfig, progress=None) -> list[str]:
     else:
         path = Path(cfg.source).expanduser()
     try:
-        if path.is_dir() and not cfg.files and _is_saved_dataset(path):
-            ds = datasets.load_from_disk(str(path))
-            ds = ds[cfg.split] if isinstance(ds, datasets.DatasetDict) else ds
-        elif path.is_dir() and not cfg.files and _is_hub_folder(path):
-            ds = datasets.load_dataset(str(path), cfg.name or None, split=cfg.split)
-        elif path.exists():
-            files = _data_files(path, cfg.files)
-            if not files:
-                raise MinigptError(f"no data files in {path}",
-                                   f"supported: {', '.join(sorted(_BUILDERS))}")
-            if cfg.column.startswith("#") and not cfg.template:
-                return _positional_column(files, cfg)
-            kinds = {_BUILDERS.get(p.suffix.lower()) for p in files}
-            if None in kinds or len(kinds) != 1:
-                raise MinigptError(f"cannot read {path}: mixed or unsupported file types",
-                                   f"use one of {', '.join(sorted(_BUILDERS))}")
-            builder = kinds.pop()
-            kwargs = {}
-            if builder == "text":
-                kwargs["sample_by"] = "document"
-            if builder == "csv" and (cfg.delimiter or files[0].suffix.lower() == ".tsv"):
-                kwargs["delimiter"] = cfg.delimiter or "\t"
-            ds = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **kwargs)
-            if builder == "text" and cfg.column == "text" and not cfg.template:
-                pass
-        elif cfg.source.startswith((".", "/", "~")):
-            raise MinigptError(f"data path {cfg.source} not found", "check data.source")
-        else:
-            ds = datasets.load_dataset(cfg.source, cfg.name or None, split=cfg.split)
+        ds = _open(datasets, path, cfg)
     except MinigptError:
         raise
-    except ConnectionError as e:  # datasets: "Couldn't reach X on the Hub (OfflineModeIsEnabled)"
-        raise download.hub_unavailable(cfg.source, "dataset", cfg.files, "data.source",
-                                       reason=str(e).splitlines()[0][:120]) from None
-    except (FileNotFoundError, OSError) as e:
-        raise MinigptError(f"cannot load dataset {cfg.source!r}: {str(e).splitlines()[0][:200]}",
-                           "check the hub id and network, or download it and give a local path") from None
-    except ValueError as e:
-        raise MinigptError(f"cannot load dataset {cfg.source!r}: {str(e).splitlines()[0][:200]}",
-                           "check data.name (subset) and data.split") from None
-    except Exception as e:  # datasets raises many types (DatasetNotFoundError, builder errors)
-        raise MinigptError(f"cannot load dataset {cfg.source!r}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
-                           "check the hub id, subset and split, or give a local file") from None
-    return texts_from_rows(ds, cfg)
+    except Exception as e:
+        raise _dataset_error(cfg, e) from None
+    return ds if isinstance(ds, list) else texts_from_rows(ds, cfg)
+
+
+def _open(datasets, path: Path, cfg: DataConfig):
+    """The rows of a saved dataset, a downloaded hub folder, local files or a hub id (or the
+    texts themselves, for a positional column)."""
+    if path.is_dir() and not cfg.files and _is_saved_dataset(path):
+        ds = datasets.load_from_disk(str(path))
+        return ds[cfg.split] if isinstance(ds, datasets.DatasetDict) else ds
+    if path.is_dir() and not cfg.files and _is_hub_folder(path):
+        return datasets.load_dataset(str(path), cfg.name or None, split=cfg.split)
+    if path.exists():
+        return _open_files(datasets, path, cfg)
+    if cfg.source.startswith((".", "/", "~")):
+        raise MinigptError(f"data path {cfg.source} not found", "check data.source")
+    return datasets.load_dataset(cfg.source, cfg.name or None, split=cfg.split)
+
+
+def _open_files(datasets, path: Path, cfg: DataConfig):
+    files = _data_files(path, cfg.files)
+    if not files:
+        raise MinigptError(f"no data files in {path}", f"supported: {', '.join(sorted(_BUILDERS))}")
+    if cfg.column.startswith("#") and not cfg.template:
+        return _positional_column(files, cfg)
+    kinds = {_BUILDERS.get(p.suffix.lower()) for p in files}
+    if None in kinds or len(kinds) != 1:
+        raise MinigptError(f"cannot read {path}: mixed or unsupported file types",
+                           f"use one of {', '.join(sorted(_BUILDERS))}")
+    builder = kinds.pop()
+    kwargs = {}
+    if builder == "text":
+        kwargs["sample_by"] = "document"
+    if builder == "csv" and (cfg.delimiter or files[0].suffix.lower() == ".tsv"):
+        kwargs["delimiter"] = cfg.delimiter or "\t"
+    return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **kwargs)
+
+
+def _dataset_error(cfg: DataConfig, e: Exception) -> MinigptError:
+    """datasets' many exception types, as one line that names the problem and the fix."""
+    from engine.data import download
+
+    first = str(e).splitlines()[0][:200] if str(e) else ""
+    if isinstance(e, ConnectionError):  # datasets: "Couldn't reach X on the Hub (OfflineModeIsEnabled)"
+        return download.hub_unavailable(cfg.source, "dataset", cfg.files, "data.source", reason=first[:120])
+    if isinstance(e, (FileNotFoundError, OSError)):
+        return MinigptError(f"cannot load dataset {cfg.source!r}: {first}",
+                            "check the hub id and network, or download it and give a local path")
+    if isinstance(e, ValueError):
+        return MinigptError(f"cannot load dataset {cfg.source!r}: {first}", "check data.name (subset) and data.split")
+    return MinigptError(f"cannot load dataset {cfg.source!r}: {type(e).__name__}: {first}",
+                        "check the hub id, subset and split, or give a local file")
 
 
 def _is_saved_dataset(path: Path) -> bool:
