@@ -13,10 +13,9 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
+from engine.run import record
 from engine.run import session as session_mod
 from engine.errors import MinigptError
-
-from .runview import STAGE_ORDER, RunView
 
 TAIL_BYTES = 65536
 
@@ -63,20 +62,45 @@ def fmt_count(n: float | None) -> str:
 def fmt_rate(rate: float | None, unit: str) -> str:
     if rate is None:
         return ""
-    short = {"tokens": "tok", "steps": "step", "items": "it", "blocks": "blk"}.get(unit, unit)
+    short = {"tokens": "tok", "steps": "step", "items": "it", "bytes": "B"}.get(unit, unit)
     return f"{fmt_count(rate)} {short}/s"
 
 
+_COUNTED = {"parameters", "tokens", "rows", "tokens/s"}  # record units shown as 1.2K / 3.4M
+
+
 def fmt_metric(name: str, v: float | None) -> str:
+    """A metric's value in its record unit (engine.run.record.METRICS)."""
     if v is None:
         return "—"
-    if name == "params" or "tokens" in name or name.endswith("_params"):
+    spec = record.METRICS.get(name)
+    unit = spec.unit if spec else ""
+    if unit in _COUNTED:
         return fmt_count(v)
-    if name.startswith("mcq"):
-        return f"{v * 100:.1f}%" if abs(v) <= 1 else f"{v:.1f}%"
-    if name == "seconds" or name.endswith("_seconds"):
+    if unit == "fraction":
+        return f"{v * 100:.1f}%"
+    if unit == "s":
         return fmt_duration(v)
     return f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}"
+
+
+def fmt_gpu(sample: dict, with_rank: bool = False) -> str:
+    """One `gpu` event (engine.run.record KINDS["gpu"]): memory used of total, peak, utilisation."""
+    used, total, peak = (_num(sample.get(k)) for k in ("mem_used_mb", "mem_total_mb", "mem_peak_mb"))
+    frac = used / total if used is not None and total else None
+    gb = (lambda mb: "?" if mb is None else f"{mb / 1024:.1f}")
+    who = f"GPU {sample.get('device', '?')}" + (f" (rank {sample.get('rank', 0)})" if with_rank else "")
+    text = f"{who} mem {gb(used)}/{gb(total)} GB {bar(frac, 10)}"
+    if peak is not None:
+        text += f" · peak {gb(peak)} GB"
+    util = _num(sample.get("util_pct"))
+    if util is not None:  # null without nvidia-ml-py
+        text += f" · util {util:.0f}%"
+    return text
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def bar(fraction: float | None, width: int = 12) -> str:
@@ -131,14 +155,14 @@ def progress_text(row: dict, tail: dict | None) -> str:
     status = row.get("status")
     if status == "done":
         return "100%"
-    text = f"{len(completed)}/{len(STAGE_ORDER)}"
+    text = f"{len(completed)}/{len(record.STAGES)}"
     prog = row.get("progress")
     frac = None
     if isinstance(prog, (int, float)) and not isinstance(prog, bool):
         frac = float(prog) if prog <= 1 else float(prog) / 100
     elif isinstance(prog, dict) and prog.get("total"):
         frac = float(prog.get("done", 0)) / float(prog["total"])
-    elif tail and status in ("running", "starting", "stopping", "disconnected", "stopped"):
+    elif tail and status in (*record.LIVE_STATUSES, record.DISCONNECTED, "stopped"):
         if tail.get("type") == "train" and tail.get("total_steps"):
             frac = float(tail.get("step", 0)) / float(tail["total_steps"])
         elif tail.get("total"):
@@ -156,7 +180,7 @@ def session_rows(root: Path) -> list[dict]:
             row = session_mod.summary(s)
         except (OSError, MinigptError) as e:  # vanished or unreadable mid-listing
             row = {"id": s.id, "path": str(s.path), "model": "?", "domain": "?", "mode": "?",
-                   "method": "?", "status": "corrupt", "stage": None, "updated": None,
+                   "method": "?", "status": record.CORRUPT, "stage": None, "updated": None,
                    "completed": [], "error": str(e)}
         tail = last_progress(s.events_path) if row.get("status") != "done" else None
         row["progress_text"] = progress_text(row, tail)
@@ -175,6 +199,7 @@ COMPARE_COLUMNS: list[tuple[str, str, str]] = [
     ("status", "state", "str"),
     ("params_base", "params base", "params"),
     ("params_pruned", "params pruned", "params"),
+    ("params_finetuned", "params ft", "params"),
     ("pct_removed", "% removed", "pct"),
     ("ppl_base", "ppl base", "ppl"),
     ("ppl_pruned", "ppl pruned", "ppl"),
@@ -185,54 +210,43 @@ COMPARE_COLUMNS: list[tuple[str, str, str]] = [
 ]
 
 
-def _results_metrics(results: dict) -> dict[tuple[str, str], float]:
-    """Tolerant reader for results.json: {model: {name: v}} under "models" (what the pipeline
-    writes), "metrics", or at the top level."""
+# the columns read from results.json's models[model][name]: column key -> (model, metric name)
+COLUMN_METRICS: dict[str, tuple[str, str]] = {
+    f"{prefix}_{model}": (model, name)
+    for prefix, name in (("params", "params"), ("ppl", "ppl"), ("mcq", "mcq_acc")) for model in record.MODELS}
+
+
+def results_metrics(results: dict) -> dict[tuple[str, str], float]:
+    """results.json's metrics, {(model, name): value} as written (counts stay integers): the
+    record keeps each one once, under models[model][name] (the value of its `metric` event)."""
+    models = results.get("models") if isinstance(results, dict) else None
     out: dict[tuple[str, str], float] = {}
-    if not isinstance(results, dict):
-        return out
-    for holder in (results, results.get("models"), results.get("metrics")):
-        if not isinstance(holder, dict):
-            continue
-        for model in ("base", "pruned", "finetuned"):
-            vals = holder.get(model)
-            if isinstance(vals, dict):
-                for name, v in vals.items():
-                    if isinstance(v, (int, float)) and not isinstance(v, bool):
-                        out[(model, name)] = float(v)
+    for model in record.MODELS:
+        entry = models.get(model) if isinstance(models, dict) else None
+        for name, v in (entry.items() if isinstance(entry, dict) else ()):
+            if name in record.METRICS and isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[(model, name)] = v
     return out
 
 
 def compare_row(s: session_mod.Session) -> dict:
-    """One comparable row: size from the layer report, quality from metric events and results.json."""
+    """One comparable row, from the session's state and its results.json: the metrics under
+    `models` (params, ppl, MCQ accuracy per model) and the prune section's % removed. A session
+    still inside its first stage has no results yet: its cells are empty."""
     row = session_mod.summary(s)
-    view = RunView(max_log=1)
-    view.apply(s.events())
-    metrics = dict(view.metrics)
-    metrics.update(_results_metrics(s.results()))
-    totals = (view.layer_report or {}).get("totals") or {}
     results = s.results()
-    if not totals:  # the pipeline also keeps the totals under results["prune"]
-        for key in ("prune", "layer_report"):
-            held = results.get(key)
-            if isinstance(held, dict):
-                totals = held.get("totals", held) if isinstance(held.get("totals", held), dict) else {}
-                if totals.get("params_before") is not None:
-                    break
+    metrics = results_metrics(results)
+    prune = results.get("prune") if isinstance(results.get("prune"), dict) else {}
     out: dict[str, Any] = {
         "id": row["id"],
         "model": row.get("model", "?"),
         "domain": row.get("domain", "?"),
         "method": short_method(row),
         "status": row.get("status", "?"),
-        "params_base": metrics.get(("base", "params"), totals.get("params_before")),
-        "params_pruned": metrics.get(("pruned", "params"),
-                                     totals.get("nonzero_params_after", totals.get("params_after"))),
-        "pct_removed": totals.get("pct_removed"),
+        "pct_removed": prune.get("pct_removed"),
     }
-    for model, key in (("base", "base"), ("pruned", "pruned"), ("finetuned", "finetuned")):
-        out[f"ppl_{key}"] = metrics.get((model, "ppl"))
-        out[f"mcq_{key}"] = metrics.get((model, "mcq_acc"))
+    for key, metric in COLUMN_METRICS.items():
+        out[key] = metrics.get(metric)
     return out
 
 

@@ -1,8 +1,10 @@
 """Fold a session's `events.jsonl` into the state a monitor shows.
 
 Pure Python (no Textual, no torch) so the same reducer serves the live monitor, the replay
-of a finished run, the compare table and a headless printout. Replaying is one pass over
-the events; the UI renders the folded state, never each event.
+of a finished run and a headless printout. Replaying is one pass over the events; the UI
+renders the folded state, never each event. Event kinds, their fields, the stages and the
+metrics (units, which way is better) are the run record's (`engine.run.record`): one
+`_on_<kind>` handler per kind the monitor shows (`HANDLED`), unknown kinds are ignored.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-STAGE_ORDER = ("baseline", "calibrate", "prune", "finetune", "evaluate")
-MODELS = ("base", "pruned", "finetuned")
-# Metrics where smaller is better (deltas are coloured accordingly).
-LOWER_IS_BETTER = {"ppl", "bpb", "params", "seconds", "loss"}
-METRIC_ORDER = ("ppl", "bpb", "mcq_acc", "mcq_acc_norm", "mcq_acc_paper", "params", "seconds")
+from engine.run import record
+
+# The metrics tab's order: quality first, then size; every other metric of the record after,
+# in the record's order (a metric added there shows up here by itself).
+_FIRST = ("ppl", *record.MCQ_METRICS, "vocab_bpb", "vocab_coverage", "params", "vocab_size")
+METRIC_ORDER = _FIRST + tuple(n for n in record.METRICS if n not in _FIRST)
 
 
 @dataclass
@@ -25,6 +28,7 @@ class StageView:
     done: float = 0
     total: float = 0
     unit: str = ""
+    phase: str = ""  # what part of the stage the progress is about (prune: sensitivity, sequential)
     rate: float | None = None
     eta_s: float | None = None
     seconds: float | None = None
@@ -61,8 +65,7 @@ class RunView:
     train_last: dict | None = None
     layer_report: dict | None = None
     metrics: dict[tuple[str, str], float] = field(default_factory=dict)
-    gpu: dict | None = None
-    gpu_util: list[float] = field(default_factory=list)
+    gpus: dict[int, dict] = field(default_factory=dict)  # the newest `gpu` sample of each rank
     logs: deque = field(default_factory=deque)
     log_total: int = 0  # lines ever appended (the deque keeps the last max_log)
     error: str | None = None
@@ -78,14 +81,15 @@ class RunView:
 
     def __post_init__(self) -> None:
         self.logs = deque(self.logs, maxlen=self.max_log)
-        for name in STAGE_ORDER:
+        for name in record.STAGES:
             self.stages.setdefault(name, StageView(name))
 
     # ---- folding -------------------------------------------------------------
     def apply(self, events: Iterable[dict]) -> int:
         n = 0
         for ev in events:
-            handler = getattr(self, "_on_" + str(ev.get("type", "")), None)
+            kind = ev.get("type")
+            handler = getattr(self, "_on_" + kind) if kind in HANDLED else None
             t = ev.get("t")
             if isinstance(t, (int, float)):
                 if self.t0 is None:
@@ -96,7 +100,7 @@ class RunView:
                     handler(ev)
                 except (TypeError, ValueError, KeyError, AttributeError):
                     # A malformed event must not take the monitor down; note it and go on.
-                    self._log(ev, "warn", f"unreadable {ev.get('type')} event")
+                    self._log(ev, "warning", f"unreadable {ev.get('type')} event")
             n += 1
         self.n_events += n
         return n
@@ -139,7 +143,7 @@ class RunView:
         st = self.stage(ev.get("stage"))
         reason = str(ev.get("reason", ""))
         if st.status != "done":
-            st.status = "done" if reason in ("completed", "done", "already completed") else "skipped"
+            st.status = "done" if reason == record.SKIP_COMPLETED else "skipped"
         st.note = reason
         self._log(ev, "info", f"stage {st.name} skipped: {reason}")
 
@@ -150,6 +154,7 @@ class RunView:
         st.done = float(ev.get("done", 0) or 0)
         st.total = float(ev.get("total", 0) or 0)
         st.unit = str(ev.get("unit", st.unit) or "")
+        st.phase = str(ev.get("phase") or "")
         st.rate = _num(ev.get("rate"))
         st.eta_s = _num(ev.get("eta_s"))
         if st.unit == "tokens" and st.rate is not None:
@@ -228,18 +233,18 @@ class RunView:
         self._log(ev, "info", f"runner exited: {self.end_status}")
 
     def _on_gpu(self, ev: dict) -> None:
-        self.gpu = ev
-        util = _num(ev.get("util_pct"))
-        if util is not None:
-            self.gpu_util.append(util)
-            if len(self.gpu_util) > 4096:
-                del self.gpu_util[:2048]
+        rank = ev.get("rank", 0)
+        self.gpus[rank if isinstance(rank, int) else 0] = ev
 
     # ---- derived views --------------------------------------------------------
     def ordered_stages(self) -> list[StageView]:
-        known = [self.stages[n] for n in STAGE_ORDER if n in self.stages]
-        extra = [s for n, s in self.stages.items() if n not in STAGE_ORDER]
+        known = [self.stages[n] for n in record.STAGES if n in self.stages]
+        extra = [s for n, s in self.stages.items() if n not in record.STAGES]
         return known + extra
+
+    def gpu_samples(self) -> list[dict]:
+        """The newest sample of each rank, rank 0 first (none on a CPU run: `gpu` is CUDA-only)."""
+        return [self.gpus[r] for r in sorted(self.gpus)]
 
     def metric(self, model: str, name: str) -> float | None:
         return self.metrics.get((model, name))
@@ -264,16 +269,21 @@ def _num(v: Any) -> float | None:
     return float(v)
 
 
+HANDLED = frozenset(name[len("_on_"):] for name in vars(RunView) if name.startswith("_on_"))
+
+
 def delta(name: str, base: float | None, value: float | None) -> tuple[str, int]:
-    """Text of the change from `base` to `value` and its sign for colouring (+1 good, -1 bad, 0 neutral)."""
+    """Text of the change from `base` to `value` and its sign for colouring (+1 good, -1 bad, 0
+    neutral), the direction from the record (`lower_is_better`; neutral for sizes and counts)."""
     if base is None or value is None:
         return "", 0
-    if name.startswith("mcq"):
-        d = (value - base) * (100 if abs(base) <= 1 and abs(value) <= 1 else 1)
-        good = 1 if d > 0 else (-1 if d < 0 else 0)
-        return f"{d:+.1f} pp", good
+    spec = record.METRICS.get(name)
+    lower = spec.lower_is_better if spec else None
+    sign = (lambda d: 0 if d == 0 or lower is None else (1 if (d < 0) == lower else -1))
+    if spec is not None and spec.unit == "fraction":  # accuracies, coverage: percentage points
+        d = (value - base) * 100
+        return f"{d:+.1f} pp", sign(d)
     if base == 0:
         return "", 0
     rel = (value - base) / abs(base) * 100
-    good = 0 if rel == 0 else (1 if (rel < 0) == (name in LOWER_IS_BETTER) else -1)
-    return f"{rel:+.1f}%", good
+    return f"{rel:+.1f}%", sign(rel)

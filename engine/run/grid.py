@@ -46,6 +46,7 @@ from pathlib import Path
 from engine import atomic
 from engine import config as config_mod
 from engine import presets
+from engine.run import record
 from engine.run import session as session_mod
 from engine.errors import MinigptError
 
@@ -258,26 +259,27 @@ def refresh(spec: GridSpec) -> list[dict]:
 
 
 # ---- results ---------------------------------------------------------------------------------
-_MCQ_PREF = ("acc_paper", "acc_norm", "acc")
+# the MCQ accuracy the table shows, in order of preference (the paper's rule first)
+_MCQ_PREF = ("mcq_acc_paper", "mcq_acc_norm", "mcq_acc")
+assert set(_MCQ_PREF) <= set(record.MCQ_METRICS)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _mcq_metrics(entry: dict) -> dict:
-    return {k: v for k, v in entry.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and ("mcq" in k or k.startswith("acc"))
-            and "stderr" not in k}
+    return {k: entry[k] for k in record.MCQ_METRICS if _number(entry.get(k))}
 
 
 def _primary_mcq(names) -> str | None:
-    names = sorted(names)
-    for pref in _MCQ_PREF:
-        for n in names:
-            if n.endswith(pref) or n == pref:
-                return n
-    return names[0] if names else None
+    return next((n for n in _MCQ_PREF if n in names), min(names) if names else None)
 
 
 def cell_row(meta: dict, session: session_mod.Session | None) -> dict:
-    """One flat, torch-free row for a cell: its coordinates and its measured results."""
+    """One flat, torch-free row for a cell: its coordinates and its measured results, read from
+    results.json as the run record lays it out (engine.run.record.RESULTS): every metric once,
+    under models[model][name]; the prune, calibration and finetune sections for the rest."""
     row = {k: meta.get(k) for k in ("key", "model", "domain", "method", "linear", "activation", "embedding")}
     row["setting"] = setting_label(meta["linear"], meta["activation"], meta["embedding"])
     row.update(session=meta.get("session"), session_path=None, status="missing")
@@ -288,24 +290,24 @@ def cell_row(meta: dict, session: session_mod.Session | None) -> dict:
             row["status"] = session.status()
             row["error"] = session.state().get("error")
         except MinigptError as e:
-            row["status"], row["error"] = "corrupt", e.problem
+            row["status"], row["error"] = record.CORRUPT, e.problem
         res = session.results()
-    models = res.get("models", {})
-    base, pruned = models.get("base", {}), models.get("pruned", {})
-    final = models.get("finetuned") or pruned
-    pr = res.get("prune", {})
-    before, after = pr.get("params_before"), pr.get("params_after")
-    row.update(params_before=before, params_after=after,
+    models = res.get("models") or {}
+    base, pruned, finetuned = (models.get(m) or {} for m in ("base", "pruned", "finetuned"))  # record.MODELS
+    final = finetuned or pruned
+    pr = res.get("prune") or {}
+    before, after = base.get("params"), pruned.get("params")  # stored (structural), nonzero (mask)
+    row.update(params_before=before, params_after=after, params_finetuned=finetuned.get("params"),
                relative_size=(after / before) if before and after is not None else None,
                neurons_before=pr.get("neurons_before"), neurons_after=pr.get("neurons_after"),
                vocab_pruned=bool(res.get("vocab")),
-               ppl_base=base.get("ppl"), ppl_pruned=pruned.get("ppl"), ppl_finetuned=models.get("finetuned", {}).get("ppl"),
-               calibration_tokens=res.get("calibration", {}).get("tokens"),
-               calibration_cached=res.get("calibration", {}).get("cached"))
+               ppl_base=base.get("ppl"), ppl_pruned=pruned.get("ppl"), ppl_finetuned=finetuned.get("ppl"),
+               calibration_tokens=base.get("calibration_tokens"),
+               calibration_cached=(res.get("calibration") or {}).get("cached"))
     ft = res.get("finetune")
     if ft:
         row.update(ft_steps=ft.get("steps"), ft_epochs=ft.get("epochs"), ft_stopped=ft.get("stopped_because"),
-                   recovered=ft.get("stopped_because") == "target_ppl", ft_tokens_per_s=ft.get("tokens_per_s"))
+                   recovered=ft.get("stopped_because") == "target_ppl", ft_tokens_per_s=finetuned.get("tokens_per_s"))
     else:
         row.update(ft_steps=None, ft_epochs=None, ft_stopped=None, recovered=None, ft_tokens_per_s=None)
     mb, ma = _mcq_metrics(base), _mcq_metrics(final)
@@ -438,8 +440,9 @@ def to_markdown(rows: list[dict], title: str = "") -> str:
 
 
 CSV_COLUMNS = ("model", "domain", "method", "linear", "activation", "embedding", "status", "session",
-               "params_before", "params_after", "relative_size", "neurons_before", "neurons_after", "vocab_pruned",
-               "ppl_base", "ppl_pruned", "ppl_finetuned", "ft_steps", "ft_epochs", "ft_stopped", "recovered",
+               "params_before", "params_after", "params_finetuned", "relative_size", "neurons_before", "neurons_after",
+               "vocab_pruned", "ppl_base", "ppl_pruned", "ppl_finetuned", "ft_steps", "ft_epochs", "ft_stopped",
+               "recovered",
                "mcq_metric", "mcq_before", "mcq_after", "calibration_tokens", "calibration_cached", "error")
 
 

@@ -16,10 +16,12 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
 from engine import atomic
+from engine.run import record
 from engine.run import session as session_mod
 from engine.errors import MinigptError
 
-from ..data import COMPARE_COLUMNS, compare_row, format_cell, short_source, sort_key, to_csv, to_markdown
+from ..data import (COLUMN_METRICS, COMPARE_COLUMNS, compare_row, format_cell, short_source, sort_key, to_csv,
+                    to_markdown)
 from ..messages import CompareLoaded
 from ..styles import theme_style
 from ..widgets import TitleBar
@@ -28,8 +30,15 @@ if TYPE_CHECKING:
     from ..app import MinigptApp
 
 WIDE_ENOUGH = 180  # columns needed to show one row per session without scrolling
-HIGHER_IS_BETTER = {"mcq_base", "mcq_pruned", "mcq_finetuned", "pct_removed"}
-LOWER_IS_BETTER = {"ppl_base", "ppl_pruned", "ppl_finetuned", "params_pruned"}
+
+
+def lower_is_better(key: str) -> bool | None:
+    """Which way a column is better: its metric's direction in the run record; more removed is
+    better; None for the rest (no best cell marked)."""
+    if key == "pct_removed":
+        return False
+    metric = COLUMN_METRICS.get(key)
+    return record.METRICS[metric[1]].lower_is_better if metric else None
 
 
 class CompareScreen(Screen):
@@ -103,8 +112,9 @@ class CompareScreen(Screen):
         best = {}
         for key, _, kind in COMPARE_COLUMNS:
             vals = [r[key] for r in self.rows if isinstance(r.get(key), (int, float))]
-            if len(set(vals)) >= 2 and key in HIGHER_IS_BETTER | LOWER_IS_BETTER:
-                best[key] = max(vals) if key in HIGHER_IS_BETTER else min(vals)
+            lower = lower_is_better(key)
+            if len(set(vals)) >= 2 and lower is not None:
+                best[key] = min(vals) if lower else max(vals)
         return best
 
     def _cell(self, key: str, kind: str, value, best: dict) -> Text | str:

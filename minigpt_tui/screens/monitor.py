@@ -21,13 +21,14 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Log, Static, TabbedContent, TabPane
 from textual.worker import get_current_worker
 
+from engine.run import record
 from engine.run import session as session_mod
 from engine.errors import MinigptError
 from engine.run.events import EventReader
 
-from ..data import bar, fmt_count, fmt_duration, fmt_metric, fmt_rate, short_method
+from ..data import bar, fmt_count, fmt_duration, fmt_gpu, fmt_metric, fmt_rate, short_method
 from ..messages import RunEvents, RunStatus
-from ..runview import MODELS, RunView, delta
+from ..runview import RunView, delta
 from ..styles import signed_text, status_text, theme_style
 from ..widgets import TextPlot, TitleBar
 
@@ -36,14 +37,14 @@ if TYPE_CHECKING:
 
 RENDER_INTERVAL = 0.1  # seconds: at most 10 redraws per second
 BANNERS = {
-    "disconnected": "disconnected — the runner is gone (state says running but nobody holds runner.lock). "
-                    "r resumes from the last completed stage.",
+    record.DISCONNECTED: "disconnected — the runner is gone (state says running but nobody holds runner.lock). "
+                         "r resumes from the last completed stage.",
     "stopped": "stopped — r resumes from the last completed stage or checkpoint.",
-    "stopping": "stopping — the runner will exit after the current step.",
     "new": "not started yet — r launches it.",
     "starting": "starting — waiting for the runner to take the lock.",
-    "corrupt": "this session's files are corrupt",
+    record.CORRUPT: "this session's files are corrupt",
 }
+RESUMABLE = ("stopped", "failed", record.DISCONNECTED, "new")
 
 
 class MonitorScreen(Screen):
@@ -198,7 +199,7 @@ class MonitorScreen(Screen):
         text = BANNERS.get(self.status)
         if self.status == "failed":
             text = f"failed: {self.view.error or self.state.get('error') or 'see the log'} — fix it, then r resumes."
-        if self.status == "corrupt" and self.status_error:
+        if self.status == record.CORRUPT and self.status_error:
             text = self.status_error
         banner.display = bool(text) and self.loaded
         banner.set_classes("banner-" + "".join(c for c in self.status if c.isalnum()))
@@ -216,6 +217,8 @@ class MonitorScreen(Screen):
                 frac_txt = bar(frac, width) + (f" {frac:4.0%}" if frac is not None else "     ")
                 unit = {"tokens": "tok"}.get(st.unit, st.unit)
                 done = (f"{fmt_count(st.done)}/{fmt_count(st.total)} {unit}" if st.total else "")
+                if st.phase and st.status == "running":
+                    done = f"{st.phase} {done}"
             rate = fmt_rate(st.tokens_per_s, "tokens") if st.tokens_per_s else fmt_rate(st.rate, st.unit)
             if st.status == "done":
                 eta = fmt_duration(st.seconds) if st.seconds is not None else "done"
@@ -229,7 +232,7 @@ class MonitorScreen(Screen):
         for name in ("ppl", "mcq_acc"):
             base = v.metric("base", name)
             cells = []
-            for model in MODELS:
+            for model in record.MODELS:
                 val = v.metric(model, name)
                 if val is None:
                     continue
@@ -255,15 +258,12 @@ class MonitorScreen(Screen):
                                     f"target {v.target_ppl:.2f}" if v.target_ppl else "") if x)
         cap = "held-out ppl" + (f" {ppl[-1]:.2f}" if ppl else "") + (f" ({ref})" if ref else "")
         self.query_one("#ppl-plot", TextPlot).set_data(ppl, cap)
-        g = v.gpu
+        # `gpu` events come only from CUDA runs (record: only_on="cuda"); without any the line is
+        # hidden rather than waiting for samples a CPU run never writes
+        samples = v.gpu_samples()
         gpu = self.query_one("#gpu", Static)
-        if g:
-            used, total = g.get("mem_used_mb") or 0, g.get("mem_total_mb") or 0
-            frac = used / total if total else None
-            gpu.update(f"GPU mem {used / 1024:.1f}/{total / 1024:.1f} GB {bar(frac, 10)}  "
-                       f"util {g.get('util_pct', 0):.0f}%")
-        else:
-            gpu.update("GPU: no samples (CPU run, or not started)")
+        gpu.display = bool(samples)
+        gpu.update(escape("\n".join(fmt_gpu(g, with_rank=len(samples) > 1) for g in samples)))
 
     def _render_layers(self) -> None:
         self._layers_drawn = self.view.layers_version
@@ -284,8 +284,8 @@ class MonitorScreen(Screen):
         t = rep["totals"]
         mode = rep.get("mode") or ""
         extra = ""
-        if t.get("nonzero_params_after") is not None:
-            extra = f" · non-zero after {fmt_count(t['nonzero_params_after'])}"
+        if mode == "mask" and t.get("stored_params") is not None:  # mask mode counts nonzero parameters
+            extra = f" · non-zero counts; stored {fmt_count(t['stored_params'])}"
         self.query_one("#layer-totals", Static).update(
             f"total ({mode}): {fmt_count(t.get('params_before'))} → {fmt_count(t.get('params_after'))} params, "
             f"{float(t.get('pct_removed', 0) or 0):.1f}% removed · neurons "
@@ -327,22 +327,22 @@ class MonitorScreen(Screen):
         self.query_one(TabbedContent).active = tab
 
     def action_stop(self) -> None:
-        if self.status not in ("running", "starting"):
+        if self.status not in record.LIVE_STATUSES:
             self.notify(f"not running ({self.status})", severity="warning")
             return
         self.app.stop_session(self.session)
 
     def action_resume(self) -> None:
-        if self.status in ("running", "starting", "stopping", "done"):
+        if self.status in (*record.LIVE_STATUSES, "done"):
             self.notify(f"nothing to resume ({self.status})", severity="warning")
             return
         self.app.launch_session(self.session)
 
     def palette_commands(self) -> list[tuple[str, str, Callable[[], object]]]:
         cmds: list[tuple[str, str, Callable[[], object]]] = []
-        if self.status in ("running", "starting"):
+        if self.status in record.LIVE_STATUSES:
             cmds.append(("run: stop", f"Ask the runner of {self.session.id} to stop", self.action_stop))
-        if self.status in ("stopped", "failed", "disconnected", "new"):
+        if self.status in RESUMABLE:
             cmds.append(("run: resume", f"Launch {self.session.id} again from its last stage", self.action_resume))
         for tab, label in (("progress", "progress"), ("layers", "layer sizes"), ("metrics", "metrics"), ("log", "log")):
             cmds.append((f"view: {label}", f"Show the {label} tab", lambda t=tab: self.action_tab(t)))

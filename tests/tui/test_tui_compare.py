@@ -1,5 +1,5 @@
-"""Compare screen: sessions side by side from metric events and results.json, sortable,
-exported atomically to CSV and Markdown under <root>/exports/."""
+"""Compare screen: sessions side by side from their results.json, sortable, exported atomically
+to CSV and Markdown under <root>/exports/."""
 
 from __future__ import annotations
 
@@ -22,17 +22,24 @@ async def _compare(pilot, paths) -> CompareScreen:
     return screen
 
 
-def test_compare_row_merges_events_and_results_json(root):
-    """results.json (what the pipeline writes under "models") fills what the events lack."""
+def test_compare_row_reads_results_json_alone(root):
+    """The record keeps each metric once in results.json (models[model][name]) and the prune
+    totals in its prune section: the row reads those, never the events nor the layer report."""
     s = make_session(root, "partial", head_events(), status="stopped", completed=["baseline"],
-                     results={"models": {"pruned": {"ppl": 20.5, "params": 100_000_000, "mcq_acc": 0.5}},
+                     results={"models": {"base": {"ppl": 12.5, "params": 134_515_008, "mcq_acc": 0.62},
+                                         "pruned": {"ppl": 20.5, "params": 100_000_000, "mcq_acc": 0.5}},
                               "prune": {"mode": "mask", "params_before": 134_515_008,
                                         "params_after": 100_000_000, "pct_removed": 25.66}})
     row = compare_row(session_mod.Session(s.path))
-    assert row["ppl_base"] == 12.4031 and row["mcq_base"] == 0.62  # from metric events
-    assert row["ppl_pruned"] == 20.5 and row["params_pruned"] == 100_000_000  # from results.json
-    assert row["pct_removed"] == 25.66 and row["ppl_finetuned"] is None
+    assert row["ppl_base"] == 12.5  # results.json's, not the metric event's 12.4031
+    assert row["params_base"] == 134_515_008 and row["mcq_base"] == 0.62
+    assert row["ppl_pruned"] == 20.5 and row["params_pruned"] == 100_000_000 and row["mcq_pruned"] == 0.5
+    assert row["pct_removed"] == 25.66 and row["ppl_finetuned"] is None and row["params_finetuned"] is None
     assert row["status"] == "stopped"
+    # a session inside its first stage has no results.json yet: nothing to compare, whatever the events say
+    early = make_session(root, "early", head_events(), status="stopped", completed=[], results={})
+    assert all(compare_row(session_mod.Session(early.path))[k] is None
+               for k in ("ppl_base", "params_base", "mcq_base", "pct_removed"))
 
 
 async def test_two_sessions_side_by_side_sort_and_export(root, make_app):
@@ -43,7 +50,7 @@ async def test_two_sessions_side_by_side_sort_and_export(root, make_app):
         assert not screen.transposed  # wide enough for one row per session
         table = screen.query_one(DataTable)
         assert table.row_count == 2
-        assert [str(c) for c in table.get_row("phi-stdlib-ratio")][8:11] == ["12.40", "18.59", "15.15"]
+        assert [str(c) for c in table.get_row("phi-stdlib-ratio")][9:12] == ["12.40", "18.59", "15.15"]
         # sort by "ppl ft": move the cursor to that column and press s; again reverses
         col = [k for k in table.columns].index("ppl_finetuned")
         table.move_cursor(column=col)

@@ -41,7 +41,7 @@ async def test_live_session_updates_as_lines_are_appended(root, make_app, runner
             assert cal[5] == "eta 8s"
             assert screen.query_one("#layer-table", DataTable).row_count == 0
             assert _cells(screen.query_one("#metric-table", DataTable), "ppl")[:2] == ["ppl", "12.40"]
-            assert "GPU mem 10.0/80.0 GB" in screen_text(app)
+            assert "GPU 0 mem 10.0/80.0 GB █░░░░░░░░░ · peak 9.0 GB · util 87%" in screen_text(app)
 
             # the runner writes the rest of the run, in two bursts, while we watch
             tail = tail_events()
@@ -65,7 +65,7 @@ async def test_live_session_updates_as_lines_are_appended(root, make_app, runner
             assert _cells(tl, "finetune")[3] == "40/40 steps"
             log_lines = screen.query_one("#log-view", Log).lines
             assert "01:14 info  checkpoint at step 40" in log_lines
-            assert "util 93%" in screen_text(app)
+            assert "GPU 0 mem 22.0/80.0 GB" in screen_text(app) and "util 93%" in screen_text(app)
 
     # the runner goes away without a run_end: state still says running → disconnected
     async with make_app(attach="live-run").run_test(size=(120, 40)) as pilot:
@@ -94,6 +94,25 @@ async def test_finished_run_replays_from_the_log(root, make_app):
         assert "Δ finetuned" in screen_text(app)
         await pilot.press("4")
         assert "runner exited: done" in screen_text(app)
+
+
+async def test_gpu_line_follows_the_gpu_events_and_a_cpu_run_has_none(root, make_app):
+    """`gpu` events come from CUDA runs only: one line per rank, utilisation only where measured;
+    a run without any shows no GPU line at all (not a 'no samples' that never changes)."""
+    cpu = [e for e in finished_events() if e["type"] != "gpu"]
+    make_session(root, "cpu-run", cpu, status="done", updated=NOW - 60)
+    gpu = [{"t": T0 + 7, "type": "gpu", "device": r, "rank": r, "mem_used_mb": 2048.0 * (r + 1),
+            "mem_peak_mb": 1024.0, "mem_total_mb": 81920.0, "util_pct": None} for r in (1, 0)]
+    make_session(root, "two-ranks", head_events() + gpu, status="stopped", stage="calibrate", completed=["baseline"])
+    async with make_app(attach="cpu-run").run_test(size=(120, 40)) as pilot:
+        screen = await _monitor(pilot)
+        assert not screen.query_one("#gpu").display and "GPU" not in screen_text(pilot.app)
+    async with make_app(attach="two-ranks").run_test(size=(120, 40)) as pilot:
+        screen = await _monitor(pilot)
+        lines = str(screen.query_one("#gpu").content).splitlines()
+        assert screen.query_one("#gpu").display
+        assert lines == ["GPU 0 (rank 0) mem 2.0/80.0 GB ░░░░░░░░░░ · peak 1.0 GB",
+                         "GPU 1 (rank 1) mem 4.0/80.0 GB ░░░░░░░░░░ · peak 1.0 GB"]  # no util: no nvidia-ml-py
 
 
 async def test_stopped_and_failed_runs_say_so(root, make_app, runner):
@@ -192,7 +211,8 @@ async def test_unknown_and_malformed_events_do_not_break_the_view(root, make_app
     ev = head_events() + [{"t": T0 + 20, "type": "from_the_future", "x": 1},
                           {"t": T0 + 21, "type": "progress", "stage": "calibrate", "done": "oops"},
                           {"t": T0 + 22, "type": "layer_report", "mode": "mask", "rows": [], "totals": {}}]
-    make_session(root, "odd", ev, status="stopped", stage="calibrate", completed=["baseline"])
+    make_session(root, "odd", ev, status="stopped", stage="calibrate", completed=["baseline"], check=False,
+                 results={})
     with open(root / "odd" / "events.jsonl", "a") as f:
         f.write("not json at all\n")
     async with make_app(attach="odd").run_test(size=(80, 24)) as pilot:

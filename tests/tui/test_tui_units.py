@@ -4,7 +4,8 @@ Fast, no app needed; these pin the numbers the screens show."""
 from __future__ import annotations
 
 from minigpt_tui.data import bar, fmt_ago, fmt_count, fmt_duration, fmt_metric, progress_text, to_markdown
-from minigpt_tui.runview import RunView, delta
+from engine.run import record
+from minigpt_tui.runview import METRIC_ORDER, RunView, delta
 from minigpt_tui.widgets import plot_lines, resample
 from tui_helpers import T0, finished_events, head_events
 
@@ -44,6 +45,14 @@ def test_deltas_know_which_direction_is_better():
     assert delta("mcq_acc", 0.62, 0.55) == ("-7.0 pp", -1)
     assert delta("params", 100.0, 75.0) == ("-25.0%", 1)
     assert delta("ppl", None, 3.0) == ("", 0)
+    # the direction is the record's: sizes and counts are neutral, fractions move in points
+    assert delta("vocab_size", 320.0, 300.0) == ("-6.2%", 0)
+    assert delta("vocab_coverage", 1.0, 0.9) == ("-10.0 pp", -1)
+    assert delta("tokens_per_s", 100.0, 150.0) == ("+50.0%", 1)
+
+
+def test_the_metrics_tab_lists_every_metric_of_the_record_once():
+    assert sorted(METRIC_ORDER) == sorted(record.METRICS) and METRIC_ORDER[0] == "ppl"
 
 
 def test_formatting():

@@ -2,7 +2,8 @@
 
 Everything is built with fixed timestamps (T0) so snapshots never depend on the clock,
 and sessions are created through the engine's own `session.create`, so the folders are
-exactly what a real run leaves behind.
+exactly what a real run leaves behind: every event written passes the run record's check
+(`engine.run.record.event`), and results.json holds what the engine writes beside them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ if str(REPO) not in sys.path:
 
 from engine import atomic
 from engine import config as config_mod
+from engine.run import record
 from engine.run import session as session_mod  # noqa: E402
 
 T0 = 1767225600.0  # 2026-01-01 00:00:00 UTC
@@ -67,7 +69,8 @@ def head_events(t0: float = T0) -> list[dict]:
         {"t": t + 5.1, "type": "metric", "stage": "baseline", "model": "base", "name": "mcq_acc", "value": 0.62},
         {"t": t + 5.2, "type": "stage_end", "stage": "baseline", "seconds": 5.1},
         {"t": t + 5.3, "type": "stage_start", "stage": "calibrate"},
-        {"t": t + 6, "type": "gpu", "mem_used_mb": 10240, "mem_total_mb": 81920, "util_pct": 87},
+        {"t": t + 6, "type": "gpu", "device": 0, "rank": 0, "mem_used_mb": 10240, "mem_peak_mb": 9216,
+         "mem_total_mb": 81920, "util_pct": 87},
     ]
     for i in range(1, 9):
         ev.append({"t": t + 5.3 + i, "type": "progress", "stage": "calibrate", "done": i * 4096,
@@ -94,7 +97,7 @@ def tail_events(t0: float = T0, steps: int = 40, pcts: list[float] | None = None
         {"t": t + 3.3, "type": "log", "level": "info", "message": "pruned 2160 of 9216 MLP neurons"},
         {"t": t + 3.4, "type": "stage_end", "stage": "prune", "seconds": 1.3},
         {"t": t + 3.5, "type": "stage_start", "stage": "finetune"},
-        {"t": t + 3.6, "type": "eval", "step": 0, "ppl": 16.9},
+        {"t": t + 3.6, "type": "eval", "step": 0, "ppl": 16.9, "target_ppl": None},
         {"t": t + 3.7, "type": "metric", "stage": "finetune", "model": "pruned", "name": "ppl", "value": 16.9012},
         {"t": t + 3.8, "type": "metric", "stage": "finetune", "model": "pruned", "name": "mcq_acc", "value": 0.55},
     ]
@@ -103,12 +106,16 @@ def tail_events(t0: float = T0, steps: int = 40, pcts: list[float] | None = None
         ev.append({"t": t + 4 + s, "type": "train", "step": s, "total_steps": steps, "loss": round(loss, 4),
                    "lr": 5e-5, "grad_norm": 1.1, "tokens_per_s": 8123.0, "eta_s": float(steps - s), "epoch": 0.1})
         if s % 10 == 0:
-            ev.append({"t": t + 4 + s + 0.5, "type": "eval", "step": s, "ppl": round(16.9 - s * 0.08, 3)})
+            ev.append({"t": t + 4 + s + 0.5, "type": "eval", "step": s, "ppl": round(16.9 - s * 0.08, 3),
+                       "target_ppl": None})
         if s % 20 == 0:
             ev.append({"t": t + 4 + s + 0.6, "type": "checkpoint", "step": s, "path": f"checkpoints/step-{s}"})
     t = t + 4 + steps + 1
     ev += [
-        {"t": t, "type": "gpu", "mem_used_mb": 22528, "mem_total_mb": 81920, "util_pct": 93},
+        {"t": t, "type": "gpu", "device": 0, "rank": 0, "mem_used_mb": 22528, "mem_peak_mb": 20480,
+         "mem_total_mb": 81920, "util_pct": 93},
+        {"t": t + 0.05, "type": "metric", "stage": "finetune", "model": "finetuned", "name": "params",
+         "value": report["totals"]["params_after"]},
         {"t": t + 0.1, "type": "stage_end", "stage": "finetune", "seconds": float(steps)},
         {"t": t + 0.2, "type": "stage_start", "stage": "evaluate"},
         {"t": t + 1, "type": "progress", "stage": "evaluate", "done": 16384, "total": 16384, "unit": "tokens",
@@ -125,17 +132,36 @@ def finished_events(t0: float = T0, steps: int = 40) -> list[dict]:
     return head_events(t0) + tail_events(t0, steps)
 
 
-def write_events(path: Path, events: list[dict], mode: str = "a") -> None:
+def write_events(path: Path, events: list[dict], mode: str = "a", check: bool = True) -> None:
+    """Append events; `check=False` for tests that feed the readers what the engine never writes."""
     with open(path, mode, encoding="utf-8") as f:
         for e in events:
+            if check:
+                record.event(e["type"], {k: v for k, v in e.items() if k not in ("t", "type")})
             f.write(json.dumps(e) + "\n")
+
+
+def results_of(events: list[dict]) -> dict:
+    """results.json as the engine leaves it beside these events: each metric's value under
+    models[model][name] (and its protocol), the layer report's totals as the prune section."""
+    res: dict = {}
+    for e in events:
+        if e["type"] == "metric":
+            entry = res.setdefault("models", {}).setdefault(e["model"], {})
+            entry[e["name"]] = e["value"]
+            if "protocol" in e:
+                entry[f"{e['name']}_protocol"] = e["protocol"]
+        elif e["type"] == "layer_report":
+            res["prune"] = {"mode": e["mode"], **e["totals"]}
+    return res
 
 
 def make_session(root: Path, name: str, events: list[dict] | None = None, *, status: str = "done",
                  stage: str | None = None, completed: list[str] | None = None, updated: float = T0,
                  overrides: dict | None = None, results: dict | None = None,
-                 error: str | None = None) -> session_mod.Session:
-    """A session folder as the runner leaves it: config.toml, state.json, events.jsonl."""
+                 error: str | None = None, check: bool = True) -> session_mod.Session:
+    """A session folder as the runner leaves it: config.toml, state.json, events.jsonl and
+    results.json (by default the one the events imply, `results_of(events)`)."""
     data: dict = {"model": {"source": "embedded:smollm2"}, "data": {"source": "builtin:licenses"}}
     for section, values in (overrides or {}).items():
         if isinstance(values, dict):
@@ -150,7 +176,9 @@ def make_session(root: Path, name: str, events: list[dict] | None = None, *, sta
         "status": status, "stage": stage, "completed_stages": completed, "pid": 4242,
         "created": T0, "updated": updated, "error": error})
     if events:
-        write_events(s.events_path, events, "w")
+        write_events(s.events_path, events, "w", check=check)
+    if results is None and events:
+        results = results_of(events)
     if results is not None:
         s.write_results(results)
     return s
