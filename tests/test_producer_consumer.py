@@ -197,6 +197,24 @@ def test_the_gpu_panel_renders_a_sample_built_from_the_record(util):
     assert "GPU 0 (rank 0) mem 20.0/40.0 GB" in buf.getvalue()
 
 
+def test_a_cuda_run_emits_gpu_events_that_the_readers_render(tmp_path, monkeypatch):
+    """Where there is a GPU: the real `gpu` events of a run, not a built sample."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: gpu events are CUDA-only (checked above on a sample)")
+    _corpus(tmp_path / "data" / "corpus.jsonl")
+    monkeypatch.setenv("MINIGPT_CALIBRATION_CACHE", str(tmp_path / "calibration-cache"))
+    cfg = ft_case.config(tmp_path, "gpt2", model={"device": "cuda"}, **_sections("mask"))
+    s = ft_case.session(tmp_path, "cuda", cfg)
+    pipeline.run(s)
+    gpus = [e for e in _events(s) if e["type"] == "gpu"]
+    assert gpus and all(e["mem_total_mb"] > 0 and e["mem_peak_mb"] > 0 for e in gpus)
+    view = runview.RunView()
+    view.apply(_events(s))
+    assert view.gpu_samples() and data.fmt_gpu(view.gpu_samples()[0]).startswith(f"GPU {gpus[-1]['device']} mem ")
+
+
 # ---- (c) the compare row and the grid row show results.json's numbers --------------------------------
 @pytest.mark.parametrize("mode", ["structural", "mask"])
 def test_compare_and_grid_rows_show_what_results_json_holds(runs, mode):
