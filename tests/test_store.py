@@ -101,3 +101,19 @@ def test_builtin_corpora_are_real_and_distinct():
     assert sum("permission" in d.lower() or "warranty" in d.lower() for d in lic) > len(lic) / 2
     assert sum("return" in d.lower() for d in docs) > len(docs) / 2
     assert not set(lic) & set(docs)
+
+
+def test_redoing_a_stage_forgets_what_it_and_later_stages_wrote():
+    from engine.run.pipeline import _forget_results
+
+    res = {"calibration": {"block_size": 8}, "prune": {"widths": [4]}, "vocab": {"rows_after": 3},
+           "finetune": {"steps": 2},
+           "models": {"base": {"ppl": 9.0, "params": 10, "calibration_tokens": 64, "vocab_bpb": 1.0},
+                      "pruned": {"ppl": 12.0}, "finetuned": {"ppl": 10.0}}}
+    _forget_results(res, ("finetune", "evaluate"))
+    assert "finetune" not in res and "finetuned" not in res["models"] and res["models"]["pruned"] == {"ppl": 12.0}
+    _forget_results(res, ("prune", "finetune", "evaluate"))
+    assert "prune" not in res and "vocab" not in res and "pruned" not in res["models"]
+    assert res["models"]["base"] == {"ppl": 9.0, "calibration_tokens": 64}  # the baseline stays
+    _forget_results(res, ("calibrate",))
+    assert "calibration" not in res and res["models"]["base"] == {"ppl": 9.0}

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from engine import atomic
+from engine.run import record
 from engine.run import session as session_mod
 from engine.errors import MinigptError
 from engine.run.grid import (LOG_FILE, LOCK_FILE, RESULTS_MD, Cell, GridSpec, _cell_session, _read_index, load_spec,
@@ -47,12 +48,12 @@ def seed_from(donor: session_mod.Session, s: session_mod.Session) -> None:
     s.write_results(res)
     w = s.writer()
     try:
-        w.emit("log", level="info", message=f"baseline reused from session {donor.id} "
-                                             "(same model, corpus and evaluation settings)")
+        w.emit("log", **record.event("log", {"level": "info", "message": f"baseline reused from session "
+                                             f"{donor.id} (same model, corpus and evaluation settings)"}))
         for e in donor.events():
             if e.get("type") == "metric" and e.get("stage") == "baseline":
-                w.emit("metric", **{k: v for k, v in e.items() if k not in ("t", "type", "reused_from")},
-                       reused_from=donor.id)
+                fields = {k: v for k, v in e.items() if k not in ("t", "type", "reused_from")}
+                w.emit("metric", **record.event("metric", {**fields, "reused_from": donor.id}))
     finally:
         w.close()
     s.update_state(completed_stages=["baseline"], reused_from=donor.id)

@@ -12,6 +12,7 @@ import os
 import time
 
 from engine.errors import MinigptError
+from engine.run import record
 from engine.run import session as session_mod
 from engine.run.reporter import Reporter, StopRequested, clear_stop
 from engine.run.stages import STAGE_FUNCS, Context
@@ -34,7 +35,7 @@ def run(session: session_mod.Session, stages: list[str] | None = None, display=N
         state = session.state()
         completed = list(state.get("completed_stages", []))
         if redo_from:
-            completed = _forget_from(session, completed, redo_from)
+            completed = _forget_from(session, completed, redo_from, rep.results)
         ctx = Context(cfg, session, rep)
         torch.manual_seed(cfg.seed)
         rep.emit("run_start", pid=os.getpid(), resumed=bool(completed), stages=wanted)
@@ -43,7 +44,7 @@ def run(session: session_mod.Session, stages: list[str] | None = None, display=N
         try:
             for stage in wanted:
                 if stage in completed:
-                    rep.emit("stage_skip", stage=stage, reason="completed")
+                    rep.emit("stage_skip", stage=stage, reason=record.SKIP_COMPLETED)
                     continue
                 _check_order(stage, completed, wanted)
                 session.update_state(stage=stage)
@@ -65,22 +66,48 @@ def run(session: session_mod.Session, stages: list[str] | None = None, display=N
             rep.emit("run_end", status="stopped")
             return rep.results
         except MinigptError as e:
-            rep.emit("error", stage=stage, message=e.line())
-            session.update_state(status="failed", error=e.line())
-            rep.emit("run_end", status="failed")
+            _fail(session, rep, stage, e.line())
             raise
         except BaseException as e:
-            msg = f"{type(e).__name__}: {e}"
-            rep.emit("error", stage=stage, message=msg)
-            session.update_state(status="failed", error=msg)
-            rep.emit("run_end", status="failed")
+            _fail(session, rep, stage, f"{type(e).__name__}: {e}")
             raise
         finally:
             writer.close()
 
 
-def _forget_from(session: session_mod.Session, completed: list[str], stage: str) -> list[str]:
-    """Redo `stage` and everything after it: later artefacts depend on it."""
+def _fail(session: session_mod.Session, rep: Reporter, stage: str | None, msg: str) -> None:
+    """Record a failure; what was measured before it stays in results.json."""
+    rep.emit("error", stage=stage, message=msg)
+    try:
+        session.write_results(rep.results)
+    except OSError:  # a full disk may be why it failed: the event log still holds the figures
+        pass
+    session.update_state(status="failed", error=msg)
+    rep.emit("run_end", status="failed")
+
+
+# what each stage adds to results.json besides the base model's entry: sections, model labels
+_RESULTS_OF = {"calibrate": (("calibration",), ()), "prune": (("prune", "vocab"), ("pruned",)),
+               "finetune": (("finetune",), ("finetuned",)), "evaluate": ((), ())}
+_BASE_METRICS_OF = {"calibrate": ("calibration_seconds", "calibration_tokens"),
+                    "prune": ("params", "vocab_size", "vocab_bpb", "vocab_bpb_protocol")}
+
+
+def _forget_results(results: dict, stages) -> None:
+    """Drop what the stages being redone wrote, so no figure of the old run stays behind."""
+    models = results.get("models", {})
+    for st in stages:
+        sections, labels = _RESULTS_OF.get(st, ((), ()))
+        for name in sections:
+            results.pop(name, None)
+        for label in labels:
+            models.pop(label, None)
+        for name in _BASE_METRICS_OF.get(st, ()):
+            models.get("base", {}).pop(name, None)
+
+
+def _forget_from(session: session_mod.Session, completed: list[str], stage: str, results: dict) -> list[str]:
+    """Redo `stage` and everything after it: later artefacts (and results) depend on it."""
     import shutil
 
     order = session_mod.STAGES
@@ -92,6 +119,8 @@ def _forget_from(session: session_mod.Session, completed: list[str], stage: str)
         session.update_state(model_is="base")
     if cut <= order.index("finetune") and session.checkpoints_dir.exists():
         shutil.rmtree(session.checkpoints_dir)
+    _forget_results(results, order[cut:])
+    session.write_results(results)
     session.update_state(completed_stages=kept)
     return kept
 

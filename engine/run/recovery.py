@@ -137,6 +137,7 @@ def _held_out(ctx, ft, prog, target):
 
     def measure() -> float:
         res = ft.perplexity(d.evaluate, e.block_size, e.stride, e.batch_size)
+        res["protocol"]["vocab_size"] = len(ctx.tokenizer)
         prog.curve.append([ft.step, res["ppl"]])
         ctx.rep.emit("eval", step=ft.step, ppl=round(res["ppl"], 6), target_ppl=target)
         if ft.step == 0 and prog.pruned is None:
@@ -187,7 +188,6 @@ def _record(ctx, ft, prog, block, base_ppl, target, resumed_from) -> None:
 
     f = ctx.cfg.finetune
     tps = prog.tokens / prog.train_seconds if prog.train_seconds else 0.0
-    ctx.rep.metric("finetune", "finetuned", "ppl", prog.curve[-1][1])
     ctx.rep.metric("finetune", "finetuned", "tokens_per_s", round(tps, 1))
     params = size.count_nonzero(ctx.model) if ctx.masks else size.count_params(ctx.model)
     ctx.rep.metric("finetune", "finetuned", "params", params)
