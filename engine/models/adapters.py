@@ -23,6 +23,7 @@ from typing import ClassVar
 from engine.errors import MinigptError
 
 DEFAULT_CONTEXT = 2048  # tokens, when a config names no context length
+GGUF_BYTE_LEVEL_BPE = "gpt2"  # llama.cpp's tokenizer model for byte-level BPE, named after GPT-2's
 
 
 @dataclass
@@ -80,6 +81,29 @@ class MLP:
         """Tell the MLP module its new width, where it keeps one (Llama-style `intermediate_size`)."""
         if hasattr(self.owner, "intermediate_size"):
             self.owner.intermediate_size = int(width)
+
+
+@dataclass
+class GgufSpec:
+    """A model as llama.cpp sees it (engine/models/gguf.py writes it). Tensors are the model's
+    own, in HF layout ([out, in]); per-layer head counts follow from the q/k row counts
+    (0 rows: attention removed), the MLP width from ffn_down's columns (0: MLP removed)."""
+
+    arch: str  # llama.cpp architecture for one shape in every layer
+    per_layer_arch: str | None  # ... for per-layer widths and head counts (None: none)
+    rope_interleave: bool  # q/k rows permuted from HF's rotate-half order to llama.cpp's pairs
+    context_length: int
+    hidden: int
+    head_dim: int
+    n_head: int
+    n_kv: int
+    norm_eps: float
+    rope_theta: float
+    embed: object
+    out_norm: object
+    head: object | None  # None: tied to the embedding
+    layers: list  # per layer {llama.cpp tensor suffix: tensor}
+    name: str = ""
 
 
 class Adapter:
@@ -201,6 +225,15 @@ class Adapter:
         """peft's `fan_in_fan_out`: True when the linear weights are stored [in, out] (Conv1D)."""
         return self.transposed
 
+    # ---- llama.cpp (GGUF export, engine/models/gguf.py) -------------------------
+    gguf_model_types: ClassVar[tuple] = ()  # model types with a llama.cpp architecture written here
+
+    def gguf_spec(self) -> "GgufSpec":
+        """What the GGUF exporter needs: llama.cpp's architecture names, the hyperparameters and
+        every tensor under llama.cpp's name. Raises a one-line error for a family it cannot write."""
+        raise MinigptError(f"GGUF export of {self.architecture} models is not supported",
+                           f"supported model types: {', '.join(gguf_supported())}")
+
     # ---- config ---------------------------------------------------------------
     @classmethod
     def config_width(cls, config) -> int:
@@ -234,6 +267,46 @@ class LlamaAdapter(Adapter):
     in_names = ("gate_proj", "up_proj")
     out_name = "down_proj"
     act_attr = "act_fn"
+    # llama.cpp: uniform widths go out as `llama` (Mistral too, as llama.cpp's converter does);
+    # per-layer MLP widths and head counts as `deci` (Nemotron-51B). Qwen2/3 have other
+    # layouts in llama.cpp (qkv biases, NEOX rope, q/k norms) and are not written yet.
+    gguf_model_types = ("llama", "mistral")
+
+    def gguf_spec(self) -> "GgufSpec":
+        cfg = self.model.config
+        mt = self.architecture
+        if mt not in self.gguf_model_types:
+            return super().gguf_spec()
+        if getattr(cfg, "mlp_bias", False) or getattr(cfg, "attention_bias", False):
+            raise MinigptError(f"GGUF export of {mt} models with biases (mlp_bias / attention_bias) is not supported",
+                               "export a model pruned with prune.compensation = \"none\" or \"lstsq\"")
+        rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise MinigptError(f"GGUF export of rope scaling {rope.get('rope_type')!r} is not supported",
+                               "export a model with default rotary embeddings")
+        theta = getattr(cfg, "rope_theta", None) or rope.get("rope_theta") or 10000.0
+        n_head = int(cfg.num_attention_heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head)
+        layers = []
+        for layer in self.layers():
+            a, m = layer.self_attn, layer.mlp
+            layers.append({
+                "attn_norm.weight": layer.input_layernorm.weight,
+                "attn_q.weight": a.q_proj.weight, "attn_k.weight": a.k_proj.weight,
+                "attn_v.weight": a.v_proj.weight, "attn_output.weight": a.o_proj.weight,
+                "ffn_norm.weight": layer.post_attention_layernorm.weight,
+                "ffn_gate.weight": m.gate_proj.weight, "ffn_up.weight": m.up_proj.weight,
+                "ffn_down.weight": m.down_proj.weight,
+            })
+        tied = bool(getattr(cfg, "tie_word_embeddings", False))
+        return GgufSpec(
+            arch="llama", per_layer_arch="deci", rope_interleave=True,
+            context_length=self.context_length(cfg), hidden=int(cfg.hidden_size), head_dim=head_dim,
+            n_head=n_head, n_kv=int(getattr(cfg, "num_key_value_heads", None) or n_head),
+            norm_eps=float(cfg.rms_norm_eps), rope_theta=float(theta),
+            embed=self.embeddings().weight, out_norm=self.model.model.norm.weight,
+            head=None if tied else self.lm_head().weight, layers=layers,
+            name=str(getattr(cfg, "_name_or_path", "") or mt))
 
 
 class OPTAdapter(Adapter):
@@ -293,6 +366,11 @@ ADAPTERS: tuple = (LlamaAdapter, OPTAdapter, PhiAdapter, GPT2Adapter)
 
 def supported() -> list[str]:
     return sorted(t for a in ADAPTERS for t in a.model_types)
+
+
+def gguf_supported() -> list[str]:
+    """Model types the GGUF exporter writes."""
+    return sorted(t for a in ADAPTERS for t in a.gguf_model_types)
 
 
 def for_config(config) -> type[Adapter]:
