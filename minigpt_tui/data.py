@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -287,3 +288,54 @@ def to_markdown(rows: list[dict]) -> str:
         cells = [format_cell(kind, r.get(k)).replace("|", "\\|") for k, _, kind in COMPARE_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# ---- disk ------------------------------------------------------------------------
+def dir_size(path: Path) -> int:
+    """Bytes under `path` (files only; links not followed; 0 if it does not exist)."""
+    total = 0
+    stack = [Path(path)]
+    while stack:
+        p = stack.pop()
+        try:
+            with os.scandir(p) as it:
+                for entry in it:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(Path(entry.path))
+                        elif entry.is_file(follow_symlinks=False):
+                            total += entry.stat(follow_symlinks=False).st_size
+                    except OSError:
+                        continue
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+    return total
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "—"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def session_disk(s: session_mod.Session) -> dict:
+    """Disk use of a session: total, the final model folder, the fine-tuning checkpoints."""
+    return {"total": dir_size(s.path), "model": dir_size(s.model_dir), "checkpoints": dir_size(s.checkpoints_dir)}
+
+
+def snapshot(s: session_mod.Session) -> dict:
+    """`minigpt status SESSION --json`: one JSON-able picture of a session for scripts."""
+    from engine.run import death
+
+    row = session_mod.summary(s)
+    events = s.events()
+    died = death.recorded(events) if row.get("status") == record.DISCONNECTED else None
+    tail = next((e for e in reversed(events) if e.get("type") in ("progress", "train")), None)
+    metrics = {f"{m}.{n}": v for (m, n), v in results_metrics(s.results()).items()}
+    return {**row, "path": str(Path(row["path"]).resolve()), "model_dir": str(s.model_dir.resolve()),
+            "model_exists": s.model_dir.is_dir(), "disk_bytes": session_disk(s),
+            "last_progress": tail, "runner_died": died, "metrics": metrics, "events": len(events)}

@@ -143,6 +143,10 @@ class Display:
     def _on_gpu(self, e: dict) -> None:
         self.out.print(f"  [dim]{fmt_gpu(e, with_rank=True)}[/]", highlight=False)
 
+    def _on_runner_died(self, e: dict) -> None:
+        self.close()
+        self.console.print(f"[bold red]{escape(str(e.get('message')))}[/]", highlight=False)
+
     def _on_run_end(self, e: dict) -> None:
         self.close()
         self.console.print(f"[bold]run {e.get('status')}[/]")
@@ -153,3 +157,27 @@ HANDLED = frozenset(name[len("_on_"):] for name in vars(Display) if name.startsw
 
 def plain_console() -> Console:
     return Console(file=sys.stdout, force_terminal=False, no_color=True, width=120, soft_wrap=True)
+
+
+def sessions_table(rows: list[dict], root) -> Table:
+    """`minigpt sessions`: fits 80 columns (short names, one line per session), the absolute root
+    in the title."""
+    from rich import box
+
+    from .data import short_method, short_source
+
+    t = Table(title=f"sessions in {root}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+              show_edge=False, collapse_padding=True)
+    t.add_column("id", no_wrap=True, overflow="ellipsis", max_width=26)
+    t.add_column("model · domain", no_wrap=True, overflow="ellipsis", max_width=22)
+    t.add_column("method", no_wrap=True, overflow="ellipsis", max_width=20)
+    t.add_column("status", no_wrap=True)
+    t.add_column("updated", no_wrap=True)
+    for r in rows:
+        upd = time.strftime("%m-%d %H:%M", time.localtime(r["updated"])) if r.get("updated") else ""
+        status = str(r.get("status"))
+        if r.get("stage") and status not in ("done",):
+            status += f" ({r['stage']})"
+        t.add_row(r["id"], f"{short_source(r.get('model'))} · {short_source(r.get('domain'))}",
+                  short_method(r), status, upd)
+    return t

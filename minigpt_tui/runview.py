@@ -128,7 +128,7 @@ class RunView:
                     st.status = "off"
             for name in planned:
                 st = self.stage(name)
-                if st.status in ("off", "stopped", "failed"):
+                if st.status in ("off", "stopped", "failed", "died"):
                     st.status = "pending"
         verb = "resumed" if ev.get("resumed") else "started"
         self._log(ev, "info", f"runner {verb} (pid {ev.get('pid', '?')})")
@@ -231,6 +231,16 @@ class RunView:
             if st.status == "running":
                 st.status = "failed" if self.end_status == "failed" else ("stopped" if self.end_status == "stopped" else st.status)
         self._log(ev, "info", f"runner exited: {self.end_status}")
+
+    def _on_runner_died(self, ev: dict) -> None:
+        # the death record (a reader appends it): the run ended without a run_end
+        self.end_status = record.DISCONNECTED
+        self.error = str(ev.get("message", "runner died"))
+        for st in self.stages.values():
+            if st.status == "running":
+                st.status = "died"
+                st.eta_s = None
+        self._log(ev, "error", self.error)
 
     def _on_gpu(self, ev: dict) -> None:
         rank = ev.get("rank", 0)

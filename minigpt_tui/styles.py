@@ -15,6 +15,7 @@ STATUS_VAR = {
     "failed": "error",
     "corrupt": "error",
     "disconnected": "error",
+    "died": "error",
     "done": "success",
     "new": "secondary",
     "pending": "foreground",

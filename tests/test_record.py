@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _valid(kind: str) -> dict:
     """An event of `kind` with every field the record lists, filled by its type."""
-    sample = {"int": 1, "bool": False, "number": 1.5, "number|null": None, "str": "x", "str|null": None,
+    sample = {"int": 1, "int|null": None, "bool": False, "number": 1.5, "number|null": None, "str": "x", "str|null": None,
               "list[str]": ["baseline"], "list[dict]": [], "dict": {}}
     fields = {f.name: sample[f.type] for f in record.KINDS[kind].fields}
     for (k, name), allowed in record.CHOICES.items():
@@ -80,5 +80,7 @@ def test_the_record_is_consistent_with_itself():
     assert set(record.END_STATUSES) <= set(record.STATUSES) and set(record.LIVE_STATUSES) <= set(record.STATUSES)
     assert record.DISCONNECTED not in record.STATUSES and record.CORRUPT not in record.STATUSES
     assert [k for k, spec in record.KINDS.items() if spec.only_on] == ["gpu"]
+    # the one kind a reader appends (the runner cannot record its own kill -9): tests/test_runner_death.py
+    assert [k for k, spec in record.KINDS.items() if spec.writer != "runner"] == ["runner_died"]
     assert all(m.name.startswith("mcq_") and m.unit == "fraction" for m in map(record.METRICS.get, record.MCQ_METRICS))
     assert record.RESULTS["models"].keys == ()  # keyed by model, then by metric name

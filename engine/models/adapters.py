@@ -373,6 +373,15 @@ def gguf_supported() -> list[str]:
     return sorted(t for a in ADAPTERS for t in a.gguf_model_types)
 
 
+def check_gguf(config) -> None:
+    """The one-line error of `gguf_spec` for a config whose family the GGUF exporter cannot write."""
+    a = for_config(config)
+    mt = getattr(config, "model_type", None)
+    if mt not in a.gguf_model_types:
+        raise MinigptError(f"GGUF export of {mt} models is not supported",
+                           f"supported model types: {', '.join(gguf_supported())}")
+
+
 def for_config(config) -> type[Adapter]:
     mt = getattr(config, "model_type", None)
     for a in ADAPTERS:

@@ -44,6 +44,8 @@ class Kind:
     fields: tuple[Field, ...]
     # emitted only where it can be (a CUDA device): readers must not wait for it
     only_on: str = ""
+    # who appends it: the runner, or a reader (the death record: the runner cannot write it)
+    writer: str = "runner"
 
 
 def _f(name: str, type: str, doc: str, optional: bool = False) -> Field:
@@ -96,6 +98,15 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
           _f("mem_peak_mb", "number", "peak memory allocated by torch in this process"),
           _f("mem_total_mb", "number", "the device's memory"),
           _f("util_pct", "number|null", "utilisation, null without nvidia-ml-py")), only_on="cuda"),
+    Kind("runner_died", "the runner died without ending its run (kill -9, the OOM killer, a crash); appended "
+                        "once by the first reader that finds the session disconnected (engine/run/death.py)",
+         (_f("pid", "int|null", "the dead runner's process id"),
+          _f("stage", "str|null", "the stage it was in"),
+          _f("step", "int|null", "the last fine-tuning step it reported (finetune only)"),
+          _f("signal", "str|null", "the signal that killed it (e.g. SIGKILL), when the reader launched it and saw "
+                                   "its exit status; null when unknown"),
+          _f("exit_code", "int|null", "its exit status, when known"),
+          _f("message", "str", "e.g. `runner died (SIGKILL) during finetune at step 12`")), writer="reader"),
 )}
 
 
@@ -188,7 +199,8 @@ def markdown() -> str:
            "| type | fields | meaning |", "|---|---|---|"]
     for k in KINDS.values():
         fields = ", ".join(f"`{f.name}`{' (optional)' if f.optional else ''}" for f in k.fields)
-        only = f" (only on {k.only_on})" if k.only_on else ""
+        only = (f" (only on {k.only_on})" if k.only_on else "") + (f" (written by a {k.writer})"
+                                                                    if k.writer != "runner" else "")
         out.append(f"| `{k.name}` | {fields} | {k.doc}{only} |")
     out += ["", "## Fields", ""]
     for k in KINDS.values():
