@@ -5,10 +5,17 @@ is killed mid-write. Large artefacts (a writer that needs a path: safetensors,
 save_pretrained) go through `write_with` and `write_dir`, whose temp names,
 `.<name>.tmp<pid>`, tell whose they are: the next write of the same target removes the
 ones a dead process left (`remove_stale`), so a kill -9 mid-write costs no disk for good.
+Small files are written through `.<name>.tmp<pid>.<random>`; `remove_orphans(folder)`
+removes every dead writer's temp in a folder (a session's, when it is opened).
+
+A full disk (ENOSPC, EDQUOT) is a `DiskFull` error, one line with the path, the bytes the
+write needed and the bytes free, and the fix; the temp is removed and the previous copy
+of the target stays as it was.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -17,22 +24,90 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+class DiskFull(OSError):
+    """A write ran out of space: the path, what it needed and what is free, and the fix.
+
+    An OSError (errno ENOSPC), so code that tolerates a failed write still does; it reads as
+    one line like `engine.errors.MinigptError` (`problem`, `fix`, `line()`). It cannot be one:
+    the root modules import nothing of each other."""
+
+    def __init__(self, path: Path, needed: int, free: int | None):
+        self.path, self.needed, self.free = Path(path), int(needed), free
+        free_s = "unknown" if free is None else human_bytes(free)
+        self.problem = (f"disk full writing {self.path}: it needs at least {human_bytes(self.needed)} "
+                        f"({self.needed:,} bytes), {free_s} free there")
+        short = self.needed - free if free is not None and free < self.needed else self.needed
+        self.fix = (f"free at least {human_bytes(short)} on that disk (or point --root / MINIGPT_SESSIONS / "
+                    "MINIGPT_CACHE at a larger one), then resume: the previous copy is intact")
+        super().__init__(errno.ENOSPC, self.line(), str(self.path))
+
+    def line(self) -> str:
+        return f"{self.problem} — {self.fix}"
+
+    def __str__(self) -> str:
+        return self.line()
+
+
+def human_bytes(n: int) -> str:
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Free bytes on the file system holding `path` (or its nearest existing parent)."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def _size(p: Path) -> int:
+    try:
+        if p.is_dir() and not p.is_symlink():
+            return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+        return p.stat().st_size
+    except OSError:
+        return 0
+
+
+def is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in _FULL
+
+
+def _full(target: Path, tmp: Path | None, needed: int = 0) -> DiskFull:
+    """The DiskFull error for a write of `target` cut short (call before discarding `tmp`)."""
+    written = _size(tmp) if tmp is not None else 0
+    return DiskFull(target, max(needed, written + 1), free_bytes(target.parent))
+
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the pid in the name tells remove_orphans whose it is; the random part keeps threads apart
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp{os.getpid()}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if is_disk_full(e):
+            raise DiskFull(path, len(data), free_bytes(path.parent)) from None
         raise
 
 
@@ -102,6 +177,36 @@ def remove_stale(target: str | os.PathLike) -> list[Path]:
     return removed
 
 
+_ORPHAN = re.compile(r"\.(?P<name>.+)\.tmp(?P<pid>\d+)(?:\.[A-Za-z0-9_]+)?")
+
+
+def remove_orphans(folder: str | os.PathLike) -> list[Path]:
+    """Remove every dead writer's temp in `folder` (`.<name>.tmp<pid>`, `.<name>.tmp<pid>.<random>`),
+    and settle a cut folder swap: `.<name>.old` goes back to `<name>` when `<name>` is missing,
+    and is removed when `<name>` is there. Live writers' temps stay. Returns what was removed
+    (or put back). The caller makes sure no live writer swaps folders here (a session's lock)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    done = []
+    for p in sorted(folder.iterdir()):
+        m = _ORPHAN.fullmatch(p.name)
+        if m:
+            pid = int(m.group("pid"))
+            if pid == os.getpid() or _pid_alive(pid):
+                continue
+            _discard(p)
+            done.append(p)
+        elif p.name.startswith(".") and p.name.endswith(".old") and len(p.name) > 5:
+            final = p.with_name(p.name[1:-4])
+            if final.exists():
+                _discard(p)
+            else:
+                os.replace(p, final)
+            done.append(p)
+    return done
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -132,8 +237,11 @@ def write_with(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
         write(tmp)
         _fsync(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = _full(path, tmp) if _caused_by_full_disk(e) else None
         _discard(tmp)
+        if full is not None:
+            raise full from None
         raise
     return path
 
@@ -153,7 +261,24 @@ def write_dir(folder: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
             if p.is_file() and not p.is_symlink():
                 _fsync(p)
         replace_dir(tmp, folder)
-    except BaseException:
+    except BaseException as e:
+        full = _full(folder, tmp, needed=_size(folder)) if _caused_by_full_disk(e) else None
         _discard(tmp)
+        if full is not None:
+            raise full from None
         raise
     return folder
+
+
+def _caused_by_full_disk(e: BaseException) -> bool:
+    """ENOSPC itself, or a library's error wrapping it (safetensors and torch re-raise as
+    RuntimeError with the OS message)."""
+    seen = 0
+    while e is not None and seen < 5:
+        if isinstance(e, DiskFull) or is_disk_full(e):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return False

@@ -149,6 +149,7 @@ class RunConfig:
             if v < 1:
                 raise MinigptError(f"{name} = {v} must be positive", f"set {name} to e.g. 512")
         _check_finetune(self.finetune, self.calibrate)
+        _check_budgets(self.calibrate, self.evaluate)
         return self
 
     def to_dict(self) -> dict:
@@ -212,6 +213,21 @@ def _check_finetune(ft: FinetuneConfig, cal: CalibrateConfig) -> None:
     if min(ft.warmup_steps, ft.eval_every, ft.checkpoint_every, ft.lora_rank, cal.checkpoint_every) < 0:
         raise MinigptError("finetune.warmup_steps, eval_every, checkpoint_every, lora_rank and "
                            "calibrate.checkpoint_every must not be negative", "use 0 to turn one off")
+
+def _check_budgets(cal: CalibrateConfig, ev: EvaluateConfig) -> None:
+    """Token budgets that cannot be met are refused with the nearest valid value, never rounded
+    silently (calibration uses whole blocks; a budget below one block used to become one)."""
+    if cal.max_tokens < cal.block_size:
+        raise MinigptError(f"calibrate.max_tokens = {cal.max_tokens} is less than one block "
+                           f"(calibrate.block_size = {cal.block_size})",
+                           f"set calibrate.max_tokens = {cal.block_size} (one block) or more, or "
+                           f"calibrate.block_size = {max(1, cal.max_tokens)}")
+    if 0 < ev.max_tokens < ev.block_size:
+        raise MinigptError(f"evaluate.max_tokens = {ev.max_tokens} is less than one block "
+                           f"(evaluate.block_size = {ev.block_size})",
+                           f"set evaluate.max_tokens = {ev.block_size} or more, or evaluate.block_size = "
+                           f"{max(2, ev.max_tokens)}")
+
 
 def _template_ok(template: str) -> bool:
     try:

@@ -31,11 +31,12 @@ def _main(ctx: typer.Context, root: Optional[Path] = RootOpt):
     if ctx.invoked_subcommand is None:
         from minigpt_tui.app import run_app
 
-        run_app(root=_root(root))
+        run_app(root=Path(root) if root else None)  # None: $MINIGPT_SESSIONS, else the last root used
 
 
-def _follow(session, stop_on_end: bool = True, since_offset: int = 0) -> str:
-    """Tail a session's events with the rich display until its run ends or the runner dies."""
+def _follow(session, stop_on_end: bool = True, since_offset: int = 0, shown: list | None = None) -> str:
+    """Tail a session's events with the rich display until its run ends or the runner dies.
+    Error events shown are appended to `shown` (the caller prints an error once, not twice)."""
     from engine.run.events import EventReader
 
     from .display import Display
@@ -53,6 +54,8 @@ def _follow(session, stop_on_end: bool = True, since_offset: int = 0) -> str:
                 if e["type"] == "run_start":  # a resumed session: an earlier run's end is not the end
                     status = None
                 disp(e)
+                if e["type"] == "error" and shown is not None:
+                    shown.append(e.get("message"))
                 if e["type"] == "run_end":
                     status = e.get("status")
             if status and stop_on_end:
@@ -65,6 +68,14 @@ def _follow(session, stop_on_end: bool = True, since_offset: int = 0) -> str:
                 st = session.status()
                 if st != "starting" or not starting(session):
                     disp.close()
+                    if st == "disconnected":
+                        from engine.run.death import record_death
+
+                        died = record_death(session)  # the death record, in the log for every reader
+                        reader.poll()  # (our own line: not shown twice)
+                        why = died["message"] if died else "its runner died without ending the run"
+                        typer.echo(f"session {session.id} is disconnected: {why} "
+                                   f"— resume it with: minigpt resume {session.id}", err=True)
                     return st
             time.sleep(0.25)
     except KeyboardInterrupt:
@@ -91,12 +102,20 @@ def _start(session, foreground: bool, follow: bool, redo_from: str | None = None
 
     offset = session.events_path.stat().st_size if session.events_path.exists() else 0
     pid = launch.launch_detached(session.path, redo_from=redo_from)
+    ok, refusal = launch.wait_started(session, pid)  # a concurrent resume may have won the lock
+    if not ok:
+        typer.echo(f"error: {refusal}", err=True)
+        raise typer.Exit(1)
     typer.echo(f"session {session.id} running detached (pid {pid}); Ctrl-C detaches, `minigpt stop {session.id}` stops")
     if follow:
-        status = _follow(session, since_offset=offset)
+        shown: list = []
+        status = _follow(session, since_offset=offset, shown=shown)
         if status == "failed":
             err = session.state().get("error") or "see " + str(session.path / "runner.log")
-            typer.echo(f"error: {err}", err=True)
+            if err not in shown:  # the follower showed the error event already: once is enough
+                typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1)
+        if status == "disconnected":
             raise typer.Exit(1)
 
 
@@ -111,9 +130,41 @@ def run(config: Path = typer.Argument(..., help="run config (TOML)"),
     from engine.run import session as session_mod
 
     cfg = config_mod.apply_overrides(config_mod.load(config), overrides)
+    _preflight([cfg], _root(root))  # every problem at once, before a session exists or a model loads
     s = session_mod.create(cfg, _root(root), name=name)
     typer.echo(f"session {s.id} → {s.path}")
     _start(s, foreground, follow)
+
+
+def _preflight(cfgs: list, root: Optional[Path], quiet_ok: bool = True) -> int:
+    """Run engine.run.preflight on the configs; print findings; exit 2 if any is an error."""
+    from engine.run import preflight
+
+    findings = preflight.check_all(cfgs, root)
+    for f in findings:
+        typer.echo(f.line(), err=True)
+    if preflight.errors(findings):
+        raise typer.Exit(2)
+    return len(findings)
+
+
+@app.command()
+def check(config: Path = typer.Argument(..., help="run config (TOML), or a grid file with --grid"),
+          root: Optional[Path] = RootOpt, overrides: list[str] = SetOpt,
+          is_grid: bool = typer.Option(False, "--grid", help="CONFIG is a grid file: check every cell")):
+    """Check a config before running it: model source, data files and columns, token budgets,
+    preset and grid names, the sessions root (writable, free space). Exit 2 on any error."""
+    from engine import config as config_mod
+
+    if is_grid:
+        from engine.run import grid as grid_mod
+
+        cfgs = [c.cfg for c in grid_mod.load_spec(config, overrides).cells]
+    else:
+        cfgs = [config_mod.apply_overrides(config_mod.load(config), overrides)]
+    n = _preflight(cfgs, _root(root))
+    typer.echo(f"{config}: ok ({len(cfgs)} config{'s' if len(cfgs) != 1 else ''}"
+               + (f", {n} warning{'s' if n != 1 else ''})" if n else ")"))
 
 
 def _open(ref: str, root):
@@ -130,6 +181,7 @@ def _stage_command(stage: str):
         from engine import config as config_mod
 
         s = _open(session, root)
+        s.check_writable()
         if overrides:
             cfg = config_mod.apply_overrides(s.config(), overrides)
             atomic.write_text(s.path / "config.toml", cfg.to_toml())
@@ -155,6 +207,7 @@ def resume(session: str = typer.Argument(...), root: Optional[Path] = RootOpt,
     if s.status() == "done":
         typer.echo(f"session {s.id} is already done")
         return
+    s.check_writable()
     _start(s, foreground, follow)
 
 
@@ -165,11 +218,13 @@ def stop(session: str = typer.Argument(...), root: Optional[Path] = RootOpt,
     from engine.run import launch
 
     s = _open(session, root)
+    was_starting = not s.runner_alive()
     if not launch.request_stop(s.path):
         typer.echo(f"session {s.id} is not running ({s.status()})")
         return
-    typer.echo(f"stop requested for {s.id}")
-    while wait and s.runner_alive():
+    typer.echo(f"stop requested for {s.id}" + (" (still starting: it stops at its first safe point)"
+                                                if was_starting else ""))
+    while wait and (s.runner_alive() or launch.starting(s)):
         time.sleep(0.5)
     if wait:
         typer.echo(f"session {s.id}: {s.status()}")
@@ -185,11 +240,22 @@ def logs(session: str = typer.Argument(...), root: Optional[Path] = RootOpt,
 
     s = _open(session, root)
     if follow:
-        _follow(s, stop_on_end=True)
+        if _follow(s, stop_on_end=True) == "disconnected":
+            raise typer.Exit(1)
         return
     disp = Display(console=plain_console(), plain=True)
-    for e in read_events(s.events_path):
+    events = read_events(s.events_path)
+    for e in events:
         disp(e)
+    if not events:
+        status = s.status()
+        if status == "new":
+            typer.echo(f"session {s.id} has no events yet (it has not been run: minigpt resume {s.id})")
+            return
+        what = "is missing" if not s.events_path.exists() else "holds no complete event"
+        typer.echo(f"error: session {s.id} ({status}) has no events: {s.events_path} {what} — its results are in "
+                   f"{s.path / 'results.json'}; a resume starts a new log", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -200,15 +266,41 @@ def sessions(root: Optional[Path] = RootOpt):
 
     from engine.run import session as session_mod
 
+    from .display import sessions_table
+
+    where = _root(root).resolve()
     rows = [session_mod.summary(s) for s in session_mod.list_sessions(_root(root))]
-    t = Table()
-    for col in ("id", "model", "domain", "mode", "method", "status", "stage", "updated"):
-        t.add_column(col, no_wrap=col in ("id", "status"))
-    for r in rows:
-        upd = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["updated"])) if r.get("updated") else ""
-        t.add_row(r["id"], str(r.get("model")), str(r.get("domain")), str(r.get("mode")), str(r.get("method")),
-                  str(r.get("status")), str(r.get("stage") or ""), upd)
-    Console().print(t if rows else f"no sessions under {_root(root)}")
+    for r in rows:  # a runner found dead gets its death record (engine.run.death) on the way
+        if r.get("status") == "disconnected":
+            from engine.run.death import record_death
+
+            record_death(session_mod.Session(Path(r["path"])))
+    console = Console()
+    console.print(sessions_table(rows, where) if rows else f"no sessions under {where}", soft_wrap=False)
+
+
+@app.command()
+def status(session: str = typer.Argument(..., help="session id or path"), root: Optional[Path] = RootOpt,
+           as_json: bool = typer.Option(False, "--json", help="one JSON object (for scripts)")):
+    """One-shot snapshot of a session: status, stage, progress, disk use, metrics, death record."""
+    import json
+
+    from engine.run.death import record_death
+
+    from .data import fmt_bytes, snapshot
+
+    s = _open(session, root)
+    record_death(s)
+    snap = snapshot(s)
+    if as_json:
+        typer.echo(json.dumps(snap, indent=1, default=str))
+        return
+    typer.echo(f"{snap['id']}: {snap['status']}" + (f" ({snap['stage']})" if snap.get("stage") else "")
+               + f" · {fmt_bytes(snap['disk_bytes']['total'])} · {snap['path']}")
+    if snap.get("runner_died"):
+        typer.echo(f"  {snap['runner_died']['message']} — resume it with: minigpt resume {snap['id']}")
+    for k, v in snap["metrics"].items():
+        typer.echo(f"  {k} = {v}")
 
 
 @app.command()
@@ -239,6 +331,7 @@ def grid(spec: Path = typer.Argument(..., help="grid file (TOML): models × doma
         grid_mod.refresh(g)
         typer.echo((g.folder / grid_mod.RESULTS_MD).read_text())
         return
+    _preflight([c.cfg for c in g.cells], g.folder / grid_mod.SESSIONS)  # a typo fails in a second, not per cell
     if detach:
         pid = gridrun.launch_detached(spec, g.folder, overrides)
         typer.echo(f"grid {g.name}: {len(g.cells)} cells running detached (pid {pid}); log {g.folder / grid_mod.LOG_FILE}")
@@ -285,6 +378,10 @@ def sweep(config: Path = typer.Argument(..., help="run config (TOML): model, cor
     grid = sweep_mod.Grid(criteria=_csv(criteria), allocations=_csv(allocations), compensations=_csv(compensations),
                           ratios=ratio_list, sequential=seq_list, calibrate_on=_csv(calibrate_on),
                           evaluate_on=_csv(evaluate_on)).check()
+    import dataclasses
+
+    corpora = list(dict.fromkeys([*grid.calibrate_on, *grid.evaluate_on])) or [cfg.data.source]
+    _preflight([dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=c)) for c in corpora], None)
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as bar:
@@ -330,6 +427,14 @@ def main() -> None:
     except MinigptError as e:
         typer.echo(f"error: {e.line()}", err=True)
         sys.exit(2)
+    except OSError as e:  # a full disk (engine.atomic.DiskFull), a read-only or vanished folder: one line
+        if hasattr(e, "line"):
+            typer.echo(f"error: {e.line()}", err=True)
+        else:
+            where = f" ({e.filename})" if e.filename else ""
+            typer.echo(f"error: {e.strerror or e}{where} — check that the folder exists and is writable, "
+                       "or pass --root DIR", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ a calibration or fine-tuning token, nor another copy of the same document.
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,9 @@ def _open_files(datasets, path: Path, cfg: DataConfig):
         raise MinigptError(f"cannot read {path}: mixed or unsupported file types",
                            f"use one of {', '.join(sorted(_BUILDERS))}")
     builder = kinds.pop()
+    problems = check_files(files, cfg)
+    if problems:  # name the real cause (binary, encoding, format, column) before datasets does not
+        raise problems[0]
     kwargs = {}
     if builder == "text":
         kwargs["sample_by"] = "document"
@@ -91,11 +95,117 @@ def _open_files(datasets, path: Path, cfg: DataConfig):
     return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **kwargs)
 
 
+SNIFF = 1 << 20  # bytes of each local file read up front to name what is wrong with it
+_JSONL_LINES = 200
+
+
+def _text_problem(path: Path, head: bytes) -> MinigptError | None:
+    """Binary bytes or text that is not UTF-8, in the head of a text-format file."""
+    nul = head.find(b"\0")
+    if nul >= 0:
+        return MinigptError(f"data file {path} is binary, not text (a NUL byte at offset {nul})",
+                            f"give a UTF-8 text file of the kind its extension says ({path.suffix or 'no extension'}), "
+                            "or point data.source at the right file")
+    import codecs
+
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError as e:
+        return MinigptError(f"data file {path} is not UTF-8 text (byte 0x{head[e.start]:02x} at offset {e.start})",
+                            f"convert it, e.g. iconv -f latin1 -t utf-8 {path} > {path.with_suffix('.utf8' + path.suffix)}")
+    return None
+
+
+def _fields(cfg: DataConfig) -> list[str]:
+    """The columns the config reads: the template's fields, else data.column."""
+    if cfg.template:
+        import string
+
+        return [f for _, f, _, _ in string.Formatter().parse(cfg.template) if f]
+    return [] if cfg.column.startswith("#") else [cfg.column]
+
+
+def check_files(files: list[Path], cfg: DataConfig) -> list[MinigptError]:
+    """What is wrong with local data files, read from their first MiB without the datasets
+    library: unreadable, binary, not UTF-8, not the format their extension says (JSON lines,
+    CSV header, parquet magic), or lacking the configured column. Empty list: nothing seen."""
+    import csv
+    import io
+    import json
+
+    out: list[MinigptError] = []
+    need = _fields(cfg)
+    for f in files:
+        kind = _BUILDERS.get(f.suffix.lower())
+        try:
+            with open(f, "rb") as fh:
+                head = fh.read(SNIFF)
+                size = os.fstat(fh.fileno()).st_size
+        except OSError as e:
+            out.append(MinigptError(f"data file {f} cannot be read ({e.strerror or e})",
+                                    "check its permissions (chmod a+r) or data.source"))
+            continue
+        if kind == "parquet":
+            if not head.startswith(b"PAR1"):
+                out.append(MinigptError(f"data file {f} is not a parquet file (no PAR1 magic bytes)",
+                                        "give a real .parquet file, or rename it to the format it holds"))
+            continue
+        bad = _text_problem(f, head)
+        if bad is not None:
+            out.append(bad)
+            continue
+        text = head.decode("utf-8", errors="ignore")
+        complete = size <= SNIFF
+        if kind == "json" and f.suffix.lower() == ".jsonl":
+            lines = text.splitlines()
+            if not complete and lines:
+                lines = lines[:-1]  # the last line may be cut by the sniff
+            for n, line in enumerate(lines[:_JSONL_LINES], 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    out.append(MinigptError(f"line {n} of {f} is not valid JSON ({str(e).split(':')[0]})",
+                                            "write one JSON object per line (JSON Lines), e.g. {\"text\": \"...\"}"))
+                    break
+                if not isinstance(row, dict):
+                    out.append(MinigptError(f"line {n} of {f} is a JSON {type(row).__name__}, not an object",
+                                            "write one JSON object per line, e.g. {\"text\": \"...\"}"))
+                    break
+                missing = [c for c in need if c not in row]
+                if missing:
+                    out.append(MinigptError(f"line {n} of {f} has no column {missing[0]!r}",
+                                            f"set data.column to one of: {', '.join(map(str, row))} (or data.template)"))
+                    break
+        elif kind == "json":
+            first = text.lstrip()[:1]
+            if first not in ("[", "{"):
+                out.append(MinigptError(f"data file {f} is not JSON (it starts with {text.lstrip()[:12]!r})",
+                                        "give a JSON array of objects, or JSON Lines in a .jsonl file"))
+        elif kind == "csv" and need:
+            delim = cfg.delimiter or ("\t" if f.suffix.lower() == ".tsv" else ",")
+            header = next(csv.reader(io.StringIO(text.split("\n", 1)[0]), delimiter=delim), [])
+            missing = [c for c in need if c not in header]
+            if missing:
+                out.append(MinigptError(f"{f} has no column {missing[0]!r} in its header row",
+                                        f"set data.column to one of: {', '.join(header) or '(none)'} (or data.template, "
+                                        "or data.delimiter if the columns were not split)"))
+    return out
+
+
 def _dataset_error(cfg: DataConfig, e: Exception) -> MinigptError:
     """datasets' many exception types, as one line that names the problem and the fix."""
     from engine.data import download
 
     first = str(e).splitlines()[0][:200] if str(e) else ""
+    local = Path(cfg.source).expanduser().exists()
+    if local:  # a local file: never suggest hub ids; say what datasets could not read
+        cause = e.__cause__ or e.__context__
+        why = f"{type(cause).__name__}: {str(cause).splitlines()[0][:160]}" if cause and str(cause) else first
+        return MinigptError(f"cannot read data file {cfg.source} ({type(e).__name__}: {why})",
+                            "check that it is UTF-8 text in the format its extension says (.txt, .jsonl: one JSON "
+                            "object per line, .csv with a header row, .parquet)")
     if isinstance(e, ConnectionError):  # datasets: "Couldn't reach X on the Hub (OfflineModeIsEnabled)"
         return download.hub_unavailable(cfg.source, "dataset", cfg.files, "data.source", reason=first[:120])
     if isinstance(e, (FileNotFoundError, OSError)):

@@ -2,8 +2,12 @@
 
 `launch_detached` returns at once; the child (`python -m engine.run.runner SESSION`, see
 `engine.run.runner`) runs in its own process session (setsid), so it survives the terminal
-closing, SIGHUP and the app exiting. `request_stop` asks it to stop at its next safe point
-(it checkpoints first). Nothing here imports torch: the app and the CLI import it plainly.
+closing, SIGHUP and the app exiting. `wait_started` tells a launcher whether its own child
+got the session's lock or was refused (a concurrent resume won). `request_stop` asks the
+runner to stop at its next safe point (it checkpoints first), in any state: a request made
+while the runner is still starting (importing torch, before it holds the lock) stays in
+`stop.request` and the runner honours it at its first safe point. Nothing here imports
+torch: the app and the CLI import it plainly.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ LOG_FILE = "runner.log"
 _ROOT = str(Path(__file__).resolve().parents[2])
 
 
+_CHILDREN: dict[int, subprocess.Popen] = {}  # what this process spawned: wait_started reaps them
+
+
 def spawn(cmd: list[str], log_path: Path) -> int:
     """Start `cmd` in its own process session, stdin closed, output appended to `log_path`.
 
@@ -35,6 +42,7 @@ def spawn(cmd: list[str], log_path: Path) -> int:
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, close_fds=True, env=env)
+    _CHILDREN[proc.pid] = proc
     return proc.pid
 
 
@@ -43,15 +51,56 @@ def launch_detached(session_path: str | os.PathLike, redo_from: str | None = Non
     s.config()  # a corrupt session fails here, in the caller, with its one-line message
     if s.runner_alive():
         raise MinigptError(f"session {s.id} is already running", f"follow it with: minigpt logs {s.id} -f")
-    cmd = [sys.executable, "-m", "engine.run.runner", str(s.path.resolve())]
+    s.check_writable()  # a read-only session: one line here, not a traceback from the first write
+    cmd = [sys.executable, "-m", "engine.run.runner", str(s.path.resolve()), "--keep-stop"]
     if redo_from:
         cmd += ["--redo-from", redo_from]
+    # a stop request left by an earlier run is not for this one; one made from now on is
+    # (the runner keeps it: `--keep-stop`)
+    try:
+        os.unlink(s.path / STOP_FILE)
+    except FileNotFoundError:
+        pass
     # written before the child exists: it rewrites state.json itself once it holds the lock
     s.update_state(status="starting", pid=None, error=None)
     pid = spawn(cmd, s.path / LOG_FILE)
     if s.state().get("pid") is None:
         s.update_state(pid=pid)
     return pid
+
+
+def refusal(session, pid: int) -> str:
+    """The one-line error runner `pid` wrote to the session's runner.log, if any."""
+    mark = f"runner {pid}: error: "
+    try:
+        lines = (session.path / LOG_FILE).read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((l[len(mark):] for l in reversed(lines) if l.startswith(mark)), "")
+
+
+def wait_started(session, pid: int, timeout: float | None = None, poll: float = 0.1) -> tuple[bool, str]:
+    """Wait until runner `pid` (spawned by this process) holds the session's lock, or exits.
+
+    Returns (True, "") once it runs (or has run and ended: a fast run), (False, message)
+    when it exited without running: another runner got the lock first (two concurrent
+    resumes), or the session failed to open. `timeout` None waits as long as it lives."""
+    import time
+
+    proc = _CHILDREN.get(pid)
+    t0 = time.monotonic()
+    while True:
+        if session.runner_alive() and runner_pid(session) == pid:
+            return True, ""
+        code = proc.poll() if proc is not None else (None if alive(pid) else 0)
+        if code is not None:
+            if code == 0:
+                return True, ""  # ran and ended between two polls
+            msg = refusal(session, pid)
+            return False, msg or f"the runner exited with status {code} before starting; see {session.path / LOG_FILE}"
+        if timeout is not None and time.monotonic() - t0 > timeout:
+            return True, ""  # still starting: the follower keeps watching
+        time.sleep(poll)
 
 
 def alive(pid: int) -> bool:
@@ -84,15 +133,52 @@ def starting(session) -> bool:
 
 
 def request_stop(session_path: str | os.PathLike) -> bool:
-    """Ask the runner to stop gracefully. Returns False if nothing was running."""
+    """Ask the runner to stop gracefully, whether it runs or is still starting. Returns False
+    if nothing was running or starting.
+
+    The request is `stop.request` in the session, which the runner polls at every safe point;
+    a running runner is also sent SIGTERM (a starting one ignores it: the file carries the
+    request until the runner's first safe point)."""
     s = open_session(session_path)
-    if not s.runner_alive():
+    running = s.runner_alive()
+    if not running and not _launching(s):
         return False
-    atomic.write_text(s.path / STOP_FILE, "stop\n")
-    pid = runner_pid(s)
+    try:
+        atomic.write_text(s.path / STOP_FILE, "stop\n")
+    except OSError as e:
+        raise MinigptError(f"cannot write the stop request {s.path / STOP_FILE} ({e.strerror or e})",
+                           f"stop the runner with: kill {runner_pid(s) or 'PID'} (it checkpoints first)") from None
+    pid = runner_pid(s) if running else None
     if pid:
         try:
             os.kill(pid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
     return True
+
+
+def _launching(session) -> bool:
+    """Started and not yet holding the lock: the launcher has written "starting" (its pid may
+    not be recorded yet) and the child, if recorded, lives."""
+    state = session.state()
+    if state.get("status") != "starting":
+        return False
+    pid = state.get("pid")
+    if not pid:  # the launcher is between writing "starting" and recording the pid
+        import time
+
+        return time.time() - float(state.get("updated") or 0) < 30
+    return alive(pid)
+
+
+def exit_status(pid: int) -> int | None:
+    """The exit status of a child this process spawned, once it has ended (negative: killed by
+    that signal); None while it runs, or for a process this one did not spawn. Reaps it."""
+    proc = _CHILDREN.get(int(pid))
+    return proc.poll() if proc is not None else None
+
+
+def reap() -> list[int]:
+    """Collect every ended child this process spawned, so none stays `<defunct>` (the app calls
+    it on a timer). Returns the pids that had ended; their exit statuses stay readable."""
+    return [pid for pid, proc in list(_CHILDREN.items()) if proc.poll() is not None]

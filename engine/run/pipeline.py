@@ -20,14 +20,18 @@ from engine.run.stages import STAGE_FUNCS, Context
 
 # ---- driver ------------------------------------------------------------------------------
 def run(session: session_mod.Session, stages: list[str] | None = None, display=None,
-        handle_signals: bool = False, redo_from: str | None = None) -> dict:
-    """Run (or resume) a session's stages under its runner lock. Returns results."""
+        handle_signals: bool = False, redo_from: str | None = None, keep_stop: bool = False) -> dict:
+    """Run (or resume) a session's stages under its runner lock. Returns results.
+
+    `keep_stop`: a stop request already in the session is for this run (the detached runner:
+    its launcher cleared older ones, and a `minigpt stop` made while it started must hold)."""
     import torch
 
     cfg = session.config()
     wanted = list(stages or session_mod.STAGES)
     with session.acquire():
-        clear_stop(session.path)
+        if not keep_stop:
+            clear_stop(session.path)
         writer = session.writer()
         rep = Reporter(writer, display=display, stop_dir=session.path, results=session.results())
         if handle_signals:
@@ -42,6 +46,7 @@ def run(session: session_mod.Session, stages: list[str] | None = None, display=N
         session.update_state(status="running", pid=os.getpid(), error=None)
         stage = None
         try:
+            rep.check_stop()  # a stop requested while the runner started: its first safe point
             for stage in wanted:
                 if stage in completed:
                     rep.emit("stage_skip", stage=stage, reason=record.SKIP_COMPLETED)
@@ -68,8 +73,8 @@ def run(session: session_mod.Session, stages: list[str] | None = None, display=N
         except MinigptError as e:
             _fail(session, rep, stage, e.line())
             raise
-        except BaseException as e:
-            _fail(session, rep, stage, f"{type(e).__name__}: {e}")
+        except BaseException as e:  # atomic.DiskFull (an OSError) reads as one line of its own
+            _fail(session, rep, stage, e.line() if hasattr(e, "line") else f"{type(e).__name__}: {e}")
             raise
         finally:
             writer.close()

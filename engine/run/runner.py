@@ -18,21 +18,27 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     # until the pipeline installs its handlers (after importing torch: seconds), a hangup
-    # must not kill us either; the own process session already shields us from the terminal's
+    # must not kill us either; the own process session already shields us from the terminal's.
+    # Nor may a SIGTERM from `minigpt stop`: the stop request it comes with (stop.request) is
+    # kept (--keep-stop) and honoured at the first safe point, with the session's state written.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # torchrun ends its ranks with SIGTERM: leave it be
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from engine.run import pipeline
     from engine.run.session import open_session
 
     ap = argparse.ArgumentParser(prog="python -m engine.run.runner")
     ap.add_argument("session")
     ap.add_argument("--redo-from", default=None, help="redo this stage and the ones after it")
+    ap.add_argument("--keep-stop", action="store_true",
+                    help="honour a stop request already in the session (the launcher cleared older ones)")
     args = ap.parse_args(argv)
     rank = _init_distributed()
     try:
         s = open_session(args.session)
         if not rank:  # single process (None) or rank 0
             try:
-                pipeline.run(s, handle_signals=True, redo_from=args.redo_from)
+                pipeline.run(s, handle_signals=True, redo_from=args.redo_from, keep_stop=args.keep_stop)
             finally:
                 if rank is not None:
                     from engine.train import finetune
@@ -42,15 +48,23 @@ def main(argv: list[str] | None = None) -> int:
             from engine.run import stages
 
             stages.follow(s)
-    except MinigptError as e:
-        print(f"error: {e.line()}", file=sys.stderr)
+    except MinigptError as e:  # the launcher shows this line to its user (launch.wait_started)
+        _report(e.line())
         return 2
+    except OSError as e:  # a full disk (atomic.DiskFull reads as one line), a read-only folder
+        _report(e.line() if hasattr(e, "line") else f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
+        return 1
     finally:
         if rank is not None:
             import torch.distributed as dist
 
             dist.destroy_process_group()
     return 0
+
+
+def _report(line: str) -> None:
+    """One error line in runner.log, tagged with this pid so that its launcher finds its own."""
+    print(f"runner {os.getpid()}: error: {line}", file=sys.stderr, flush=True)
 
 
 def _init_distributed() -> int | None:

@@ -110,17 +110,35 @@ class Session:
 
     # ---- liveness ------------------------------------------------------------
     def runner_alive(self) -> bool:
-        """True while some process holds the runner lock."""
-        lock = self.path / LOCK_FILE
-        if not lock.exists():
-            return False
-        with open(lock, "a+") as f:
+        """True while some process holds the runner lock.
+
+        The probe opens the lock read-only and takes a shared lock: it needs no write access
+        (a read-only copy of a session can be inspected) and two probes never block each other."""
+        return lock_held(self.path / LOCK_FILE)
+
+    def check_writable(self) -> None:
+        """A one-line error when the session folder cannot be written (read-only file system,
+        permissions): what resume, the stage commands and stop need."""
+        problem = unwritable(self.path)
+        if problem:
+            raise MinigptError(f"session folder {self.path} is not writable ({problem})",
+                               f"make it writable, or copy it (cp -a {self.path} DIR) and use --root on the copy's folder")
+
+    def remove_orphans(self) -> list[Path]:
+        """Remove the temporary files and folders (`.<name>.tmp<pid>…`) that dead writers left in
+        the session, and put back a folder a kill left only as `.<name>.old` (the swap of
+        `atomic.replace_dir` was cut between its two renames). Never while a runner holds the
+        lock, never a live process's temp; a read-only session is left as it is."""
+        if not self.path.is_dir() or self.runner_alive():
+            return []
+        gone: list[Path] = []
+        for folder in (self.path, self.stats_dir, self.model_dir, self.checkpoints_dir,
+                       *sorted(p for p in self.checkpoints_dir.glob("step-*") if p.is_dir())):
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(f, fcntl.LOCK_UN)
-            return False
+                gone += atomic.remove_orphans(folder)
+            except OSError:  # read-only or vanished: nothing to clean here
+                continue
+        return gone
 
     def status(self) -> str:
         """new | running | stopped | failed | done | disconnected."""
@@ -147,11 +165,17 @@ class RunnerLock:
     def __enter__(self) -> "RunnerLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a+")
-        try:
-            fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._f.close()
-            raise MinigptError(*self.busy) from None
+        # a liveness probe holds a shared lock for microseconds: retry briefly before refusing
+        deadline = time.monotonic() + 1.0
+        while True:
+            try:
+                fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline or _held_exclusively(self.path):
+                    self._f.close()
+                    raise MinigptError(*self.busy) from None
+                time.sleep(0.02)
         self._f.seek(0)
         self._f.truncate()
         self._f.write(str(os.getpid()))
@@ -166,7 +190,7 @@ class RunnerLock:
 
 def create(cfg: config_mod.RunConfig, root: Path | None = None, name: str | None = None) -> Session:
     root = Path(root or default_root())
-    root.mkdir(parents=True, exist_ok=True)
+    check_root_writable(root)
     base = name or cfg.name or f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(cfg.model.source)}-{_slug(cfg.data.source)}"
     base = _slug(base) if name or cfg.name else base
     path = root / base
@@ -189,9 +213,70 @@ def open_session(ref: str | Path, root: Path | None = None) -> Session:
     if not p.is_dir():
         raise MinigptError(f"no session {ref!s}", "list them with: minigpt sessions")
     if not (p / CONFIG_FILE).exists():
+        if not any((p / f).exists() for f in (STATE_FILE, EVENTS_FILE, LOCK_FILE)):
+            # not a session at all (e.g. `minigpt resume /etc`): never suggest deleting it
+            raise MinigptError(f"{ref!s} is not a minigpt session (no {CONFIG_FILE}, {STATE_FILE} or {EVENTS_FILE})",
+                               "pass a session id or folder listed by: minigpt sessions")
         raise MinigptError(f"session {p.name} is corrupt: {CONFIG_FILE} is missing",
-                           f"delete the folder {p} or restore its config")
-    return Session(p)
+                           f"restore {p / CONFIG_FILE} from a copy, or delete the session folder {p}")
+    s = Session(p)
+    s.remove_orphans()
+    return s
+
+
+def lock_held(path: Path) -> bool:
+    """Someone holds an exclusive lock on `path` (read-only probe; False if it does not exist)."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return False
+    except PermissionError:  # unreadable lock: assume its owner is alive rather than break in
+        return True
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def _held_exclusively(path: Path) -> bool:
+    """A runner (not a probe) holds the lock: the probes only ever take it shared."""
+    with open(path, "rb") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def unwritable(folder: Path) -> str:
+    """Why `folder` (or, if missing, its nearest existing parent) cannot be written; "" if it can."""
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return "permission denied" if os.statvfs(probe).f_flag & os.ST_RDONLY == 0 else "read-only file system"
+    if os.statvfs(probe).f_flag & os.ST_RDONLY:
+        return "read-only file system"
+    return ""
+
+
+def check_root_writable(root: Path) -> None:
+    """Create the sessions root, or a one-line error saying why it cannot be written."""
+    problem = unwritable(root)
+    if not problem:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            problem = e.strerror or str(e)
+    if problem:
+        raise MinigptError(f"sessions root {root} is not writable ({problem})",
+                           "pass --root DIR (or set MINIGPT_SESSIONS) to a writable folder")
 
 
 def list_sessions(root: Path | None = None) -> list[Session]:

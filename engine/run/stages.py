@@ -186,6 +186,7 @@ def stage_calibrate(ctx: Context) -> None:
     d = ctx.domain()
     bs = ctx.calib_block_size()
     calib = blocks(d.calibrate, bs)
+    _warn_budget(ctx, bs, calib.numel())
     if calib.shape[0] == 0:
         raise MinigptError(f"calibration split has {d.calibrate.numel()} tokens, fewer than one block of {bs}",
                            "use a larger corpus, raise data.calibrate_fraction, or lower calibrate.block_size")
@@ -217,6 +218,21 @@ def stage_calibrate(ctx: Context) -> None:
     ctx.rep.metric("calibrate", "base", "calibration_tokens", stats.n_tokens)
     ctx.rep.section("calibration", {"tokens": stats.n_tokens, "seconds": round(secs, 2), "block_size": bs,
                                     "cached": cached})
+
+
+def _warn_budget(ctx: Context, bs: int, used: int) -> None:
+    """Say so (a warning event, shown by the CLI and the app) when calibration cannot use exactly
+    what the config asks: blocks capped by the model's context, a budget not a whole number of
+    blocks, a split holding less."""
+    c = ctx.cfg.calibrate
+    if c.block_size > bs:
+        ctx.rep.log(f"calibrate.block_size = {c.block_size} exceeds the model's context: calibrating in "
+                    f"blocks of {bs} tokens (set calibrate.block_size = {bs} to silence this)", level="warning")
+    if used < c.max_tokens:
+        why = (f"the calibration split holds {used} tokens in whole blocks of {bs}" if used < c.max_tokens // bs * bs
+               else f"{c.max_tokens} is not a whole number of blocks of {bs}")
+        ctx.rep.log(f"calibrating on {used} tokens, not calibrate.max_tokens = {c.max_tokens}: {why}",
+                    level="warning")
 
 
 def _load_partial(path: Path, key: str, rep: Reporter) -> dict | None:
