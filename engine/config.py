@@ -213,6 +213,9 @@ def _check_finetune(ft: FinetuneConfig, cal: CalibrateConfig) -> None:
     if min(ft.warmup_steps, ft.eval_every, ft.checkpoint_every, ft.lora_rank, cal.checkpoint_every) < 0:
         raise MinigptError("finetune.warmup_steps, eval_every, checkpoint_every, lora_rank and "
                            "calibrate.checkpoint_every must not be negative", "use 0 to turn one off")
+    for name, v in (("finetune.max_steps", ft.max_steps), ("finetune.max_epochs", ft.max_epochs)):
+        if v < 0:  # a negative limit used to be taken as none
+            raise MinigptError(f"{name} = {v} is negative", f"set {name} to e.g. 200, or 0 for no limit of this kind")
 
 def _check_budgets(cal: CalibrateConfig, ev: EvaluateConfig) -> None:
     """Token budgets that cannot be met are refused with the nearest valid value, never rounded
@@ -222,6 +225,9 @@ def _check_budgets(cal: CalibrateConfig, ev: EvaluateConfig) -> None:
                            f"(calibrate.block_size = {cal.block_size})",
                            f"set calibrate.max_tokens = {cal.block_size} (one block) or more, or "
                            f"calibrate.block_size = {max(1, cal.max_tokens)}")
+    if ev.max_tokens < 0:
+        raise MinigptError(f"evaluate.max_tokens = {ev.max_tokens} is negative",
+                           f"set evaluate.max_tokens = {ev.block_size} or more (0: the whole held-out split)")
     if 0 < ev.max_tokens < ev.block_size:
         raise MinigptError(f"evaluate.max_tokens = {ev.max_tokens} is less than one block "
                            f"(evaluate.block_size = {ev.block_size})",

@@ -8,7 +8,8 @@ from typing import Sequence
 from rich.text import Text
 from textual.app import RenderResult
 from textual.widget import Widget
-from textual.widgets import Static
+from textual.content import Content
+from textual.widgets import Checkbox, Static
 
 BLOCKS = " ▁▂▃▄▅▆▇█"
 
@@ -102,3 +103,13 @@ class TitleBar(Static):
     DEFAULT_CSS = """
     TitleBar { height: 1; background: $panel; color: $foreground; padding: 0 1; text-style: bold; }
     """
+
+
+class Tick(Checkbox):
+    """A checkbox whose two states differ by glyph, not only by colour: `[x]` on, `[ ]` off
+    (Textual's draws `▐X▌` either way), readable in a plain capture or a 16-colour terminal."""
+
+    @property
+    def _button(self) -> Content:
+        style = self.get_visual_style("toggle--button")
+        return Content.assemble("[", ("x" if self.value else " ", style), "]")

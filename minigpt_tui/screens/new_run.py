@@ -1,11 +1,16 @@
 """New run: a form that builds a `RunConfig`, creates the session and launches it detached.
 
-Validation is the engine's own (`engine.config.from_dict`), so the form can never accept a
-config the runner would reject; its `MinigptError.line()` is shown under the field it names.
+Validation is the engine's own (`engine.config.from_dict`, what `minigpt run` uses), so the
+form can never accept a config the runner would reject. Every problem is shown at once:
+the engine stops at its first error, so the form names that field, puts the field back to a
+known-good value and asks again, until the config passes (`collect_errors`). The form
+starts from sizes that finish on a CPU box (`CPU_DEFAULTS`), or from a config file or one of
+`configs/*.toml`; keys the form has no field for are kept from what it started from.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -14,17 +19,18 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Button, Checkbox, Footer, Input, Label, Select, Static
+from textual.widgets import Button, Footer, Input, Label, Select, Static
 
 from engine import config as config_mod
 from engine.run import session as session_mod
 from engine.errors import MinigptError
 
-from ..widgets import TitleBar
+from ..widgets import Tick, TitleBar
 
 if TYPE_CHECKING:
     from ..app import MinigptApp
 
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 MODEL_PRESETS = [
     ("embedded:smollm2 (tiny, offline)", "embedded:smollm2"),
     ("microsoft/phi-1_5", "microsoft/phi-1_5"),
@@ -38,31 +44,150 @@ DOMAIN_PRESETS = [
     ("hub dataset id", "hub"),
     ("local file or folder", "local"),
 ]
-# config key → form field id, so an engine error lands under the right field
-FIELD_FOR_KEY = {
-    "name": "f-name",
-    "model.source": "f-model",
-    "data.source": "f-domain",
-    "data.column": "f-column",
-    "data.template": "f-template",
-    "prune.mode": "f-mode",
-    "prune.rule": "f-rule",
-    "prune.activation_threshold": "f-threshold",
-    "prune.ratio": "f-ratio",
-    "finetune.max_steps": "f-steps",
-    "finetune.lr": "f-lr",
-    "evaluate.max_tokens": "f-eval-tokens",
-    "evaluate.mcq_generate": "f-mcq",
+# What a run from the form does unless told otherwise: the measured best cheap setting
+# (README: wanda + lstsq keeps quality at 30%), recovery on, sizes that end in minutes on 2
+# CPU cores with SmolLM2-135M (a forward pass runs at ~430 tokens/s there).
+CPU_DEFAULTS: dict = {
+    "calibrate": {"max_tokens": 4096, "block_size": 512, "batch_size": 2},
+    "prune": {"rule": "ratio", "ratio": 0.3, "criterion": "wanda", "compensation": "lstsq"},
+    "finetune": {"enabled": True, "max_steps": 20, "batch_size": 2, "block_size": 256, "eval_every": 10,
+                 "checkpoint_every": 10, "keep_checkpoints": 1, "lr": 5e-5},
+    "evaluate": {"max_tokens": 4096, "block_size": 512, "batch_size": 4, "mcq_generate": 0},
 }
+CPU_TOKENS_PER_S = 430.0  # SmolLM2-135M forward on this project's 2-core box (README); backward ≈ 2 forwards
+
+_CHOICE = lambda values: [(v, v) for v in values]  # noqa: E731
+# (config key, label, kind, widget id, placeholder or options); kinds: text int float select bool
+SECTIONS: list[tuple[str, list[tuple[str, str, str, str, Any]]]] = [
+    ("Model", [
+        ("model.source", "model", "text", "f-model", "e.g. microsoft/phi-1_5, ./model or x.gguf"),
+        ("name", "name", "text", "f-name", "optional — default: date-model-domain"),
+        ("model.device", "device", "select", "f-device", [("auto (cuda if present)", "auto"), ("cpu", "cpu"),
+                                                          ("cuda", "cuda")]),
+    ]),
+    ("Domain corpus", [
+        ("data.source", "source", "text", "f-domain", "builtin:NAME, a hub id or a path"),
+        ("data.column", "column", "text", "f-column", "e.g. text (hub/JSONL column)"),
+        ("data.template", "template", "text", "f-template", 'e.g. {question}\\n{answer} (overrides column)'),
+    ]),
+    ("Calibrate", [
+        ("calibrate.max_tokens", "tokens", "int", "f-cal-tokens", "e.g. 4096"),
+        ("calibrate.block_size", "block size", "int", "f-cal-block", "e.g. 512"),
+        ("calibrate.batch_size", "batch size", "int", "f-cal-batch", "e.g. 2"),
+    ]),
+    ("Pruning", [
+        ("prune.mode", "mode", "select", "f-mode", [("structural (weights removed)", "structural"),
+                                                    ("mask (zeroed, shapes kept)", "mask")]),
+        ("prune.rule", "rule", "select", "f-rule", [("ratio of MLP neurons", "ratio"),
+                                                    ("threshold ε on the score (paper)", "threshold")]),
+        ("prune.ratio", "ratio", "float", "f-ratio", "e.g. 0.3 (fraction removed)"),
+        ("prune.activation_threshold", "threshold ε", "float", "f-threshold", "e.g. 0.001"),
+        ("prune.criterion", "criterion", "select", "f-criterion", _CHOICE(config_mod.CRITERIA)),
+        ("prune.allocation", "allocation", "select", "f-allocation", _CHOICE(config_mod.ALLOCATIONS)),
+        ("prune.compensation", "compensation", "select", "f-compensation", _CHOICE(config_mod.COMPENSATIONS)),
+        ("prune.sequential", "", "bool", "f-sequential", "sequential: refit layer by layer (best, slower)"),
+        ("prune.round_to", "round widths to", "int", "f-round-to", "e.g. 1, 8 or 64"),
+    ]),
+    ("Fine-tune (recovery)", [
+        ("finetune.enabled", "", "bool", "f-finetune", "fine-tune after pruning"),
+        ("finetune.max_steps", "max steps", "int", "f-steps", "e.g. 20"),
+        ("finetune.lr", "learning rate", "float", "f-lr", "e.g. 5e-5"),
+        ("finetune.batch_size", "batch size", "int", "f-ft-batch", "e.g. 2"),
+        ("finetune.block_size", "block size", "int", "f-ft-block", "e.g. 256"),
+        ("finetune.eval_every", "eval every", "int", "f-eval-every", "steps; 0 = never"),
+        ("finetune.checkpoint_every", "ckpt every", "int", "f-ckpt-every", "steps; 0 = at the end"),
+        ("finetune.keep_checkpoints", "keep ckpts", "int", "f-keep-ckpt", "e.g. 1"),
+    ]),
+    ("Evaluate", [
+        ("evaluate.max_tokens", "max tokens", "int", "f-eval-tokens", "e.g. 4096"),
+        ("evaluate.block_size", "block size", "int", "f-eval-block", "e.g. 512"),
+        ("evaluate.mcq_generate", "MCQ questions", "int", "f-mcq", "e.g. 0 (none) or 100"),
+        ("evaluate.evaluate_base", "", "bool", "f-eval-base", "also evaluate the unpruned base model"),
+    ]),
+]
+FIELDS = {key: (label, kind, fid, extra) for _, rows in SECTIONS for key, label, kind, fid, extra in rows}
+# config key → form field id, so an engine error lands under the right field
+FIELD_FOR_KEY = {key: spec[2] for key, spec in FIELDS.items()}
+FINETUNE_FIELDS = [FIELDS[k][2] for k in FIELDS if k.startswith("finetune.") and k != "finetune.enabled"]
+
+
+def form_defaults() -> dict:
+    """The config the form starts from: the engine's defaults under CPU_DEFAULTS."""
+    data = config_mod.RunConfig().to_dict()
+    for section, values in CPU_DEFAULTS.items():
+        data[section].update(values)
+    return config_mod.from_dict(data).to_dict()
+
+
+def _get(data: dict, key: str) -> Any:
+    node: Any = data
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _set(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def _named_key(problem: str) -> str | None:
+    """The longest form key an engine problem names (`prune.ratio = 1.5 is outside …`)."""
+    keys = [k for k in FIELD_FOR_KEY if k in problem and "." in k]
+    return max(keys, key=len) if keys else None
+
+
+def collect_errors(data: dict, fallback: dict, max_rounds: int = 40) -> tuple[dict[str, str], str | None]:
+    """Every problem the engine's validator finds, by config key, plus one it cannot pin on a
+    field. Each named field is reset to `fallback`'s value and the config checked again."""
+    data = copy.deepcopy(data)
+    found: dict[str, str] = {}
+    for _ in range(max_rounds):
+        try:
+            config_mod.from_dict(data)
+            return found, None
+        except MinigptError as e:
+            key = _named_key(e.problem)
+            if key is None or key in found:
+                return found, e.line()
+            found[key] = e.line()
+            _set(data, key, _get(fallback, key))
+    return found, None
+
+
+def estimate(data: dict) -> str:
+    """Projected tokens per stage and a rough time on a 2-core CPU box (SmolLM2-135M rates)."""
+    cal = int(_get(data, "calibrate.max_tokens") or 0)
+    ev = int(_get(data, "evaluate.max_tokens") or 0) * (2 if _get(data, "evaluate.evaluate_base") else 1)
+    ft = 0
+    if _get(data, "finetune.enabled"):
+        ft = (int(_get(data, "finetune.max_steps") or 0) * int(_get(data, "finetune.batch_size") or 0)
+              * int(_get(data, "finetune.block_size") or 0) * int(_get(data, "finetune.grad_accum") or 1))
+    if min(cal, ev, ft) < 0:
+        raise ValueError("negative budget")
+    seconds = (cal + ev + 3 * ft) / CPU_TOKENS_PER_S
+    from ..data import fmt_count, fmt_duration
+
+    return (f"projected: calibrate {fmt_count(cal)} tok · fine-tune {fmt_count(ft)} tok · evaluate "
+            f"{fmt_count(ev)} tok · ≈{fmt_duration(seconds)} on 2 CPU cores for SmolLM2-135M "
+            "(plus model load; larger models scale with their size)")
 
 
 class NewRunScreen(Screen):
     """The new-run form. ctrl+s validates, creates the session folder and launches it."""
 
-    HELP = ("Fill in the model, the domain corpus and the pruning rule. ctrl+s creates the "
-            "session (config.toml) and starts it in the background; errors show under the field.")
+    HELP = ("Every field is a run-config key; keys without a field keep the value of the config the "
+            "form started from (the CPU defaults, a file loaded with ctrl+o, or a configs/ preset). "
+            "ctrl+s checks everything with the engine's validator, shows every problem under its "
+            "field, then creates the session and starts it in the background. ctrl+w saves the form "
+            "as a config file to the path in 'config file'.")
     BINDINGS = [
         Binding("ctrl+s", "submit", "Create & launch", id="new.submit", priority=True),
+        Binding("ctrl+o", "load", "Load config", id="new.load", priority=True),
+        Binding("ctrl+w", "save", "Save config", id="new.save", priority=True),
         Binding("escape", "cancel", "Cancel", id="new.cancel"),
     ]
 
@@ -71,46 +196,28 @@ class NewRunScreen(Screen):
     def __init__(self) -> None:
         super().__init__()
         self.created: session_mod.Session | None = None
+        self.base: dict = form_defaults()
 
     def compose(self) -> ComposeResult:
-        d = config_mod.RunConfig()
+        presets = [("CPU defaults (ratio 0.3, wanda + lstsq, recovery)", "")] + [
+            (p.name, str(p)) for p in sorted(CONFIGS.glob("*.toml")) if not p.name.startswith(("grid", "sweep"))]
         yield TitleBar("minigpt · new run", id="title")
         with VerticalScroll(id="form"):
-            yield Label("Model", classes="form-section first")
-            yield from _row("preset", Select(MODEL_PRESETS, value="embedded:smollm2", allow_blank=False,
-                                             id="f-model-preset", compact=True))
-            yield from _row("model", Input(d.model.source, placeholder="hub id, local folder or .gguf",
-                                           id="f-model", compact=True))
-            yield from _row("name", Input("", placeholder="optional; default: date-model-domain", id="f-name", compact=True))
-            yield from _section("Domain corpus")
-            yield from _row("corpus", Select(DOMAIN_PRESETS, value="builtin:licenses", allow_blank=False,
-                                             id="f-domain-preset", compact=True))
-            yield from _row("source", Input(d.data.source, id="f-domain", compact=True))
-            yield from _row("column", Input(d.data.column, placeholder="text column of a hub/JSONL dataset",
-                                            id="f-column", compact=True))
-            yield from _row("template", Input("", placeholder='e.g. "{question}\\n{answer}" (overrides column)',
-                                              id="f-template", compact=True))
-            yield from _section("Pruning")
-            yield from _row("mode", Select([("structural (weights removed)", "structural"),
-                                            ("mask (zeroed, shapes kept)", "mask")],
-                                           value=d.prune.mode, allow_blank=False, id="f-mode", compact=True))
-            yield from _row("rule", Select([("threshold ε on mean |activation|", "threshold"),
-                                            ("ratio of MLP neurons", "ratio")],
-                                           value=d.prune.rule, allow_blank=False, id="f-rule", compact=True))
-            yield from _row("threshold ε", Input(f"{d.prune.activation_threshold:g}", id="f-threshold", compact=True))
-            yield from _row("ratio", Input(f"{d.prune.ratio:g}", id="f-ratio", compact=True, disabled=True))
-            yield from _section("Fine-tune")
-            yield from _row("", Checkbox("fine-tune after pruning", d.finetune.enabled, id="f-finetune",
-                                         compact=True))
-            yield from _row("max steps", Input(str(d.finetune.max_steps), id="f-steps", compact=True,
-                                               disabled=not d.finetune.enabled))
-            yield from _row("learning rate", Input(f"{d.finetune.lr:g}", id="f-lr", compact=True,
-                                                   disabled=not d.finetune.enabled))
-            yield from _section("Evaluate")
-            yield from _row("max tokens", Input(str(d.evaluate.max_tokens), id="f-eval-tokens", compact=True))
-            yield from _row("MCQ questions", Input(str(d.evaluate.mcq_generate), id="f-mcq", compact=True))
-            yield from _row("", Checkbox("also evaluate the unpruned base model", d.evaluate.evaluate_base,
-                                         id="f-eval-base", compact=True))
+            yield Label("Start from", classes="form-section first")
+            yield from _row("preset", Select(presets, value="", allow_blank=False, id="f-start", compact=True))
+            yield from _row("config file", Input("", placeholder="path/to/run.toml — ctrl+o loads, ctrl+w saves",
+                                                 id="f-config-path", compact=True))
+            for title, rows in SECTIONS:
+                yield from _section(title)
+                for key, label, kind, fid, extra in rows:
+                    if key == "model.source":
+                        yield from _row("preset", Select(MODEL_PRESETS, value="embedded:smollm2", allow_blank=False,
+                                                         id="f-model-preset", compact=True))
+                    if key == "data.source":
+                        yield from _row("corpus", Select(DOMAIN_PRESETS, value="builtin:licenses",
+                                                         allow_blank=False, id="f-domain-preset", compact=True))
+                    yield from _row(label, _widget(kind, fid, extra))
+            yield Static("", id="estimate", markup=False)
             yield Static("", id="form-error", markup=False)
             with Horizontal(id="form-buttons"):
                 yield Button("Create & launch (ctrl+s)", variant="primary", id="submit", compact=True)
@@ -119,13 +226,72 @@ class NewRunScreen(Screen):
 
     AUTO_FOCUS = "#f-model"
 
+    def on_mount(self) -> None:
+        self.fill(self.base)
+
+    # ---- filling from a config ------------------------------------------------------
+    def fill(self, data: dict) -> None:
+        """Show `data` (a config dict) in the fields; it becomes the base for keys without one."""
+        self.base = copy.deepcopy(data)
+        for key, (_label, kind, fid, extra) in FIELDS.items():
+            value = _get(data, key)
+            w = self.query_one(f"#{fid}")
+            if kind == "bool":
+                w.value = bool(value)  # type: ignore[attr-defined]
+            elif kind == "select":
+                options = [v for _, v in extra]
+                if value in options:
+                    w.value = value  # type: ignore[attr-defined]
+            else:
+                w.value = "" if value is None else (f"{value:g}" if isinstance(value, float) else str(value))  # type: ignore[attr-defined]
+        source = str(_get(data, "model.source") or "")
+        models = [v for _, v in MODEL_PRESETS]
+        self.query_one("#f-model-preset", Select).value = source if source in models else "custom"
+        self.query_one("#f-model", Input).value = source
+        domain = str(_get(data, "data.source") or "")
+        kind = domain if domain in ("builtin:licenses", "builtin:stdlib-docs") else (
+            "local" if Path(domain).expanduser().exists() else "hub")
+        self.query_one("#f-domain-preset", Select).value = kind
+        self.query_one("#f-domain", Input).value = domain
+        self._sync_enabled()
+
+    def _sync_enabled(self) -> None:
+        rule = self.query_one("#f-rule", Select).value
+        self.query_one("#f-threshold", Input).disabled = rule != "threshold"
+        self.query_one("#f-ratio", Input).disabled = rule != "ratio"
+        self.query_one("#f-allocation", Select).disabled = rule != "ratio"
+        self.query_one("#f-sequential", Tick).disabled = rule != "ratio"
+        on_ = bool(self.query_one("#f-finetune", Tick).value)
+        for fid in FINETUNE_FIELDS:
+            self.query_one(f"#{fid}").disabled = not on_
+        self._update_estimate()
+
+    def _update_estimate(self) -> None:
+        data, _errors = self.form_data()
+        try:
+            text = estimate(data)
+        except (TypeError, ValueError):
+            text = "projected: fix the numbers above to see the token counts"
+        self.query_one("#estimate", Static).update(text)
+
     # ---- reacting to choices ------------------------------------------------------
+    @on(Select.Changed, "#f-start")
+    def _start_preset(self, event: Select.Changed) -> None:
+        if not isinstance(event.value, str):
+            return
+        if event.value == "":
+            self.fill(form_defaults())
+            return
+        self.query_one("#f-config-path", Input).value = event.value
+        self.action_load()
+
     @on(Select.Changed, "#f-model-preset")
     def _model_preset(self, event: Select.Changed) -> None:
         box = self.query_one("#f-model", Input)
         if event.value == "custom":
-            box.value = ""
-            box.focus()
+            if box.value in [v for _, v in MODEL_PRESETS]:
+                box.value = ""
+                box.focus()
         elif isinstance(event.value, str):
             box.value = event.value
 
@@ -133,21 +299,23 @@ class NewRunScreen(Screen):
     def _domain_preset(self, event: Select.Changed) -> None:
         box = self.query_one("#f-domain", Input)
         if event.value in ("hub", "local"):
-            box.value = ""
+            if box.value.startswith("builtin:"):
+                box.value = ""
             box.placeholder = ("hub dataset id, e.g. user/name" if event.value == "hub"
                                else "path to a .txt / .jsonl file or a folder")
         elif isinstance(event.value, str):
             box.value = event.value
 
     @on(Select.Changed, "#f-rule")
-    def _rule(self, event: Select.Changed) -> None:
-        self.query_one("#f-threshold", Input).disabled = event.value != "threshold"
-        self.query_one("#f-ratio", Input).disabled = event.value != "ratio"
+    @on(Tick.Changed, "#f-finetune")
+    def _toggles(self) -> None:
+        self._sync_enabled()
 
-    @on(Checkbox.Changed, "#f-finetune")
-    def _finetune(self, event: Checkbox.Changed) -> None:
-        self.query_one("#f-steps", Input).disabled = not event.value
-        self.query_one("#f-lr", Input).disabled = not event.value
+    @on(Input.Changed)
+    @on(Tick.Changed)
+    @on(Select.Changed)
+    def _changed(self) -> None:
+        self._update_estimate()
 
     @on(Input.Submitted)
     def _next_field(self) -> None:
@@ -166,66 +334,75 @@ class NewRunScreen(Screen):
         return self.query_one(f"#{fid}").value  # type: ignore[attr-defined]
 
     def form_data(self) -> tuple[dict, dict[str, str]]:
-        """The form as a config dict, plus per-field problems the engine cannot see
-        (numbers that do not parse, a local path that does not exist)."""
+        """The form as a config dict (over the base it started from), plus per-field problems
+        the engine cannot see (numbers that do not parse, a local path that does not exist);
+        such a field keeps the base's value in the dict."""
         errors: dict[str, str] = {}
-
-        def num(fid: str, kind: Callable[[str], Any], what: str) -> Any:
-            raw = str(self._val(fid)).strip()
-            try:
-                return kind(raw)
-            except ValueError:
-                errors[fid] = f"{what} must be {'a whole number' if kind is int else 'a number'}, got {raw!r}"
-                return None
-
-        rule = self._val("f-rule")
-        prune: dict[str, Any] = {"mode": self._val("f-mode"), "rule": rule}
-        if rule == "threshold":
-            prune["activation_threshold"] = num("f-threshold", float, "threshold ε")
-        else:
-            prune["ratio"] = num("f-ratio", float, "ratio")
-        finetune: dict[str, Any] = {"enabled": bool(self._val("f-finetune"))}
-        if finetune["enabled"]:
-            finetune["max_steps"] = num("f-steps", int, "max steps")
-            finetune["lr"] = num("f-lr", float, "learning rate")
+        data = copy.deepcopy(self.base)
+        for key, (label, kind, fid, _extra) in FIELDS.items():
+            w = self.query_one(f"#{fid}")
+            if getattr(w, "disabled", False) and kind != "bool":
+                continue  # an option that is off (the other rule, fine-tuning disabled) keeps its value
+            raw = w.value  # type: ignore[attr-defined]
+            if kind in ("int", "float"):
+                text = str(raw).strip()
+                try:
+                    value: Any = int(text) if kind == "int" else float(text)
+                except ValueError:
+                    what = label or key
+                    errors[fid] = f"{what} must be {'a whole number' if kind == 'int' else 'a number'}, got {text!r}"
+                    continue
+            elif kind == "bool":
+                value = bool(raw)
+            elif kind == "select":
+                if not isinstance(raw, str):
+                    continue
+                value = raw
+            else:
+                value = str(raw).strip()
+                if key == "data.template":
+                    value = str(raw).replace("\\n", "\n")
+                if key == "data.column":
+                    value = value or "text"
+            _set(data, key, value)
         domain = str(self._val("f-domain")).strip()
         if not domain:
             errors["f-domain"] = "the domain corpus is empty — pick a built-in or type a hub id or path"
-        elif self._val("f-domain-preset") == "local" and not Path(domain).expanduser().exists():
-            errors["f-domain"] = f"local path {domain} does not exist — check the path"
-        model = str(self._val("f-model")).strip()
-        if not model:
+        elif self._val("f-domain-preset") == "local":
+            if not Path(domain).expanduser().exists():
+                errors["f-domain"] = f"local path {domain} does not exist — check the path"
+            _set(data, "data.source", str(Path(domain).expanduser()))
+        if not str(self._val("f-model")).strip():
             errors["f-model"] = "the model is empty — pick a preset or type a hub id / folder"
-        data = {
-            "model": {"source": model},
-            "data": {"source": str(Path(domain).expanduser()) if self._val("f-domain-preset") == "local" else domain,
-                     "column": str(self._val("f-column")).strip() or "text",
-                     "template": str(self._val("f-template")).replace("\\n", "\n")},
-            "prune": prune,
-            "finetune": finetune,
-            "evaluate": {"max_tokens": num("f-eval-tokens", int, "max tokens"),
-                         "mcq_generate": num("f-mcq", int, "MCQ questions"),
-                         "evaluate_base": bool(self._val("f-eval-base"))},
-        }
-        name = str(self._val("f-name")).strip()
-        if name:
-            data["name"] = name
+        if not data.get("name"):
+            data.pop("name", None)
         return data, errors
+
+    def validate(self) -> tuple[config_mod.RunConfig | None, dict[str, str]]:
+        """(config, {}) when every field passes; else (None, {field id or "form": problem})."""
+        data, errors = self.form_data()
+        fallback = form_defaults()
+        found, general = collect_errors(data, fallback)
+        for key, line in found.items():
+            errors.setdefault(FIELD_FOR_KEY[key], line)
+        if general:
+            errors["form"] = general
+        if errors:
+            return None, errors
+        return config_mod.from_dict(data), {}
 
     def build_config(self) -> config_mod.RunConfig | None:
         self._clear_errors()
-        data, errors = self.form_data()
-        if errors:
-            for fid, text in errors.items():
-                self._show_error(fid, text)
-            return None
-        try:
-            return config_mod.from_dict(data)
-        except MinigptError as e:
-            keys = [k for k in FIELD_FOR_KEY if k in e.problem]
-            fid = FIELD_FOR_KEY[max(keys, key=len)] if keys else None
-            self._show_error(fid, e.line())
-            return None
+        cfg, errors = self.validate()
+        for fid, text in errors.items():
+            self._show_error(None if fid == "form" else fid, text)
+        first = next((fid for fid in self._field_order() if fid in errors), None)
+        if first:
+            self.query_one(f"#{first}").focus()
+        return cfg
+
+    def _field_order(self) -> list[str]:
+        return [w.id for w in self.query(".field-row > *") if w.id]
 
     def _clear_errors(self) -> None:
         for err in self.query(".field-error"):
@@ -243,8 +420,6 @@ class NewRunScreen(Screen):
             err = self.query_one("#form-error", Static)
         err.update(text)
         err.display = True
-        if fid:
-            self.query_one(f"#{fid}").focus()
 
     def errors(self) -> dict[str, str]:
         """Visible error texts by field id ("form" for the general line); used by tests."""
@@ -258,6 +433,39 @@ class NewRunScreen(Screen):
         return out
 
     # ---- actions ----------------------------------------------------------------
+    def action_load(self) -> None:
+        path = str(self._val("f-config-path")).strip()
+        self._clear_errors()
+        if not path:
+            self._show_error("f-config-path", "type the path of a config .toml to load")
+            return
+        try:
+            cfg = config_mod.load(Path(path).expanduser())
+        except MinigptError as e:
+            self._show_error("f-config-path", e.line())
+            return
+        self.fill(cfg.to_dict())
+        self.notify(f"Loaded {path}", timeout=3)
+
+    def action_save(self) -> None:
+        path = str(self._val("f-config-path")).strip()
+        cfg = self.build_config()
+        if cfg is None:
+            return
+        if not path:
+            self._show_error("f-config-path", "type a path to save the config to (e.g. my-run.toml)")
+            return
+        from engine import atomic
+
+        try:
+            target = Path(path).expanduser()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(target, cfg.to_toml())
+        except OSError as e:
+            self._show_error("f-config-path", f"cannot write {path}: {e.strerror or e}")
+            return
+        self.notify(f"Saved {target}", timeout=3)
+
     def action_submit(self) -> None:
         cfg = self.build_config()
         if cfg is None:
@@ -277,7 +485,17 @@ class NewRunScreen(Screen):
 
     def palette_commands(self) -> list[tuple[str, str, Callable[[], object]]]:
         return [("run: create & launch", "Validate the form, create the session and launch it", self.action_submit),
+                ("config: load", "Load the config file named in 'config file'", self.action_load),
+                ("config: save", "Save the form as a config file", self.action_save),
                 ("run: cancel", "Leave the form", self.action_cancel)]
+
+
+def _widget(kind: str, fid: str, extra: Any):
+    if kind == "bool":
+        return Tick(str(extra), False, id=fid, compact=True)
+    if kind == "select":
+        return Select(extra, value=extra[0][1], allow_blank=False, id=fid, compact=True)
+    return Input("", placeholder=str(extra), id=fid, compact=True)
 
 
 def _section(title: str) -> ComposeResult:

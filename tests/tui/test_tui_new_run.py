@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from textual.widgets import Checkbox, Input, Select
 
+from minigpt_tui.screens.new_run import collect_errors, form_defaults
+
 from engine import config as config_mod
 from engine.run import session as session_mod
 from minigpt_tui.screens.monitor import MonitorScreen
@@ -91,6 +93,8 @@ async def test_bad_numbers_and_missing_local_path_are_caught_before_the_engine_a
     app = make_app()
     async with app.run_test(size=(100, 40)) as pilot:
         form = await _open_form(pilot)
+        form.query_one("#f-rule", Select).value = "threshold"
+        await pilot.pause()
         await _type_into(pilot, form, "f-threshold", "abc")
         form.query_one("#f-domain-preset", Select).value = "local"
         await pilot.pause()
@@ -122,3 +126,61 @@ async def test_launch_failure_keeps_the_session_and_says_why(root, make_app, mon
         await wait_for(pilot, lambda: isinstance(app.screen, MonitorScreen))
         assert len(session_mod.list_sessions(root)) == 1
         assert any("already running" in str(n.message) for n in app._notifications)
+
+
+async def test_every_error_at_once_negative_numbers_refused_and_defaults_that_prune(root, make_app, runner):
+    app = make_app()
+    async with app.run_test(size=(100, 40)) as pilot:
+        form = await _open_form(pilot)
+        # the defaults do something on SmolLM2: 30% by wanda + lstsq, recovery on, CPU-sized
+        cfg, errors = form.validate()
+        assert errors == {} and cfg is not None
+        assert (cfg.prune.rule, cfg.prune.ratio, cfg.prune.criterion, cfg.prune.compensation) == \
+            ("ratio", 0.3, "wanda", "lstsq")
+        assert cfg.finetune.enabled and cfg.calibrate.max_tokens <= 8192 and cfg.finetune.keep_checkpoints == 1
+        await _type_into(pilot, form, "f-steps", "-3")
+        await _type_into(pilot, form, "f-ratio", "1.5")
+        await _type_into(pilot, form, "f-cal-tokens", "abc")
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        errors = form.errors()
+        assert set(errors) == {"f-steps", "f-ratio", "f-cal-tokens"}, errors  # one ctrl+s, three errors
+        assert errors["f-steps"].startswith("finetune.max_steps = -3 is negative")
+        assert runner.launched == [] and session_mod.list_sessions(root) == []
+        assert app.focused is form.query_one("#f-cal-tokens")  # the first invalid field, in form order
+        text = screen_text(app)
+        assert "[x] fine-tune after pruning" in text and "[ ] sequential" in text  # glyphs differ
+
+
+def test_collect_errors_uses_the_engine_validator_for_every_field():
+    data = form_defaults()
+    data["calibrate"]["batch_size"] = 0
+    data["prune"]["criterion"] = "nope"
+    data["finetune"]["keep_checkpoints"] = 0
+    found, general = collect_errors(data, form_defaults())
+    assert general is None and set(found) == {"calibrate.batch_size", "prune.criterion", "finetune.keep_checkpoints"}
+    assert found["prune.criterion"].startswith("prune.criterion = 'nope' is not valid")
+
+
+async def test_load_a_config_file_edit_and_save_it(root, make_app, runner, tmp_path):
+    src = tmp_path / "in.toml"
+    cfg = config_mod.from_dict({"model": {"source": "microsoft/phi-1_5"}, "calibrate": {"max_tokens": 1024,
+                                "block_size": 256}, "prune": {"rule": "ratio", "ratio": 0.5, "sequential": True},
+                                "finetune": {"enabled": True, "warmup_steps": 7}})
+    src.write_text(cfg.to_toml())
+    app = make_app()
+    async with app.run_test(size=(100, 40)) as pilot:
+        form = await _open_form(pilot)
+        await _type_into(pilot, form, "f-config-path", str(src))
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+        assert form.query_one("#f-model", Input).value == "microsoft/phi-1_5"
+        assert form.query_one("#f-cal-tokens", Input).value == "1024"
+        assert form.query_one("#f-sequential", Checkbox).value is True
+        await _type_into(pilot, form, "f-ratio", "0.4")
+        await _type_into(pilot, form, "f-config-path", str(tmp_path / "out.toml"))
+        await pilot.press("ctrl+w")
+        await pilot.pause()
+        saved = config_mod.load(tmp_path / "out.toml")
+        assert saved.prune.ratio == 0.4 and saved.prune.sequential and saved.calibrate.max_tokens == 1024
+        assert saved.finetune.warmup_steps == 7  # a key without a field is kept from the loaded file
