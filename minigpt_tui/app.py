@@ -12,14 +12,19 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
+from textual import work
 from textual.app import App
 from textual.binding import Binding
+from textual.worker import get_current_worker
 
+from engine.run import record
 from engine.run import session as session_mod
 from engine.errors import MinigptError
 
+from . import settings
 from .commands import MinigptCommands
 from .launcher import EngineLauncher, Launcher
+from .messages import Alert, RunEnded
 from .screens.sessions import SessionsScreen
 from .themes import DEFAULT_THEME, load_themes
 
@@ -53,7 +58,12 @@ class MinigptApp(App):
         theme: str | None = None,
     ) -> None:
         super().__init__()
+        self.settings = settings.load()
+        if root is None and not os.environ.get("MINIGPT_SESSIONS") and self.settings.get("root"):
+            root = Path(self.settings["root"])  # the last root this app was opened on
         self.root = Path(root or session_mod.default_root())
+        self.alerts: list[tuple[str, str, str]] = []  # (title, message, severity), newest last: tests read it
+        self.watch_interval = max(poll_interval, 0.5)
         self.attach = attach
         self.launcher: Launcher = launcher or EngineLauncher()
         self.clock = clock
@@ -64,7 +74,7 @@ class MinigptApp(App):
         for t in themes:
             self.register_theme(t)
             self.theme_names.append(t.name)
-        wanted = theme or os.environ.get("MINIGPT_THEME") or DEFAULT_THEME
+        wanted = theme or os.environ.get("MINIGPT_THEME") or self.settings.get("theme") or DEFAULT_THEME
         if wanted in self.available_themes:
             self.theme = wanted
         elif wanted != DEFAULT_THEME:
@@ -82,6 +92,12 @@ class MinigptApp(App):
         self.theme_errors.extend(errors)
         for err in self.theme_errors:
             self.notify(err, severity="warning", timeout=6)
+        problem = settings.save(root=str(self.root.resolve()))
+        if problem:
+            self.notify(problem, severity="warning", timeout=6)
+        self._watch_runs(self.root, self.watch_interval)
+        # a theme picked with ctrl+t or the palette is remembered for the next start
+        self.theme_changed_signal.subscribe(self, lambda t: settings.save(theme=t.name))
         if self.attach:
             try:
                 self.open_monitor(session_mod.open_session(self.attach, self.root))
@@ -129,6 +145,84 @@ class MinigptApp(App):
             return False
         self.notify(f"Asked {session.id} to stop")
         return True
+
+    # ---- run-end alerts and reaping (a thread worker reads; handlers notify) ----------------
+    @work(thread=True, exclusive=True, group="run-watch", exit_on_error=False)
+    def _watch_runs(self, root: Path, interval: float) -> None:
+        """Every `interval` s: reap ended children, then read each session's status; one that
+        was live (starting/running) and is not any more posts `RunEnded`. A runner found dead
+        gets its death record (engine.run.death) first, and the alert says how it died."""
+        from engine.run import death
+
+        worker = get_current_worker()
+        seen: dict[str, str] = {}
+        while not worker.is_cancelled:
+            reap = getattr(self.launcher, "reap", None)
+            if reap is not None:
+                try:
+                    reap()
+                except Exception:  # a broken launcher must not stop the alerts
+                    pass
+            for s in session_mod.list_sessions(root):
+                try:
+                    st = s.status()
+                    state = s.state() if st not in record.LIVE_STATUSES else {}
+                except (MinigptError, OSError):
+                    continue
+                before = seen.get(s.id)
+                seen[s.id] = st
+                if before in record.LIVE_STATUSES and st not in record.LIVE_STATUSES:
+                    message = st
+                    if st == record.DISCONNECTED:
+                        died = death.record_death(s)
+                        message = died["message"] if died else "its runner died without ending the run"
+                    elif st == "failed":
+                        message = f"failed: {state.get('error') or 'see the log'}"
+                    self.post_message(RunEnded(s.id, st, message))
+            if worker.cancelled_event.wait(interval):
+                break
+
+    def on_run_ended(self, msg: RunEnded) -> None:
+        severity = {"done": "information", "stopped": "warning"}.get(msg.status, "error")
+        text = msg.message if msg.message != msg.status else {"done": "finished", "stopped": "stopped"}.get(
+            msg.status, msg.status)
+        self.alert(f"{msg.session_id}: run {msg.status}", text, severity)
+
+    def on_alert(self, msg: Alert) -> None:
+        self.alert(msg.title, msg.message, msg.severity)
+
+    def alert(self, title: str, message: str, severity: str = "information") -> None:
+        """A Textual notification, the terminal bell, and a desktop notification (OSC 9 and
+        OSC 777, which most terminals and SSH sessions pass on; tmux with allow-passthrough)."""
+        self.alerts.append((title, message, severity))
+        self.notify(message, title=title, severity=severity, timeout=10)  # type: ignore[arg-type]
+        self.bell()
+        clean = lambda t: "".join(c for c in t if c.isprintable() and c not in ";\x1b\x07")[:200]  # noqa: E731
+        if not self.is_headless and self._driver is not None:
+            self._driver.write(f"\x1b]9;{clean(title)}: {clean(message)}\x07"
+                               f"\x1b]777;notify;{clean(title)};{clean(message)}\x07")
+
+    # ---- screenshots -----------------------------------------------------------------------
+    def screenshot_dir(self) -> Path:
+        """`$MINIGPT_SCREENSHOTS`, the remembered folder, the monitored session's folder, else
+        `<root>/screenshots`; created if missing (Textual's default, ~/Downloads, may not exist)."""
+        chosen = os.environ.get("MINIGPT_SCREENSHOTS") or self.settings.get("screenshots")
+        session = getattr(self.screen, "session", None)
+        folder = (Path(chosen) if chosen else
+                  Path(session.path) / "screenshots" if session is not None else self.root / "screenshots")
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder.resolve()
+
+    def deliver_screenshot(self, filename: str | None = None, path: str | None = None,
+                           time_format: str | None = None) -> str | None:
+        try:
+            folder = Path(path) if path else self.screenshot_dir()
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            self.notify(f"cannot create the screenshot folder: {e.strerror or e}", title="Screenshot",
+                        severity="error")
+            return None
+        return super().deliver_screenshot(filename, str(folder), time_format)
 
     # ---- app-wide actions ----------------------------------------------------------------
     def help_bindings(self) -> list[tuple[str, str, str, str]]:

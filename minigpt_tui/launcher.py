@@ -20,6 +20,8 @@ class Launcher(Protocol):
 
     def stop(self, session_path: Path) -> None: ...
 
+    def reap(self) -> list[int]: ...
+
 
 class EngineLauncher:
     """Calls `engine.run.launch.launch_detached(path) -> pid` and `engine.run.launch.request_stop(path)`."""
@@ -29,3 +31,7 @@ class EngineLauncher:
 
     def stop(self, session_path: Path) -> None:
         launch.request_stop(Path(session_path))
+
+    def reap(self) -> list[int]:
+        """Collect the runners this process launched that have ended: no `<defunct>` children."""
+        return launch.reap()

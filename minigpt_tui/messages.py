@@ -49,3 +49,23 @@ class RunStatus(Message):
 class CompareLoaded(Message):
     rows: list[dict]
     errors: list[str]
+
+
+@dataclass
+class RunEnded(Message):
+    """The app's watcher saw a session leave the live states (starting/running): done, failed,
+    stopped, or disconnected (its runner died; `message` is then the death record's)."""
+
+    session_id: str
+    status: str
+    message: str
+
+
+@dataclass
+class Alert(Message):
+    """Something the user should hear about while looking elsewhere: NaN loss, a held-out
+    perplexity rising N evaluations in a row, low disk."""
+
+    title: str
+    message: str
+    severity: str = "warning"

@@ -15,7 +15,7 @@ from tui_helpers import NOW, FakeRunner  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _deterministic(monkeypatch):
+def _deterministic(monkeypatch, tmp_path_factory):
     """No blinking cursor, no animations, no user theme choice: snapshots are stable."""
     from textual.widgets import Input
 
@@ -23,6 +23,10 @@ def _deterministic(monkeypatch):
     monkeypatch.setenv("TEXTUAL_ANIMATIONS", "none")
     monkeypatch.delenv("MINIGPT_THEME", raising=False)
     monkeypatch.delenv("MINIGPT_THEMES", raising=False)
+    monkeypatch.delenv("MINIGPT_SESSIONS", raising=False)
+    monkeypatch.delenv("MINIGPT_SCREENSHOTS", raising=False)
+    # remembered theme/root go to a folder of the test's own, never the user's config
+    monkeypatch.setenv("MINIGPT_CONFIG_DIR", str(tmp_path_factory.mktemp("config")))
 
 
 @pytest.fixture
