@@ -250,9 +250,11 @@ def check_mcq(cfg: RunConfig, out: list[Finding]) -> None:
     for ref in cfg.evaluate.mcq_files:
         if download.is_url(ref):
             continue
-        p = Path(ref).expanduser()
-        if not p.is_file() and not (p.is_dir() or "/" in ref and not ref.startswith((".", "/", "~"))):
-            out.append(Finding("error", f"MCQ file {ref} not found", "check evaluate.mcq_files"))
+        if ref.startswith("hub:"):
+            continue
+        if not Path(ref).expanduser().exists():
+            out.append(Finding("error", f"MCQ file {ref} not found",
+                               "check evaluate.mcq_files (a .jsonl, .csv or .json file, or hub:ID for a hub dataset)"))
 
 
 # ---- token budgets ------------------------------------------------------------------------------
