@@ -207,7 +207,8 @@ def remove_orphans(folder: str | os.PathLike) -> list[Path]:
     return done
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: str | os.PathLike) -> None:
+    """Flush a file's (or a folder's entries') data to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -235,7 +236,7 @@ def write_with(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     _discard(tmp)
     try:
         write(tmp)
-        _fsync(tmp)
+        fsync(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         full = _full(path, tmp) if _caused_by_full_disk(e) else None
@@ -259,7 +260,7 @@ def write_dir(folder: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
         write(tmp)
         for p in sorted(tmp.rglob("*")):
             if p.is_file() and not p.is_symlink():
-                _fsync(p)
+                fsync(p)
         replace_dir(tmp, folder)
     except BaseException as e:
         full = _full(folder, tmp, needed=_size(folder)) if _caused_by_full_disk(e) else None

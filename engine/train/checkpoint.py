@@ -59,7 +59,7 @@ def save(root: str | os.PathLike, step: int, state: dict, meta: dict | None = No
         atomic.write_json(tmp / META_FILE, {"step": step, **(meta or {})})
 
     final = atomic.write_dir(root / _name(step), write)
-    _fsync_dir(root)
+    atomic.fsync(root)
     for p in root.iterdir():  # one runner per session (lock), so any other temp folder is a leftover
         if p.name.startswith((".tmp-", f".{PREFIX}")) and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
@@ -83,14 +83,6 @@ def load(folder: str | os.PathLike, map_location="cpu") -> tuple[dict, dict]:
 
 def clear(root: str | os.PathLike) -> None:
     shutil.rmtree(root, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---- RNG states ---------------------------------------------------------------------
