@@ -357,8 +357,8 @@ def sweep(config: Path = typer.Argument(..., help="run config (TOML): model, cor
           calibrate_on: str = typer.Option("", help="comma list of corpora to calibrate on (default: data.source)"),
           evaluate_on: str = typer.Option("", help="comma list of corpora to evaluate on (default: data.source)"),
           out: Path = typer.Option(Path("sweeps/latest"), "--out", help="folder for sweep.csv and sweep.md"),
-          stats: Optional[Path] = typer.Option(None, "--stats", help="calibration cache shared by sweeps "
-                                                                       "(default: OUT/calibration)"),
+          stats: Optional[Path] = typer.Option(None, "--stats", help="calibration cache folder (default: the "
+                                                                       "one runs and grids share, under $MINIGPT_CACHE)"),
           overrides: list[str] = SetOpt):
     """Prune one model many ways without fine-tuning; table of params, held-out ppl and MCQ accuracy."""
     from rich.console import Console

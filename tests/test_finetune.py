@@ -198,7 +198,7 @@ def test_finetune_events_results_and_saved_model(uninterrupted):
     from engine.data.domain import DomainData
 
     model = export.load_model(s.model_dir)
-    masks = pipeline.load_masks(s.model_dir)
+    masks = export.load_masks(s.model_dir)
     assert masks and all(torch.count_nonzero(dict(model.named_parameters())[n][~k]) == 0 for n, k in masks.items())
     d = DomainData.build(cfg.data, tiny.tokenizer(), max_eval=cfg.evaluate.max_tokens)
     ppl = evaluate.perplexity(model, d.evaluate, 32, 0, 4)["ppl"]
