@@ -129,69 +129,79 @@ def check_files(files: list[Path], cfg: DataConfig) -> list[MinigptError]:
     """What is wrong with local data files, read from their first MiB without the datasets
     library: unreadable, binary, not UTF-8, not the format their extension says (JSON lines,
     CSV header, parquet magic), or lacking the configured column. Empty list: nothing seen."""
-    import csv
-    import io
-    import json
-
     out: list[MinigptError] = []
     need = _fields(cfg)
     for f in files:
-        kind = _BUILDERS.get(f.suffix.lower())
-        try:
-            with open(f, "rb") as fh:
-                head = fh.read(SNIFF)
-                size = os.fstat(fh.fileno()).st_size
-        except OSError as e:
-            out.append(MinigptError(f"data file {f} cannot be read ({e.strerror or e})",
-                                    "check its permissions (chmod a+r) or data.source"))
-            continue
-        if kind == "parquet":
-            if not head.startswith(b"PAR1"):
-                out.append(MinigptError(f"data file {f} is not a parquet file (no PAR1 magic bytes)",
-                                        "give a real .parquet file, or rename it to the format it holds"))
-            continue
-        bad = _text_problem(f, head)
-        if bad is not None:
-            out.append(bad)
-            continue
-        text = head.decode("utf-8", errors="ignore")
-        complete = size <= SNIFF
-        if kind == "json" and f.suffix.lower() == ".jsonl":
-            lines = text.splitlines()
-            if not complete and lines:
-                lines = lines[:-1]  # the last line may be cut by the sniff
-            for n, line in enumerate(lines[:_JSONL_LINES], 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    out.append(MinigptError(f"line {n} of {f} is not valid JSON ({str(e).split(':')[0]})",
-                                            "write one JSON object per line (JSON Lines), e.g. {\"text\": \"...\"}"))
-                    break
-                if not isinstance(row, dict):
-                    out.append(MinigptError(f"line {n} of {f} is a JSON {type(row).__name__}, not an object",
-                                            "write one JSON object per line, e.g. {\"text\": \"...\"}"))
-                    break
-                missing = [c for c in need if c not in row]
-                if missing:
-                    out.append(MinigptError(f"line {n} of {f} has no column {missing[0]!r}",
-                                            f"set data.column to one of: {', '.join(map(str, row))} (or data.template)"))
-                    break
-        elif kind == "json":
-            first = text.lstrip()[:1]
-            if first not in ("[", "{"):
-                out.append(MinigptError(f"data file {f} is not JSON (it starts with {text.lstrip()[:12]!r})",
-                                        "give a JSON array of objects, or JSON Lines in a .jsonl file"))
-        elif kind == "csv" and need:
-            delim = cfg.delimiter or ("\t" if f.suffix.lower() == ".tsv" else ",")
-            header = next(csv.reader(io.StringIO(text.split("\n", 1)[0]), delimiter=delim), [])
-            missing = [c for c in need if c not in header]
-            if missing:
-                out.append(MinigptError(f"{f} has no column {missing[0]!r} in its header row",
-                                        f"set data.column to one of: {', '.join(header) or '(none)'} (or data.template, "
-                                        "or data.delimiter if the columns were not split)"))
+        problem = _check_file(f, cfg, need)
+        if problem is not None:
+            out.append(problem)
     return out
+
+
+def _check_file(f: Path, cfg: DataConfig, need: list) -> MinigptError | None:
+    kind = _BUILDERS.get(f.suffix.lower())
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(SNIFF)
+            size = os.fstat(fh.fileno()).st_size
+    except OSError as e:
+        return MinigptError(f"data file {f} cannot be read ({e.strerror or e})",
+                            "check its permissions (chmod a+r) or data.source")
+    if kind == "parquet":
+        if not head.startswith(b"PAR1"):
+            return MinigptError(f"data file {f} is not a parquet file (no PAR1 magic bytes)",
+                                "give a real .parquet file, or rename it to the format it holds")
+        return None
+    bad = _text_problem(f, head)
+    if bad is not None:
+        return bad
+    text = head.decode("utf-8", errors="ignore")
+    if kind == "json" and f.suffix.lower() == ".jsonl":
+        return _check_jsonl(f, text, size <= SNIFF, need)
+    if kind == "json" and text.lstrip()[:1] not in ("[", "{"):
+        return MinigptError(f"data file {f} is not JSON (it starts with {text.lstrip()[:12]!r})",
+                            "give a JSON array of objects, or JSON Lines in a .jsonl file")
+    if kind == "csv" and need:
+        return _check_csv_header(f, text, cfg, need)
+    return None
+
+
+def _check_jsonl(f: Path, text: str, complete: bool, need: list) -> MinigptError | None:
+    import json
+
+    lines = text.splitlines()
+    if not complete and lines:
+        lines = lines[:-1]  # the last line may be cut by the sniff
+    for n, line in enumerate(lines[:_JSONL_LINES], 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            return MinigptError(f"line {n} of {f} is not valid JSON ({str(e).split(':')[0]})",
+                                "write one JSON object per line (JSON Lines), e.g. {\"text\": \"...\"}")
+        if not isinstance(row, dict):
+            return MinigptError(f"line {n} of {f} is a JSON {type(row).__name__}, not an object",
+                                "write one JSON object per line, e.g. {\"text\": \"...\"}")
+        missing = [c for c in need if c not in row]
+        if missing:
+            return MinigptError(f"line {n} of {f} has no column {missing[0]!r}",
+                                f"set data.column to one of: {', '.join(map(str, row))} (or data.template)")
+    return None
+
+
+def _check_csv_header(f: Path, text: str, cfg: DataConfig, need: list) -> MinigptError | None:
+    import csv
+    import io
+
+    delim = cfg.delimiter or ("\t" if f.suffix.lower() == ".tsv" else ",")
+    header = next(csv.reader(io.StringIO(text.split("\n", 1)[0]), delimiter=delim), [])
+    missing = [c for c in need if c not in header]
+    if missing:
+        return MinigptError(f"{f} has no column {missing[0]!r} in its header row",
+                            f"set data.column to one of: {', '.join(header) or '(none)'} (or data.template, "
+                            "or data.delimiter if the columns were not split)")
+    return None
 
 
 def _dataset_error(cfg: DataConfig, e: Exception) -> MinigptError:

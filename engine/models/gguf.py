@@ -117,25 +117,29 @@ def plan(model, pad_uniform: bool = False) -> Plan:
         raise MinigptError("every layer of the model is empty", "export a model that keeps some layers")
     shapes = {(b.n_head, b.n_kv, b.n_ff) for b in kept}
     if len(shapes) == 1 and kept[0].n_head and kept[0].n_ff:
-        arch = spec.arch
-    elif spec.per_layer_arch:
-        arch = spec.per_layer_arch
-        for b in kept:
-            if b.n_head and not b.n_ff:
-                _zero_ffn(b, ZERO_FFN, spec.hidden)
-                notes.append(f"layer {b.index}: no MLP; {ZERO_FFN} zero neurons stand in ({arch} drops a block "
-                             "with feed_forward_length 0 whole)")
-            if not b.n_head and b is kept[0]:
-                _zero_heads(b, spec)
-                notes.append(f"layer {b.index}: no attention; one zero key/value group stands in ({arch} "
-                             "cannot load an attention-free first block)")
-            elif not b.n_head:
-                for k in [k for k in b.tensors if k.startswith("attn_")]:
-                    del b.tensors[k]
-    else:
-        raise MinigptError(f"per-layer widths have no llama.cpp architecture for this family",
+        return Plan(spec.arch, kept, spec, notes)
+    if not spec.per_layer_arch:
+        raise MinigptError("per-layer widths have no llama.cpp architecture for this family",
                            "export with --pad-uniform")
-    return Plan(arch, kept, spec, notes)
+    _fit_per_layer(kept, spec, notes)
+    return Plan(spec.per_layer_arch, kept, spec, notes)
+
+
+def _fit_per_layer(kept: list[Block], spec, notes: list[str]) -> None:
+    """What the per-layer architecture cannot load, made exact with zero parts (or dropped)."""
+    arch = spec.per_layer_arch
+    for b in kept:
+        if b.n_head and not b.n_ff:
+            _zero_ffn(b, ZERO_FFN, spec.hidden)
+            notes.append(f"layer {b.index}: no MLP; {ZERO_FFN} zero neurons stand in ({arch} drops a block "
+                         "with feed_forward_length 0 whole)")
+        if not b.n_head and b is kept[0]:
+            _zero_heads(b, spec)
+            notes.append(f"layer {b.index}: no attention; one zero key/value group stands in ({arch} "
+                         "cannot load an attention-free first block)")
+        elif not b.n_head:
+            for k in [k for k in b.tensors if k.startswith("attn_")]:
+                del b.tensors[k]
 
 
 def _zero_ffn(b: Block, width: int, hidden: int) -> None:
