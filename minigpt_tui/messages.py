@@ -69,3 +69,19 @@ class Alert(Message):
     title: str
     message: str
     severity: str = "warning"
+
+
+@dataclass
+class SystemSample(Message):
+    """The machine as the monitor's worker saw it: CPU % (all cores), the runner's CPU % and RSS
+    (None when no runner lives), the session folder's size and the free disk under it."""
+
+    cpu_pct: float
+    cpus: int
+    runner_rss: int | None
+    runner_cpu_pct: float
+    session_bytes: int
+    disk_free: int | None
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, SystemSample)

@@ -135,7 +135,16 @@ class RunView:
 
     def _on_stage_start(self, ev: dict) -> None:
         st = self.stage(ev.get("stage"))
-        st.status, st.done, st.rate, st.eta_s, st.note = "running", 0, None, None, ""
+        done = 0.0
+        if st.name == "finetune" and self.last_checkpoint is not None:
+            # a resume continues from the newest checkpoint (the record's `checkpoint` event):
+            # steps after it are trained again, so they leave the curve
+            done = float(self.last_checkpoint)
+            keep = [i for i, step in enumerate(self.loss_steps) if step <= done]
+            self.losses = [self.losses[i] for i in keep]
+            self.loss_steps = [self.loss_steps[i] for i in keep]
+            self.eval_ppl = [(step, p) for step, p in self.eval_ppl if step <= done]
+        st.status, st.done, st.rate, st.eta_s, st.note = "running", done, None, None, ""
         self.current = st.name
         self._log(ev, "info", f"stage {st.name} started")
 
@@ -209,7 +218,12 @@ class RunView:
         st.status = "done"
         st.seconds = _num(ev.get("seconds"))
         st.eta_s = None
-        if st.total:
+        if st.unit == "steps" and st.total and st.done < st.total:
+            # fine-tuning ended before its step limit: the steps done are the truth, not the limit
+            last = self.eval_ppl[-1][1] if self.eval_ppl else None
+            reached = last is not None and self.target_ppl is not None and last <= self.target_ppl
+            st.note = "target" if reached else "early stop"
+        elif st.total:
             st.done = st.total
         if self.current == st.name:
             self.current = None

@@ -31,7 +31,7 @@ def resample(values: Sequence[float], width: int) -> list[float]:
 
 
 def plot_lines(values: Sequence[float], width: int, height: int, label_width: int = 7,
-               zero_based: bool = False) -> list[str]:
+               zero_based: bool = False, empty: str = "waiting for data") -> list[str]:
     """A column chart in `height` rows of eighth-blocks, with max/min labels on the left.
     `zero_based` starts the axis at 0 so bar heights compare (e.g. % removed per layer)."""
     vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
@@ -39,7 +39,7 @@ def plot_lines(values: Sequence[float], width: int, height: int, label_width: in
         return []
     plot_w = width - label_width - 1
     if not vals:
-        return [" " * label_width + "│" + " waiting for data".ljust(plot_w)[:plot_w]] + \
+        return [" " * label_width + "│" + f" {empty}".ljust(plot_w)[:plot_w]] + \
                [" " * label_width + "│" + " " * plot_w for _ in range(height - 1)]
     pts = resample(vals, plot_w)
     lo, hi = min(pts), max(pts)
@@ -82,17 +82,20 @@ class TextPlot(Widget):
         self.caption = caption
         self.zero_based = zero_based
         self.values: list[float] = []
+        self.empty = "waiting for data"
 
-    def set_data(self, values: Sequence[float], caption: str) -> None:
+    def set_data(self, values: Sequence[float], caption: str, empty: str = "waiting for data") -> None:
+        """`empty`: why there is nothing to draw (shown in the plot instead of the data)."""
         self.values = list(values)
         self.caption = caption
+        self.empty = empty
         self.refresh()
 
     def render(self) -> RenderResult:
         w, h = self.content_size.width, self.content_size.height
         text = Text(no_wrap=True, overflow="crop")
         text.append(self.caption[:w], style="bold")
-        for line in plot_lines(self.values, w, max(1, h - 1), zero_based=self.zero_based):
+        for line in plot_lines(self.values, w, max(1, h - 1), zero_based=self.zero_based, empty=self.empty):
             text.append("\n" + line)
         return text
 

@@ -8,6 +8,8 @@ second however fast events arrive, and a finished run's whole log is folded in o
 
 from __future__ import annotations
 
+import math
+import shutil
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -26,8 +28,8 @@ from engine.run import session as session_mod
 from engine.errors import MinigptError
 from engine.run.events import EventReader
 
-from ..data import bar, fmt_count, fmt_duration, fmt_gpu, fmt_metric, fmt_rate, short_method
-from ..messages import RunEvents, RunStatus
+from ..data import bar, dir_size, fmt_bytes, fmt_count, fmt_duration, fmt_gpu, fmt_metric, fmt_rate, short_method
+from ..messages import Alert, RunEvents, RunStatus, SystemSample
 from ..runview import RunView, delta
 from ..styles import signed_text, status_text, theme_style
 from ..widgets import TextPlot, TitleBar
@@ -45,6 +47,10 @@ BANNERS = {
     record.CORRUPT: "this session's files are corrupt",
 }
 RESUMABLE = ("stopped", "failed", record.DISCONNECTED, "new")
+SYSTEM_EVERY = 2.0  # seconds between CPU/memory samples
+DISK_EVERY = 10.0  # seconds between walks of the session folder (a fine-tuned one holds GBs)
+LOW_DISK = 2 * 1024**3  # free bytes below which the monitor alerts once
+RISING = 3  # held-out perplexity rising this many evaluations in a row: an alert
 
 
 class MonitorScreen(Screen):
@@ -78,6 +84,8 @@ class MonitorScreen(Screen):
         self._log_written = 0
         self._layers_drawn = -1
         self._metrics_drawn = -1
+        self.system: SystemSample | None = None
+        self._alerted: set[str] = set()
         try:
             cfg = session.config()
             p = cfg.prune
@@ -101,6 +109,7 @@ class MonitorScreen(Screen):
                 with Horizontal(id="plots"):
                     yield TextPlot("loss", id="loss-plot")
                     yield TextPlot("held-out ppl", id="ppl-plot")
+                yield Static("", id="system", markup=False)
                 yield Static("", id="gpu")
             with TabPane("Layers", id="layers"):
                 yield DataTable(id="layer-table", cursor_type="row", zebra_stripes=True)
@@ -114,10 +123,6 @@ class MonitorScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        tl = self.query_one("#timeline", DataTable)
-        for label, key in (("stage", "stage"), ("state", "state"), ("progress", "bar"), ("done", "done"),
-                           ("rate", "rate"), ("eta / time", "eta")):
-            tl.add_column(label, key=key)
         lt = self.query_one("#layer-table", DataTable)
         for label, key in (("layer", "layer"), ("module", "module"), ("neurons", "neurons"),
                            ("params", "params"), ("removed", "pct"), ("", "bar")):
@@ -134,9 +139,13 @@ class MonitorScreen(Screen):
     # ---- reading (worker thread: files only, then post) ------------------------------
     @work(thread=True, exclusive=True, group="monitor-tail", exit_on_error=False)
     def _tail(self, session: session_mod.Session, interval: float) -> None:
+        from engine.run import death
+
         worker = get_current_worker()
         reader = EventReader(session.events_path)
         last = None
+        probe = (getattr(self.app, "system_probe", None) or _SystemProbe)(session)  # tests pin it
+        next_sample = 0.0
         while not worker.is_cancelled:
             events = reader.poll()
             if events:
@@ -149,15 +158,54 @@ class MonitorScreen(Screen):
                 status, state, err = "corrupt", {}, f"cannot read the session: {e}"
             key = (status, state.get("stage"), state.get("error"), tuple(state.get("completed_stages") or ()), err)
             if key != last:
+                if status == record.DISCONNECTED:
+                    try:
+                        death.record_death(session)  # the next poll reads it back like any event
+                    except OSError:
+                        pass
                 self.post_message(RunStatus(status, state, err))
                 last = key
+            if time.monotonic() >= next_sample:
+                next_sample = time.monotonic() + SYSTEM_EVERY
+                self.post_message(probe.sample(state.get("pid") if status in record.LIVE_STATUSES else None))
             if worker.cancelled_event.wait(interval):
                 break
 
     # ---- handlers (UI thread: the only place widgets change) -------------------------
     def on_run_events(self, msg: RunEvents) -> None:
+        n_losses, n_evals = len(self.view.losses), len(self.view.eval_ppl)
         self.view.apply(msg.events)
         self._dirty = True
+        if self.loaded:  # live events, not the replay of what was there already
+            self._check_alerts(n_losses, n_evals)
+
+    def _check_alerts(self, n_losses: int, n_evals: int) -> None:
+        v = self.view
+        bad = [x for x in v.losses[n_losses:] if not math.isfinite(x)]
+        if bad and "nan" not in self._alerted:
+            self._alerted.add("nan")
+            step = v.loss_steps[v.losses.index(bad[0])] if bad[0] in v.losses else "?"
+            self.app.post_message(Alert(f"{self.session.id}: loss is {bad[0]}", f"at step {step}: the run diverged "
+                                        "— stop it (s) and lower finetune.lr", "error"))
+        ppl = [p for _, p in v.eval_ppl]
+        if len(v.eval_ppl) > n_evals and len(ppl) > RISING and all(
+                ppl[-i] > ppl[-i - 1] for i in range(1, RISING + 1)):
+            key = f"rising-{len(ppl)}"
+            if key not in self._alerted:
+                self._alerted.add(key)
+                self.app.post_message(Alert(f"{self.session.id}: held-out ppl rising",
+                                            f"up {RISING} evaluations in a row, now {ppl[-1]:.2f}", "warning"))
+
+    def on_system_sample(self, msg: SystemSample) -> None:
+        self.system = msg
+        self._dirty = True
+        if msg.disk_free is not None and msg.disk_free < LOW_DISK and "disk" not in self._alerted:
+            self._alerted.add("disk")
+            self.app.post_message(Alert(f"{self.session.id}: low disk", f"{fmt_bytes(msg.disk_free)} free under "
+                                        f"{self.session.path} — clean up checkpoints (sessions: x)", "error"))
+
+    def on_resize(self) -> None:
+        self._render_all(force=True)  # bar widths and column widths follow the new size
 
     def on_run_status(self, msg: RunStatus) -> None:
         self.status, self.state, self.status_error = msg.status, msg.state, msg.error
@@ -197,6 +245,8 @@ class MonitorScreen(Screen):
         self.query_one("#run-info", Static).update(info)
         banner = self.query_one("#banner", Static)
         text = BANNERS.get(self.status)
+        if self.status == record.DISCONNECTED and self.view.end_status == record.DISCONNECTED and self.view.error:
+            text = f"{self.view.error} — r resumes from the last completed stage or checkpoint."
         if self.status == "failed":
             text = f"failed: {self.view.error or self.state.get('error') or 'see the log'} — fix it, then r resumes."
         if self.status == record.CORRUPT and self.status_error:
@@ -207,7 +257,10 @@ class MonitorScreen(Screen):
 
     def _render_timeline(self) -> None:
         tl = self.query_one("#timeline", DataTable)
-        tl.clear()
+        # columns rebuilt each time: DataTable widths only ever grow, so after a resize (or a
+        # long phase name) they would stay too wide
+        tl.clear(columns=True)
+        rows = []
         width = 20 if self.app.size.width >= 110 else 10
         for st in self.view.ordered_stages():
             frac = st.fraction
@@ -219,6 +272,8 @@ class MonitorScreen(Screen):
                 done = (f"{fmt_count(st.done)}/{fmt_count(st.total)} {unit}" if st.total else "")
                 if st.phase and st.status == "running":
                     done = f"{st.phase} {done}"
+                if st.note and st.status == "done" and st.note != record.SKIP_COMPLETED:
+                    done = f"{done} ({st.note})"
             rate = fmt_rate(st.tokens_per_s, "tokens") if st.tokens_per_s else fmt_rate(st.rate, st.unit)
             if st.status == "done":
                 eta = fmt_duration(st.seconds) if st.seconds is not None else "done"
@@ -226,7 +281,14 @@ class MonitorScreen(Screen):
                 eta = f"eta {fmt_duration(st.eta_s)}" if st.eta_s is not None else "…"
             else:
                 eta = ""
-            tl.add_row(st.name, status_text(self.app, st.status), frac_txt, done, rate, eta, key=st.name)
+            rows.append((st.name, (st.name, status_text(self.app, st.status), frac_txt, done, rate, eta)))
+        columns = (("stage", "stage"), ("state", "state"), ("progress", "bar"), ("done", "done"),
+                   ("rate", "rate"), ("eta / time", "eta"))
+        for i, (label, key) in enumerate(columns):  # each column as wide as its widest cell, now
+            cells = [Text(c) if isinstance(c, str) else c for _, r in rows for c in (r[i],)]
+            tl.add_column(label, key=key, width=max([len(label)] + [c.cell_len for c in cells]))
+        for key, cells in rows:
+            tl.add_row(*cells, key=key)
         v = self.view
         parts = []
         for name in ("ppl", "mcq_acc"):
@@ -245,25 +307,55 @@ class MonitorScreen(Screen):
 
     def _render_plots(self) -> None:
         v = self.view
+        ft = v.stages.get("finetune")
         if v.losses:
-            t = v.train_last or {}
-            cap = (f"loss {v.losses[-1]:.3f} · min {min(v.losses):.3f} · step {t.get('step')}/"
-                   f"{t.get('total_steps')}")
+            # the step count is the stage's (the record's train/checkpoint events), as in the table
+            steps = f" · step {fmt_count(ft.done)}/{fmt_count(ft.total)}" if ft and ft.total else ""
+            cap = f"loss {v.losses[-1]:.3f} · min {min(v.losses):.3f}{steps}"
         else:
             cap = "loss (fine-tuning steps)"
-        self.query_one("#loss-plot", TextPlot).set_data(v.losses, cap)
+        empty = self._why_empty(ft, "step")
+        self.query_one("#loss-plot", TextPlot).set_data(v.losses, cap, empty)
         ppl = [p for _, p in v.eval_ppl]
         base = v.metric("base", "ppl")
         ref = ", ".join(x for x in (f"base {base:.2f}" if base else "",
                                     f"target {v.target_ppl:.2f}" if v.target_ppl else "") if x)
         cap = "held-out ppl" + (f" {ppl[-1]:.2f}" if ppl else "") + (f" ({ref})" if ref else "")
-        self.query_one("#ppl-plot", TextPlot).set_data(ppl, cap)
+        self.query_one("#ppl-plot", TextPlot).set_data(ppl, cap, self._why_empty(ft, "evaluation"))
+        self._render_system()
         # `gpu` events come only from CUDA runs (record: only_on="cuda"); without any the line is
         # hidden rather than waiting for samples a CPU run never writes
         samples = v.gpu_samples()
         gpu = self.query_one("#gpu", Static)
         gpu.display = bool(samples)
         gpu.update(escape("\n".join(fmt_gpu(g, with_rank=len(samples) > 1) for g in samples)))
+
+    def _why_empty(self, ft, what: str) -> str:
+        """What an empty fine-tuning plot means (short: it must fit an 80-column half), from the
+        stage's state and the run's status."""
+        if ft is None or ft.status in ("off", "skipped"):
+            return "fine-tuning is off in this run"
+        if ft.status == "done":
+            return "no held-out evaluations (eval_every = 0)" if what == "evaluation" else "no steps recorded"
+        if self.status in record.END_STATUSES or self.status == record.DISCONNECTED:
+            return f"ended before any {what}"
+        return f"waiting for the first {what}"
+
+    def _render_system(self) -> None:
+        box = self.query_one("#system", Static)
+        m = self.system
+        if m is None:
+            box.update("system: sampling…")
+            return
+        parts = [f"CPU {m.cpu_pct:.0f}%/{m.cpus} cores"]
+        if m.runner_rss is not None:
+            parts.append(f"runner {m.runner_cpu_pct:.0f}% RSS {fmt_bytes(m.runner_rss)}")
+        else:
+            parts.append("runner not running")
+        parts.append(f"session {fmt_bytes(m.session_bytes)}")
+        if m.disk_free is not None:
+            parts.append(f"free {fmt_bytes(m.disk_free)}")
+        box.update(" · ".join(parts))
 
     def _render_layers(self) -> None:
         self._layers_drawn = self.view.layers_version
@@ -348,3 +440,38 @@ class MonitorScreen(Screen):
             cmds.append((f"view: {label}", f"Show the {label} tab", lambda t=tab: self.action_tab(t)))
         cmds.append(("run: back to sessions", "Return to the session list", self.action_back))
         return cmds
+
+
+class _SystemProbe:
+    """CPU and memory (psutil), the session's disk use and the free disk: read in the worker."""
+
+    def __init__(self, session: session_mod.Session) -> None:
+        import psutil
+
+        self.psutil = psutil
+        self.session = session
+        self.proc = None
+        self.disk_at = 0.0
+        self.session_bytes = 0
+        psutil.cpu_percent(None)  # the first call only starts the interval
+
+    def sample(self, pid) -> SystemSample:
+        ps = self.psutil
+        rss = cpu = None
+        if pid:
+            try:
+                if self.proc is None or self.proc.pid != int(pid):
+                    self.proc = ps.Process(int(pid))
+                    self.proc.cpu_percent(None)
+                rss, cpu = self.proc.memory_info().rss, self.proc.cpu_percent(None)
+            except (ps.Error, ValueError):
+                self.proc = None
+        if time.monotonic() >= self.disk_at:
+            self.disk_at = time.monotonic() + DISK_EVERY
+            self.session_bytes = dir_size(self.session.path)
+        try:
+            free = shutil.disk_usage(self.session.path).free
+        except OSError:
+            free = None
+        return SystemSample(cpu_pct=ps.cpu_percent(None), cpus=ps.cpu_count() or 1, runner_rss=rss,
+                            runner_cpu_pct=cpu or 0.0, session_bytes=self.session_bytes, disk_free=free)

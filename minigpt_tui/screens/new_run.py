@@ -202,6 +202,7 @@ class NewRunScreen(Screen):
         presets = [("CPU defaults (ratio 0.3, wanda + lstsq, recovery)", "")] + [
             (p.name, str(p)) for p in sorted(CONFIGS.glob("*.toml")) if not p.name.startswith(("grid", "sweep"))]
         yield TitleBar("minigpt · new run", id="title")
+        yield Static("", id="form-summary", markup=False)  # stays in view while the form scrolls
         with VerticalScroll(id="form"):
             yield Label("Start from", classes="form-section first")
             yield from _row("preset", Select(presets, value="", allow_blank=False, id="f-start", compact=True))
@@ -396,6 +397,14 @@ class NewRunScreen(Screen):
         cfg, errors = self.validate()
         for fid, text in errors.items():
             self._show_error(None if fid == "form" else fid, text)
+        if errors:
+            labels = {spec[2]: (spec[0] or key.split(".")[-1]) for key, spec in FIELDS.items()}
+            labels.update({"f-config-path": "config file", "form": "the config"})
+            names = [labels.get(fid, fid) for fid in self._field_order() + ["form"] if fid in errors]
+            summary = self.query_one("#form-summary", Static)
+            summary.update(f"{len(errors)} problem{'s' if len(errors) > 1 else ''}: {', '.join(names)} "
+                           "— each is shown under its field")
+            summary.display = True
         first = next((fid for fid in self._field_order() if fid in errors), None)
         if first:
             self.query_one(f"#{first}").focus()
@@ -410,6 +419,7 @@ class NewRunScreen(Screen):
         for w in self.query(".-invalid"):
             w.remove_class("-invalid")
         self.query_one("#form-error").display = False
+        self.query_one("#form-summary").display = False
 
     def _show_error(self, fid: str | None, text: str) -> None:
         target = self.query(f"#err-{fid}") if fid else None

@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tui_helpers import NOW, FakeRunner  # noqa: E402
+from tui_helpers import NOW, FakeRunner, FixedProbe  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -57,6 +57,7 @@ def make_app(root, runner):
         kw.setdefault("poll_interval", 0.05)
         kw.setdefault("refresh_interval", 60.0)
         app = MinigptApp(**kw)
+        app.system_probe = FixedProbe
         app.animation_level = "none"  # tab underline etc. land at once: stable snapshots
         return app
 

@@ -71,7 +71,9 @@ async def test_live_session_updates_as_lines_are_appended(root, make_app, runner
     async with make_app(attach="live-run").run_test(size=(120, 40)) as pilot:
         screen = await _monitor(pilot)
         assert screen.status == "disconnected"
-        assert "disconnected — the runner is gone" in screen_text(pilot.app)
+        # the monitor, the first reader to find it so, appends the death record and shows it
+        await wait_for(pilot, lambda: "runner died during calibrate" in screen_text(pilot.app))
+        assert [e["type"] for e in s.events()].count("runner_died") == 1
         await pilot.press("r")
         assert runner.launched == [s.path]  # resume = launch again
 
@@ -227,3 +229,68 @@ async def test_attach_to_a_missing_session_stays_home_with_an_error(root, make_a
         await pilot.pause(0.1)
         assert not isinstance(app.screen, MonitorScreen)
         assert any("no session nope" in str(n.message) for n in app._notifications)
+
+
+# ---- the monitor's truths: step counts from the run record, still state, empty plots, system pane ----
+from tui_helpers import early_stop_events, make_session, resumed_events  # noqa: E402
+
+
+def test_step_counts_after_a_resume_come_from_the_checkpoint():
+    from minigpt_tui.runview import RunView
+
+    v = RunView()
+    v.apply(resumed_events(new_steps=0))
+    ft = v.stages["finetune"]
+    assert (ft.status, ft.done, ft.total) == ("running", 26, 40)  # not 0/40 until the first new step
+    v.apply(resumed_events()[len(resumed_events(new_steps=0)):])
+    assert (ft.done, ft.total) == (28, 40) and v.loss_steps[-3:] == [26, 27, 28]
+
+
+def test_an_early_stop_reads_steps_done_not_the_limit():
+    from minigpt_tui.runview import RunView
+
+    v = RunView()
+    v.apply(early_stop_events())
+    ft = v.stages["finetune"]
+    assert (ft.status, ft.done, ft.total, ft.note) == ("done", 10, 40, "target")
+    assert v.end_status == "done"
+
+
+async def test_monitor_shows_resumed_and_early_stopped_steps_and_why_plots_are_empty(root, make_app):
+    root.mkdir(parents=True, exist_ok=True)
+    make_session(root, "early", early_stop_events(), status="done")
+    noft = [e for e in finished_events() if e["type"] not in ("train", "eval", "checkpoint")
+            and e.get("stage") != "finetune"]
+    noft.insert(next(i for i, e in enumerate(noft) if e["type"] == "stage_start" and e["stage"] == "evaluate"),
+                {"t": T0 + 40, "type": "stage_skip", "stage": "finetune", "reason": "finetune.enabled = false"})
+    make_session(root, "noft", noft, status="done")
+    app = make_app(attach="early")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, MonitorScreen) and app.screen.settled)
+        text = screen_text(app)
+        assert "10/40 steps (target)" in text and "step 10/40" in text
+        assert "CPU 87%/2 cores · runner not running · session 2.6 GB · free 41.2 GB" in text
+        app.pop_screen()
+        from engine.run.session import open_session
+
+        app.open_monitor(open_session("noft", root))
+        await wait_for(pilot, lambda: isinstance(app.screen, MonitorScreen) and app.screen.settled)
+        assert screen_text(app).count("fine-tuning is off in this run") == 2
+
+
+async def test_nan_loss_and_a_rising_held_out_ppl_alert_while_watching(root, make_app):
+    root.mkdir(parents=True, exist_ok=True)
+    s = make_session(root, "live", head_events() + tail_events()[:30], status="running", stage="finetune")
+    with s.acquire():  # a live runner holds the lock
+        app = make_app(attach="live")
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: isinstance(app.screen, MonitorScreen) and app.screen.settled)
+            assert app.alerts == []  # replaying what was there alerts nothing
+            t = T0 + 200
+            live = [{"t": t + i, "type": "eval", "step": 30 + i, "ppl": 20.0 + i, "target_ppl": None} for i in range(4)]
+            live.append({"t": t + 5, "type": "train", "step": 35, "total_steps": 40, "loss": float("nan"), "lr": 5e-5,
+                         "grad_norm": 1.0, "tokens_per_s": 8000.0, "eta_s": 5.0, "epoch": 0.2})
+            write_events(s.events_path, live, check=False)
+            await wait_for(pilot, lambda: len(app.alerts) == 2)
+            titles = [a[0] for a in app.alerts]
+            assert sorted(titles) == ["live: held-out ppl rising", "live: loss is nan"], app.alerts

@@ -90,3 +90,60 @@ def test_delete_confirmation(snap_compare, root, make_app):
 def test_sessions_low_colour_theme(snap_compare, root, make_app):
     standard_root(root)
     assert snap_compare(make_app(theme="minigpt-lowcolor"), terminal_size=(80, 24), run_before=_home)
+
+
+# ---- the workbench (issue 16): every error at once, monitor truths, alerts, the system pane ----
+@pytest.mark.parametrize("size", SIZES)
+def test_new_run_three_invalid_fields(snap_compare, root, make_app, size):
+    from textual.widgets import Input
+
+    async def run_before(pilot):
+        await _home(pilot)
+        await pilot.press("n")
+        await wait_for(pilot, lambda: isinstance(pilot.app.screen, NewRunScreen))
+        form = pilot.app.screen
+        form.query_one("#f-cal-tokens", Input).value = "lots"
+        form.query_one("#f-ratio", Input).value = "1.5"
+        form.query_one("#f-steps", Input).value = "-3"
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: len(form.errors()) == 3)
+
+    assert snap_compare(make_app(), terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_monitor_after_a_resume(snap_compare, root, make_app, size):
+    """Stopped at step 26 of 40, resumed, two new steps: 28/40 in the table and the plot; a
+    live runner (the lock is held) shows its CPU and RSS in the system pane."""
+    from tui_helpers import make_session, resumed_events
+
+    root.mkdir(parents=True, exist_ok=True)
+    s = make_session(root, "r03", resumed_events(), status="running", stage="finetune",
+                     completed=["baseline", "calibrate", "prune"])
+    with s.acquire():
+        assert snap_compare(make_app(attach="r03"), terminal_size=size, run_before=_monitor)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_monitor_after_an_early_stop(snap_compare, root, make_app, size):
+    from tui_helpers import early_stop_events, make_session
+
+    root.mkdir(parents=True, exist_ok=True)
+    make_session(root, "r03-target", early_stop_events(), status="done")
+    assert snap_compare(make_app(attach="r03-target"), terminal_size=size, run_before=_monitor)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_alert_run_died(snap_compare, root, make_app, size):
+    from minigpt_tui.messages import RunEnded
+
+    standard_root(root)
+
+    async def run_before(pilot):
+        await _home(pilot)
+        pilot.app.post_message(RunEnded("opt-licenses-mask", "disconnected",
+                                        "runner died (SIGKILL) during finetune at step 12"))
+        pilot.app.post_message(RunEnded("smollm2-licenses-eps", "done", "done"))
+        await wait_for(pilot, lambda: len(pilot.app.alerts) == 2)
+
+    assert snap_compare(make_app(), terminal_size=size, run_before=run_before)

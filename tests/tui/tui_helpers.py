@@ -239,3 +239,59 @@ def screen_text(app) -> str:
                       color_system="truecolor", record=True, legacy_windows=False, safe_box=False)
     console.print(app.screen._compositor.render_update(full=True, screen_stack=app._background_screens))
     return console.export_text()
+
+
+class FixedProbe:
+    """The monitor's system probe, pinned: snapshots never show this machine's load or disk."""
+
+    def __init__(self, session=None) -> None:
+        pass
+
+    def sample(self, pid):
+        from minigpt_tui.messages import SystemSample
+
+        return SystemSample(cpu_pct=87.0, cpus=2, runner_rss=(1_234_000_000 if pid else None),
+                            runner_cpu_pct=95.0, session_bytes=2_600_000_000, disk_free=41_200_000_000)
+
+
+def _cut_after(events: list[dict], pred) -> list[dict]:
+    i = next(i for i, e in enumerate(events) if pred(e))
+    return events[:i + 1]
+
+
+def resumed_events(stop_at: int = 26, new_steps: int = 2) -> list[dict]:
+    """Stopped gracefully at step `stop_at` of 40 (checkpoint there), resumed: the stages
+    before fine-tuning skipped, fine-tuning continues from the checkpoint."""
+    ev = _cut_after(finished_events(), lambda e: e["type"] == "train" and e["step"] == stop_at)
+    t = ev[-1]["t"]
+    ev += [{"t": t + 0.5, "type": "checkpoint", "step": stop_at, "path": f"checkpoints/step-{stop_at}"},
+           {"t": t + 0.6, "type": "log", "level": "info", "message": f"stopped at step {stop_at}; continue with: "
+                                                                      "minigpt resume r03"},
+           {"t": t + 0.7, "type": "run_end", "status": "stopped"},
+           {"t": t + 60, "type": "run_start", "pid": 4343, "resumed": True, "stages": list(record.STAGES)}]
+    ev += [{"t": t + 60.1, "type": "stage_skip", "stage": st, "reason": record.SKIP_COMPLETED}
+           for st in ("baseline", "calibrate", "prune")]
+    ev += [{"t": t + 61, "type": "stage_start", "stage": "finetune"},
+           {"t": t + 62, "type": "log", "level": "info",
+            "message": f"resuming fine-tuning from checkpoint at step {stop_at} (step-{stop_at})"}]
+    for s in range(stop_at + 1, stop_at + 1 + new_steps):
+        ev.append({"t": t + 62 + s - stop_at, "type": "train", "step": s, "total_steps": 40, "loss": 1.2,
+                   "lr": 5e-5, "grad_norm": 1.0, "tokens_per_s": 8000.0, "eta_s": float(40 - s), "epoch": 0.2})
+    return ev
+
+
+def early_stop_events(stop_at: int = 10) -> list[dict]:
+    """Fine-tuning reaches its held-out target at step `stop_at` of 40 and stops; evaluate ends the run."""
+    full = finished_events()
+    ev = _cut_after(full, lambda e: e["type"] == "train" and e["step"] == stop_at)
+    for e in ev:
+        if e["type"] == "eval":
+            e["target_ppl"] = 13.0
+    t = ev[-1]["t"]
+    ev += [{"t": t + 0.4, "type": "eval", "step": stop_at, "ppl": 12.9, "target_ppl": 13.0},
+           {"t": t + 0.5, "type": "log", "level": "info",
+            "message": f"fine-tuning stopped after {stop_at} steps (target_ppl)"},
+           {"t": t + 0.6, "type": "checkpoint", "step": stop_at, "path": f"checkpoints/step-{stop_at}"}]
+    tail = full[next(i for i, e in enumerate(full) if e["type"] == "stage_end" and e["stage"] == "finetune"):]
+    ev += [dict(e, t=e["t"] - 30) for e in tail]
+    return ev
