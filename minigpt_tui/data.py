@@ -185,6 +185,8 @@ def session_rows(root: Path) -> list[dict]:
                    "completed": [], "error": str(e)}
         tail = last_progress(s.events_path) if row.get("status") != "done" else None
         row["progress_text"] = progress_text(row, tail)
+        row["disk"] = session_disk(s)
+        row["model_dir"] = str(s.model_dir.resolve()) if s.model_dir.is_dir() else None
         rows.append(row)
     rows.sort(key=lambda r: (-(r.get("updated") or 0), r["id"]))
     return rows
@@ -339,3 +341,20 @@ def snapshot(s: session_mod.Session) -> dict:
     return {**row, "path": str(Path(row["path"]).resolve()), "model_dir": str(s.model_dir.resolve()),
             "model_exists": s.model_dir.is_dir(), "disk_bytes": session_disk(s),
             "last_progress": tail, "runner_died": died, "metrics": metrics, "events": len(events)}
+
+
+def drop_checkpoints(s: session_mod.Session) -> int:
+    """Remove a finished session's fine-tuning checkpoints, keeping the final model; returns
+    the bytes freed. Refused while a runner holds the session, or before the run is done
+    (a stopped run resumes from them)."""
+    import shutil
+
+    if s.runner_alive():
+        raise MinigptError(f"session {s.id} is running", f"stop it first: minigpt stop {s.id}")
+    if s.status() != "done" or not s.model_dir.is_dir():
+        raise MinigptError(f"session {s.id} is {s.status()}: its checkpoints are what a resume continues from",
+                           "clean up once the run is done (the final model is then in model/)")
+    freed = dir_size(s.checkpoints_dir)
+    if s.checkpoints_dir.exists():
+        shutil.rmtree(s.checkpoints_dir)
+    return freed

@@ -85,3 +85,10 @@ class SystemSample(Message):
 
     def can_replace(self, message: Message) -> bool:
         return isinstance(message, SystemSample)
+
+
+@dataclass
+class CheckpointsDropped(Message):
+    session_id: str
+    freed: int
+    error: str | None = None

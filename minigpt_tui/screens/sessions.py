@@ -15,8 +15,8 @@ from textual.widgets import DataTable, Footer, Input, Static
 from engine.run import session as session_mod
 from engine.errors import MinigptError
 
-from ..data import fmt_ago, session_rows, short_method, short_source
-from ..messages import SessionDeleted, SessionsLoaded
+from ..data import drop_checkpoints, fmt_ago, fmt_bytes, session_rows, short_method, short_source
+from ..messages import CheckpointsDropped, SessionDeleted, SessionsLoaded
 from ..styles import status_text
 from ..widgets import TitleBar
 from .modals import ConfirmModal
@@ -33,7 +33,9 @@ class SessionsScreen(Screen):
     posted as `SessionsLoaded`; only `on_sessions_loaded` touches the table."""
 
     HELP = ("Every session under the root. Enter opens the monitor, n starts a new run, "
-            "space marks sessions for compare (c), / filters.")
+            "space marks sessions for compare (c), / filters. y copies the session's path to the "
+            "terminal clipboard (OSC 52, works over SSH); x drops a finished run's checkpoints, keeping "
+            "its final model.")
     BINDINGS = [
         Binding("enter", "open", "Open", id="sessions.open"),
         Binding("n", "new_run", "New", id="sessions.new"),
@@ -42,6 +44,8 @@ class SessionsScreen(Screen):
         Binding("d,delete", "delete", "Delete", id="sessions.delete"),
         Binding("space", "mark", "Mark", id="sessions.mark"),
         Binding("c", "compare", "Compare", id="sessions.compare"),
+        Binding("y", "copy_path", "Copy path", id="sessions.copy_path"),
+        Binding("x", "cleanup", "Clean up", id="sessions.cleanup"),
         Binding("slash", "filter", "Filter", id="sessions.filter"),
         Binding("escape", "clear_filter", "Clear filter", show=False, id="sessions.clear_filter"),
         Binding("f5", "reload", "Refresh", show=False, id="sessions.refresh"),
@@ -98,6 +102,8 @@ class SessionsScreen(Screen):
             table.add_column("stage", key="stage")
         table.add_column("state", key="status")
         table.add_column("progress", key="progress")
+        if wide:
+            table.add_column("disk", key="disk")
         table.add_column("updated", key="updated")
         return True
 
@@ -151,12 +157,14 @@ class SessionsScreen(Screen):
             cells.append(escape(_trunc(short_method(r), 20 if wide else 17)))
             if wide:
                 cells.append(escape(str(r.get("stage") or "—")))
-            cells += [status_text(self.app, str(r.get("status", "?"))),
-                      r.get("progress_text", ""), fmt_ago(r.get("updated"), now)]
+            cells += [status_text(self.app, str(r.get("status", "?"))), r.get("progress_text", "")]
+            if wide:
+                cells.append(fmt_bytes((r.get("disk") or {}).get("total")))
+            cells.append(fmt_ago(r.get("updated"), now))
             table.add_row(*cells, key=r["id"])
         empty = self.query_one("#empty", Static)
         if not self.rows:
-            empty.update(f"No sessions under {self.app.root} yet. Press n to start a run.")
+            empty.update(f"No sessions under {self.app.root.resolve()} yet. Press n to start a run.")
         elif not rows:
             empty.update(f"No session matches {self.filter_text!r}. Press escape to clear the filter.")
         empty.display = not rows
@@ -185,8 +193,13 @@ class SessionsScreen(Screen):
             return
         marks = f" · {len(self.marked)} marked" if self.marked else ""
         err = f" · {r['error']}" if r.get("error") else ""
+        disk = r.get("disk") or {}
+        model = (f"model {r['model_dir']} ({fmt_bytes(disk.get('model'))})" if r.get("model_dir")
+                 else "no model saved yet")
+        ckpt = f" · checkpoints {fmt_bytes(disk['checkpoints'])}" if disk.get("checkpoints") else ""
         detail.update(f"{r['id']}: {r.get('model')} on {r.get('domain')} · {r.get('mode')} "
-                      f"{r.get('method')} · stage {r.get('stage') or '—'}{marks}{err}")
+                      f"{r.get('method')} · stage {r.get('stage') or '—'}{marks}{err}\n"
+                      f"{model} · disk {fmt_bytes(disk.get('total'))}{ckpt}")
 
     @on(DataTable.RowHighlighted)
     def _highlighted(self) -> None:
@@ -306,6 +319,52 @@ class SessionsScreen(Screen):
             self.notify(f"Deleted {msg.session_id}")
         self.action_reload()
 
+    def action_copy_path(self) -> None:
+        r = self.current_row()
+        if r is None:
+            return
+        path = str(Path(r["path"]).resolve())
+        self.app.copy_to_clipboard(path)  # OSC 52: the terminal's clipboard, over SSH too
+        self.notify(f"Copied {path}", timeout=3)
+
+    def action_cleanup(self) -> None:
+        r = self.current_row()
+        if r is None:
+            return
+        disk = r.get("disk") or {}
+        if r.get("status") != "done" or not r.get("model_dir"):
+            self.notify(f"{r['id']} is {r.get('status')}: a resume needs its checkpoints; clean up when it is done",
+                        severity="warning")
+            return
+        if not disk.get("checkpoints"):
+            self.notify(f"{r['id']} has no checkpoints to drop", severity="warning")
+            return
+        path = Path(r["path"])
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self._drop(path)
+
+        self.app.push_screen(ConfirmModal(
+            f"Drop the checkpoints of {r['id']}?",
+            f"Removes {path / 'checkpoints'} and frees {fmt_bytes(disk['checkpoints'])}. The final model "
+            f"({r['model_dir']}, {fmt_bytes(disk.get('model'))}) and the results stay.", yes_label="Drop"), answer)
+
+    @work(thread=True, group="sessions-cleanup", exit_on_error=False)
+    def _drop(self, path: Path) -> None:
+        try:
+            freed, err = drop_checkpoints(session_mod.Session(path)), None
+        except (OSError, MinigptError) as e:
+            freed, err = 0, (e.line() if isinstance(e, MinigptError) else str(e))
+        self.post_message(CheckpointsDropped(path.name, freed, err))
+
+    def on_checkpoints_dropped(self, msg: CheckpointsDropped) -> None:
+        if msg.error:
+            self.notify(msg.error, severity="error")
+        else:
+            self.notify(f"Dropped the checkpoints of {msg.session_id}: {fmt_bytes(msg.freed)} freed")
+        self.action_reload()
+
     # ---- palette ----------------------------------------------------------------
     def palette_commands(self) -> list[tuple[str, str, Callable[[], object]]]:
         cmds: list[tuple[str, str, Callable[[], object]]] = [
@@ -313,6 +372,8 @@ class SessionsScreen(Screen):
             ("session: compare marked", "Compare the marked sessions side by side", self.action_compare),
             ("session: filter", "Filter the table", self.action_filter),
             ("session: refresh", "Re-read the session folder", self.action_reload),
+            ("session: copy path", "Copy the highlighted session's folder (OSC 52)", self.action_copy_path),
+            ("session: clean up", "Drop a finished run's checkpoints, keeping its model", self.action_cleanup),
         ]
         for r in self.rows:
             path = Path(r["path"])

@@ -34,11 +34,12 @@ async def test_lists_every_session_with_state_progress_and_age(root, make_app):
         assert [r["id"] for r in screen.visible_rows()] == ["smollm2-licenses-eps", "phi-stdlib-ratio",
                                                              "opt-licenses-mask"]
         done = _row(table, "smollm2-licenses-eps")
-        assert done[2:] == ["smollm2", "licenses", "struct eps=0.001", "—", "done", "100%", "10m ago"]
+        assert done[2:8] + done[9:] == ["smollm2", "licenses", "struct eps=0.001", "—", "done", "100%", "10m ago"]
+        assert done[8].endswith(" KB")  # the session folder's size on disk
         # state.json says running but nobody holds runner.lock → disconnected, progress from the log tail
         lost = _row(table, "opt-licenses-mask")
-        assert lost[2:] == ["opt-1.3b", "licenses", "mask eps=0.001", "calibrate", "disconnected",
-                            "1/5 50%", "1d ago"]
+        assert lost[2:8] + lost[9:] == ["opt-1.3b", "licenses", "mask eps=0.001", "calibrate", "disconnected",
+                                        "1/5 50%", "1d ago"]
         assert _row(table, "phi-stdlib-ratio")[4] == "struct 30%"
         assert "disconnected" in screen_text(app)
 
@@ -175,4 +176,32 @@ async def test_empty_root_says_how_to_start(root, make_app):
     app = make_app()
     async with app.run_test(size=(80, 24)) as pilot:
         await _home(pilot)
-        assert "No sessions under sessions yet. Press n to start a run." in screen_text(app)
+        assert str(app.screen.query_one("#empty").content) == f"No sessions under {root.resolve()} yet. Press n to start a run."
+
+
+async def test_disk_use_model_path_copy_path_and_checkpoint_cleanup(root, make_app):
+    from minigpt_tui.screens.modals import ConfirmModal
+    from tui_helpers import finished_events, make_session
+
+    root.mkdir(parents=True, exist_ok=True)
+    s = make_session(root, "big", finished_events(), status="done")
+    (s.model_dir).mkdir()
+    (s.model_dir / "model.safetensors").write_bytes(b"m" * 400_000)
+    (s.checkpoints_dir / "step-40").mkdir(parents=True)
+    (s.checkpoints_dir / "step-40" / "state.pt").write_bytes(b"c" * 1_300_000)
+    app = make_app()
+    copied: list[str] = []
+    app.copy_to_clipboard = copied.append
+    async with app.run_test(size=(120, 30)) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, SessionsScreen) and app.screen.loaded)
+        text = screen_text(app)
+        assert f"model {s.model_dir.resolve()} (400.0 KB)" in text and "checkpoints 1.3 MB" in text
+        await pilot.press("y")
+        assert copied == [str(s.path.resolve())]
+        await pilot.press("x")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmModal))
+        assert "frees 1.3 MB" in app.screen._body_text and "The final model" in app.screen._body_text
+        await pilot.press("y")
+        await wait_for(pilot, lambda: not s.checkpoints_dir.exists())
+        assert (s.model_dir / "model.safetensors").exists()
+        await wait_for(pilot, lambda: any("1.3 MB freed" in str(n.message) for n in app._notifications))
