@@ -210,6 +210,11 @@ COMPARE_COLUMNS: list[tuple[str, str, str]] = [
     ("mcq_base", "MCQ base", "acc"),
     ("mcq_pruned", "MCQ pruned", "acc"),
     ("mcq_finetuned", "MCQ ft", "acc"),
+    ("mcq_ft_se", "MCQ ft ± SE (n)", "str"),
+    ("bpb_pruned", "bpb pruned", "bpb"),
+    ("tokens_per_s", "tok/s ft", "rate"),
+    ("disk", "disk", "bytes"),
+    ("model_bytes", "model size", "bytes"),
 ]
 
 
@@ -250,7 +255,28 @@ def compare_row(s: session_mod.Session) -> dict:
     }
     for key, metric in COLUMN_METRICS.items():
         out[key] = metrics.get(metric)
+    out["mcq_ft_se"] = mcq_with_error(results, "finetuned")
+    out["bpb_pruned"] = metrics.get(("pruned", "vocab_bpb"))
+    ft = results.get("finetune") if isinstance(results.get("finetune"), dict) else {}
+    out["tokens_per_s"] = _num(ft.get("tokens_per_s"))
+    disk = session_disk(s)
+    out["disk"], out["model_bytes"] = disk["total"], (disk["model"] or None)
     return out
+
+
+def mcq_with_error(results: dict, model: str) -> str | None:
+    """MCQ accuracy as `value ± SE (n=…)` over all the model's sets (binomial standard error of
+    the pooled accuracy), so +6 points on 16 questions reads as the noise it is."""
+    entry = (results.get("models") or {}).get(model) if isinstance(results.get("models"), dict) else None
+    sets = entry.get("mcq") if isinstance(entry, dict) else None
+    if not isinstance(sets, dict) or not sets:
+        return None
+    n = sum(int(v.get("n", 0)) for v in sets.values() if isinstance(v, dict))
+    if n <= 0:
+        return None
+    p = sum(float(v.get("acc", 0)) * int(v.get("n", 0)) for v in sets.values() if isinstance(v, dict)) / n
+    se = math.sqrt(max(p * (1 - p), 0.0) / n)
+    return f"{p:.1%} ± {se * 100:.1f} (n={n})"
 
 
 def format_cell(kind: str, v: Any) -> str:
@@ -264,6 +290,12 @@ def format_cell(kind: str, v: Any) -> str:
         return fmt_metric("ppl", v)
     if kind == "acc":
         return fmt_metric("mcq_acc", v)
+    if kind == "bytes":
+        return fmt_bytes(v)
+    if kind == "bpb":
+        return f"{v:.3f}"
+    if kind == "rate":
+        return f"{fmt_count(v)} tok/s"
     return str(v)
 
 

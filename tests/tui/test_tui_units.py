@@ -79,3 +79,11 @@ def test_plot_is_zero_based_when_asked_and_resamples_long_series():
 def test_markdown_export_escapes_pipes():
     md = to_markdown([{"id": "a|b", "model": "m", "domain": "d", "method": "x", "status": "done"}])
     assert "| a\\|b | m | d | x | done |" in md
+
+
+def test_mcq_accuracy_carries_its_standard_error_and_n():
+    from minigpt_tui.data import mcq_with_error
+
+    res = {"models": {"finetuned": {"mcq": {"gen": {"acc": 0.75, "n": 16}}}}}
+    assert mcq_with_error(res, "finetuned") == "75.0% ± 10.8 (n=16)"  # +6 points on 16 items is noise
+    assert mcq_with_error(res, "base") is None
