@@ -1,7 +1,14 @@
 """Every test gets its own calibration cache: statistics cached by one test must never
 turn another test's calibration into a cache hit (child runners inherit the variable)."""
 
+import os
+
 import pytest
+
+# Under pytest-xdist (the fast subset runs with -n 2) each worker gets one compute thread:
+# two workers with a thread per core each oversubscribe 2 cores and run slower than one.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -162,7 +162,8 @@ def test_collect_errors_uses_the_engine_validator_for_every_field():
     assert found["prune.criterion"].startswith("prune.criterion = 'nope' is not valid")
 
 
-async def test_load_a_config_file_edit_and_save_it(root, make_app, runner, tmp_path):
+async def test_load_a_config_file_edit_and_save_it(root, make_app, runner, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # short relative paths: every key typed re-validates the form
     src = tmp_path / "in.toml"
     cfg = config_mod.from_dict({"model": {"source": "microsoft/phi-1_5"}, "calibrate": {"max_tokens": 1024,
                                 "block_size": 256}, "prune": {"rule": "ratio", "ratio": 0.5, "sequential": True},
@@ -171,14 +172,14 @@ async def test_load_a_config_file_edit_and_save_it(root, make_app, runner, tmp_p
     app = make_app()
     async with app.run_test(size=(100, 40)) as pilot:
         form = await _open_form(pilot)
-        await _type_into(pilot, form, "f-config-path", str(src))
+        await _type_into(pilot, form, "f-config-path", "in.toml")
         await pilot.press("ctrl+o")
         await pilot.pause()
         assert form.query_one("#f-model", Input).value == "microsoft/phi-1_5"
         assert form.query_one("#f-cal-tokens", Input).value == "1024"
         assert form.query_one("#f-sequential", Checkbox).value is True
         await _type_into(pilot, form, "f-ratio", "0.4")
-        await _type_into(pilot, form, "f-config-path", str(tmp_path / "out.toml"))
+        await _type_into(pilot, form, "f-config-path", "out.toml")
         await pilot.press("ctrl+w")
         await pilot.pause()
         saved = config_mod.load(tmp_path / "out.toml")
