@@ -172,7 +172,7 @@ class RunnerLock:
                 fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() > deadline or _held_exclusively(self.path):
+                if time.monotonic() > deadline or lock_held(self.path):  # a runner, not a probe
                     self._f.close()
                     raise MinigptError(*self.busy) from None
                 time.sleep(0.02)
@@ -233,17 +233,6 @@ def lock_held(path: Path) -> bool:
     except PermissionError:  # unreadable lock: assume its owner is alive rather than break in
         return True
     with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return False
-
-
-def _held_exclusively(path: Path) -> bool:
-    """A runner (not a probe) holds the lock: the probes only ever take it shared."""
-    with open(path, "rb") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
