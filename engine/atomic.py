@@ -229,46 +229,51 @@ def _discard(tmp: Path) -> None:
 def write_with(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Create `path` atomically with `write(tmp)`, a writer that needs a file name
     (safetensors' save_file, a download loop). Returns `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(path)
-    tmp = temp_path(path)
-    _discard(tmp)
-    try:
-        write(tmp)
+
+    def commit(tmp: Path, target: Path) -> None:
         fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        full = _full(path, tmp) if _caused_by_full_disk(e) else None
-        _discard(tmp)
-        if full is not None:
-            raise full from None
-        raise
-    return path
+        os.replace(tmp, target)
+
+    return _swap_in(path, write, commit, needed=lambda target: 0)
 
 
 def write_dir(folder: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Create (or replace) the folder `folder` atomically with `write(tmp)`, which fills a
     fresh temp folder (save_pretrained). Every file is fsynced before the swap. Returns `folder`."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(folder)
-    tmp = temp_path(folder)
-    _discard(tmp)
-    try:
+
+    def fill(tmp: Path) -> None:
         tmp.mkdir()
         write(tmp)
+
+    def commit(tmp: Path, target: Path) -> None:
         for p in sorted(tmp.rglob("*")):
             if p.is_file() and not p.is_symlink():
                 fsync(p)
-        replace_dir(tmp, folder)
+        replace_dir(tmp, target)
+
+    return _swap_in(folder, fill, commit, needed=_size)
+
+
+def _swap_in(target: str | os.PathLike, fill: Callable[[Path], Any], commit: Callable[[Path, Path], None],
+             needed: Callable[[Path], int]) -> Path:
+    """The one path of write_with and write_dir: a dead writer's temps go, `fill` writes this
+    process's temp, `commit` puts it in place; on failure the temp goes, and a full disk is
+    `DiskFull` (needing at least `needed(target)`, what the old copy holds)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(target)
+    tmp = temp_path(target)
+    _discard(tmp)
+    try:
+        fill(tmp)
+        commit(tmp, target)
     except BaseException as e:
-        full = _full(folder, tmp, needed=_size(folder)) if _caused_by_full_disk(e) else None
+        full = _full(target, tmp, needed=needed(target)) if _caused_by_full_disk(e) else None
         _discard(tmp)
         if full is not None:
             raise full from None
         raise
-    return folder
+    return target
 
 
 def _caused_by_full_disk(e: BaseException) -> bool:
