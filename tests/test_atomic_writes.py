@@ -19,24 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from pids import dead_pid
 import tiny
 from engine import atomic
 from engine.models import export
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _dead_pid() -> int:
-    """A pid no process has now."""
-    top = int(Path("/proc/sys/kernel/pid_max").read_text()) if Path("/proc/sys/kernel/pid_max").exists() else 32768
-    for pid in range(top - 1, 1, -1):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return pid
-        except PermissionError:
-            continue
-    pytest.skip("no free pid")
 
 
 def _siblings(path: Path) -> list[str]:
@@ -59,10 +47,10 @@ def test_write_with_leaves_only_the_target_and_cleans_up_on_failure(tmp_path):
 
 def test_stale_temps_of_dead_writers_go_and_live_ones_stay(tmp_path):
     target = tmp_path / "model"
-    dead = tmp_path / f".model.tmp{_dead_pid()}"
+    dead = tmp_path / f".model.tmp{dead_pid()}"
     dead.mkdir()
     (dead / "model.safetensors").write_bytes(b"x" * 1000)
-    dead_file = tmp_path / f".stats.tmp{_dead_pid()}"
+    dead_file = tmp_path / f".stats.tmp{dead_pid()}"
     dead_file.write_bytes(b"torn")
     live = tmp_path / f".model.tmp{os.getppid()}"  # a live process's write in progress
     live.mkdir()

@@ -22,6 +22,7 @@ import pytest
 
 import ft_case
 from ft_case import one_thread, reaper  # noqa: F401  (fixtures)
+from pids import dead_pid
 from engine import atomic
 from engine.errors import MinigptError
 from engine.run import session as session_mod
@@ -45,17 +46,6 @@ def one_line(r: subprocess.CompletedProcess, rc: int, *needles: str) -> str:
     for n in needles:
         assert n in err[0], err[0]
     return err[0]
-
-
-def _dead_pid() -> int:
-    for pid in range(int(Path("/proc/sys/kernel/pid_max").read_text()) - 1, 1, -1):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return pid
-        except PermissionError:
-            continue
-    pytest.skip("no free pid")
 
 
 @contextlib.contextmanager
@@ -264,7 +254,7 @@ def test_disk_full_during_the_model_write_fails_the_run_in_one_line_and_keeps_th
 # ---- 4. orphaned temps ------------------------------------------------------------------------------
 def test_orphans_go_on_the_next_open_but_never_while_a_runner_holds_the_lock(tmp_path):
     s = ft_case.session(tmp_path, "orph", ft_case.config(tmp_path, "gpt2"))
-    dead = _dead_pid()
+    dead = dead_pid()
     model_tmp = s.path / f".model.tmp{dead}"
     (model_tmp / "x").mkdir(parents=True)
     (model_tmp / "model.safetensors").write_bytes(b"0" * 1000)
@@ -338,7 +328,7 @@ def test_logs_say_when_there_are_no_events_and_when_the_runner_is_gone(tmp_path)
     s = ft_case.session(tmp_path, "quiet", ft_case.config(tmp_path, "gpt2"))
     r = cli("logs", "quiet", "--root", "sessions", cwd=tmp_path)
     assert r.returncode == 0 and "has no events yet" in r.stdout
-    s.update_state(status="running", pid=_dead_pid())  # a runner that died without a word
+    s.update_state(status="running", pid=dead_pid())  # a runner that died without a word
     one_line(cli("logs", "quiet", "--root", "sessions", cwd=tmp_path), 1, "has no events", "events.jsonl is missing")
     w = s.writer()
     w.emit("run_start", pid=1, resumed=False, stages=list(session_mod.STAGES))
