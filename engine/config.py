@@ -21,6 +21,11 @@ EMBEDDED_DEFAULT = "embedded:smollm2"
 CRITERIA = ("paper", "rms", "random", "magnitude", "wanda", "fluctuation", "obs")
 ALLOCATIONS = ("per_layer", "global", "sensitivity")
 COMPENSATIONS = ("none", "bias", "lstsq")
+HEAD_MODES = ("uniform", "per_layer")  # the same head count in every layer (loads stock) | counts per layer
+HEAD_CRITERIA = ("norm", "wanda")  # Minitron's mean ||head output|| | Wanda on o_proj's columns
+DEPTH_CRITERIA = ("influence", "loss")  # ShortGPT's 1 - cos(block in, block out) | measured loss rise
+SEARCH_AXES = ("mlp", "heads", "hidden", "depth", "vocab")
+LOSSES = ("ce", "kd")  # recovery by cross-entropy | by distillation from the unpruned model
 
 
 def cache_dir() -> Path:
@@ -83,6 +88,19 @@ class PruneConfig:
     sensitivity_probe: float = 0.5  # fraction of one layer pruned to measure its sensitivity
     sensitivity_tokens: int = 2048  # calibration tokens used to measure each layer's loss rise
     sensitivity_spread: float = 0.5  # sensitivity allocation: layer ratios within ratio × (1 ± spread)
+    # -- the other axes (Minitron): attention heads, hidden (residual) channels, whole blocks --
+    head_ratio: float = 0.0  # fraction of query heads removed (whole KV groups first, GQA-aware)
+    head_mode: str = "uniform"  # uniform (same count per layer: stock transformers) | per_layer
+    head_criterion: str = "norm"  # norm (mean ||head output||) | wanda (|o_proj column| x input rms)
+    hidden_ratio: float = 0.0  # fraction of residual-stream channels removed (one set for the whole model)
+    depth: int = 0  # whole decoder blocks removed
+    depth_criterion: str = "influence"  # influence (1 - cos(block in, block out)) | loss (measured loss rise)
+    # -- a parameter budget instead of per-axis ratios --
+    target_params: float = 0.0  # 0 = off; < 1: share of the total kept (embeddings counted); >= 1: a count
+    search_axes: list = field(default_factory=lambda: ["mlp", "heads", "hidden", "depth", "vocab"])
+    search_candidates: int = 6  # mixes within the budget ranked by a short distillation run each
+    search_steps: int = 8  # distillation steps per candidate
+    search_tolerance: float = 0.05  # candidates within target ± this share of the budget
 
 
 @dataclass
@@ -107,6 +125,11 @@ class FinetuneConfig:
     gradient_checkpointing: bool = False
     lora_rank: int = 0  # > 0: LoRA via peft, merged before saving
     lora_alpha: float = 16.0
+    loss: str = "ce"  # ce (cross-entropy on the corpus) | kd (forward KL to the unpruned teacher's logits)
+    kd_temperature: float = 1.0  # softmax temperature of both distributions (the KL is scaled by T^2)
+    kd_ce_weight: float = 0.0  # kd loss = KL + kd_ce_weight x CE
+    teacher_steps: int = 0  # teacher correction: fine-tune the unpruned model this many steps first (0 = off)
+    control: bool = False  # also recover the unpruned model with the same budget and loss (the honest control)
 
 
 @dataclass
@@ -184,6 +207,24 @@ def _check_prune(p: PruneConfig) -> None:
         raise MinigptError("prune.min_keep must be at least 1", "set prune.min_keep = 8")
     if p.round_to < 1:
         raise MinigptError("prune.round_to must be at least 1", "use 1, 8 or 64")
+    _choice("prune.head_mode", p.head_mode, HEAD_MODES)
+    _choice("prune.head_criterion", p.head_criterion, HEAD_CRITERIA)
+    _choice("prune.depth_criterion", p.depth_criterion, DEPTH_CRITERIA)
+    for key, v in (("prune.head_ratio", p.head_ratio), ("prune.hidden_ratio", p.hidden_ratio)):
+        if not (0.0 <= v < 1.0):
+            raise MinigptError(f"{key} = {v} is outside [0, 1)", f"use a fraction such as 0.25 ({key} = 0: off)")
+    if p.depth < 0:
+        raise MinigptError(f"prune.depth = {p.depth} is negative", "set prune.depth to the number of blocks to drop, or 0")
+    if p.target_params < 0:
+        raise MinigptError(f"prune.target_params = {p.target_params} is negative",
+                           "use a share of the total to keep (e.g. 0.5) or a parameter count (e.g. 60e6); 0 = off")
+    bad = [a for a in p.search_axes if a not in SEARCH_AXES]
+    if bad or not p.search_axes:
+        raise MinigptError(f"prune.search_axes = {p.search_axes} is invalid",
+                           f"name one or more of: {', '.join(SEARCH_AXES)}")
+    if p.search_candidates < 1 or p.search_steps < 0 or not (0.0 < p.search_tolerance < 1.0):
+        raise MinigptError("prune.search_candidates must be >= 1, search_steps >= 0 and search_tolerance in (0, 1)",
+                           "e.g. search_candidates = 6, search_steps = 8, search_tolerance = 0.05")
 
 
 def _check_data(d: DataConfig) -> None:
@@ -213,6 +254,11 @@ def _check_finetune(ft: FinetuneConfig, cal: CalibrateConfig) -> None:
     if min(ft.warmup_steps, ft.eval_every, ft.checkpoint_every, ft.lora_rank, cal.checkpoint_every) < 0:
         raise MinigptError("finetune.warmup_steps, eval_every, checkpoint_every, lora_rank and "
                            "calibrate.checkpoint_every must not be negative", "use 0 to turn one off")
+    _choice("finetune.loss", ft.loss, LOSSES)
+    if not ft.kd_temperature > 0 or ft.kd_ce_weight < 0 or ft.teacher_steps < 0:
+        raise MinigptError(f"finetune.kd_temperature = {ft.kd_temperature}, kd_ce_weight = {ft.kd_ce_weight}, "
+                           f"teacher_steps = {ft.teacher_steps} are invalid",
+                           "use kd_temperature > 0 (1 is Minitron's best), kd_ce_weight >= 0, teacher_steps >= 0")
     for name, v in (("finetune.max_steps", ft.max_steps), ("finetune.max_epochs", ft.max_epochs)):
         if v < 0:  # a negative limit used to be taken as none
             raise MinigptError(f"{name} = {v} is negative", f"set {name} to e.g. 200, or 0 for no limit of this kind")
