@@ -1,0 +1,84 @@
+"""The parameter budget: unit costs read from real (tiny) models count them exactly, and the
+candidate mixes land within the tolerance and spread over the axes."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.errors import MinigptError
+from engine.models import adapters, size
+from engine.prune import budget
+from tests import tiny
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "opt", "phi"])
+def test_unpruned_count_is_exact(family):
+    m = tiny.model(family)
+    c = budget.costs(m, adapters.for_model(m))
+    assert budget.estimate(c, budget.Mix()) == size.count_params(m)
+
+
+def test_mlp_and_vocab_cuts_count_exactly():
+    """The MLP and vocabulary axes exist today: the estimate equals the sliced model's count."""
+    from engine.prune import mlp as prune
+    from engine.config import PruneConfig
+    from engine.prune.calibrate import calibrate
+
+    m = tiny.model("llama")
+    ids = tiny.tokenizer()(tiny.TEXT, return_tensors="pt")["input_ids"][:, :256].reshape(2, 128)
+    stats = calibrate(m, ids, 2)
+    c = budget.costs(m, adapters.for_model(m), vocab_rows_cut=200)
+    mix = budget.Mix(mlp=0.25)
+    plan = prune.select(m, stats, PruneConfig(rule="ratio", ratio=0.25))
+    prune.apply_structural(m, plan)
+    assert budget.estimate(c, mix) == size.count_params(m)
+    # 200 embedding rows instead of 320, tied head: 120 rows x 32 channels fewer
+    assert budget.estimate(c, budget.Mix(mlp=0.25, vocab=True)) == size.count_params(m) - 120 * 32
+
+
+def test_heads_kept_is_gqa_aware():
+    c = budget.Costs(hidden=576, vocab_rows=10, vocab_rows_cut=0, tied=True, head_bias=False, q_heads=9, kv_heads=3, head_dim=64,
+                     widths=[1536])
+    assert budget.heads_kept(c, 0.0) == (9, 3)
+    assert budget.heads_kept(c, 1 / 3) == (6, 2)  # a whole group
+    assert budget.heads_kept(c, 2 / 3) == (3, 1)
+    assert budget.heads_kept(c, 1 / 9) == (6, 3)  # one head from every group (3 heads), not one head
+    assert budget.head_levels(c) == [0.0, round(1 / 3, 6), round(2 / 3, 6)]
+
+
+def test_candidates_land_on_the_budget_and_spread():
+    m = tiny.model("llama")
+    c = budget.costs(m, adapters.for_model(m), vocab_rows_cut=240)
+    total = c.total()
+    target = budget.target_count(total, 0.6)
+    cands = budget.choose(c, target, 0.05, ["mlp", "heads", "hidden", "depth", "vocab"], 5)
+    assert len(cands) == 5
+    assert len({m for m, _ in cands}) == 5
+    for mix, n in cands:
+        assert abs(n - target) <= 0.05 * target
+        assert n == budget.estimate(c, mix)
+    used = {ax for mix, _ in cands for ax, v in (("mlp", mix.mlp), ("heads", mix.heads), ("hidden", mix.hidden),
+                                                    ("depth", mix.depth), ("vocab", mix.vocab)) if v}
+    assert len(used) >= 3  # spread, not five neighbours on one axis
+    only_mlp = budget.choose(c, budget.target_count(total, 0.8), 0.05, ["mlp"], 3)
+    assert len(only_mlp) == 3
+    assert all(mix.heads == mix.hidden == mix.depth == 0 and not mix.vocab for mix, _ in only_mlp)
+
+
+def test_budget_errors_are_one_line():
+    m = tiny.model("llama")
+    c = budget.costs(m, adapters.for_model(m))
+    with pytest.raises(MinigptError, match="nothing to remove"):
+        budget.target_count(c.total(), 1.0 * c.total())
+    with pytest.raises(MinigptError, match="no mix"):
+        budget.choose(c, budget.target_count(c.total(), 0.05), 0.01, ["depth"], 3)
+
+
+def test_search_ranks_by_bits_per_byte():
+    mixes = [(budget.Mix(mlp=0.3), 100), (budget.Mix(heads=0.5), 101), (budget.Mix(depth=1), 99)]
+    scores = {0.3: 1.2, 0.0: 1.1}
+    seen = []
+    trials = budget.search(mixes, lambda mix: (mix.depth + 1, 1.5 if mix.depth else scores[mix.mlp]),
+                           progress=lambda d, n, r: seen.append((d, n)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert budget.best(trials).mix == budget.Mix(heads=0.5)
