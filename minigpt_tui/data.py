@@ -390,3 +390,135 @@ def drop_checkpoints(s: session_mod.Session) -> int:
     if s.checkpoints_dir.exists():
         shutil.rmtree(s.checkpoints_dir)
     return freed
+
+
+# ---- compare: curves on shared axes ------------------------------------------------------
+# (terminal colour name, SVG colour, glyph): ANSI names render in every theme (the 16-colour
+# one included); the glyph tells the runs apart in a plain capture or a monochrome terminal
+RUN_STYLES: list[tuple[str, str, str]] = [
+    ("cyan", "#1f9fb4", "●"), ("magenta", "#c2409e", "▲"), ("yellow", "#b8a000", "■"),
+    ("green", "#2ca02c", "◆"), ("blue", "#1f5fd4", "✚"), ("bright_red", "#d62728", "✖"),
+    ("bright_cyan", "#17becf", "○"), ("bright_magenta", "#9467bd", "△"),
+]
+BASE_STYLE = ("bright_black", "#7f7f7f", "─")  # the unpruned model's reference line
+
+
+def stable_styles(ids: list[str]) -> dict[str, tuple[str, str, str]]:
+    """A style per run that depends on the run, not on the table's order: each id asks for the
+    slot its name hashes to (crc32, the same in every process) and takes the next free one, in
+    sorted-id order, so the same marked set always gets the same colours, whatever is sorted."""
+    import zlib
+
+    free = list(range(len(RUN_STYLES)))
+    out: dict[str, tuple[str, str, str]] = {}
+    for i in sorted(set(ids)):
+        if not free:
+            free = list(range(len(RUN_STYLES)))
+        want = zlib.crc32(i.encode()) % len(RUN_STYLES)
+        slot = next((s for s in free if s >= want), free[0])
+        free.remove(slot)
+        out[i] = RUN_STYLES[slot]
+    return out
+
+
+def session_curves(s: session_mod.Session) -> dict:
+    """A session's fine-tuning curves from its event log, folded by the monitor's reducer (so a
+    resume's retrained steps are dropped the same way): loss (and KL / CE where the train events
+    carry them) by step, held-out perplexity by step (step 0: the pruned model) and the base
+    model's perplexity, the baseline every curve is read against."""
+    from .runview import RunView
+
+    v = RunView(max_log=1)
+    v.apply(s.events())
+    def pairs(values):  # noqa: E306
+        return [(st, x) for st, x in zip(v.loss_steps, values) if x is not None]
+    return {"loss": pairs(v.losses), "kl": pairs(v.kls), "ce": pairs(v.ces),
+            "ppl": [(st, p) for st, p in v.eval_ppl], "base_ppl": v.metric("base", "ppl"),
+            "total_steps": v.stages["finetune"].total if "finetune" in v.stages else 0}
+
+
+def _ticks(lo: float, hi: float, n: int = 4) -> list[float]:
+    if hi <= lo:
+        return [lo]
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), default=raw)
+    start = math.ceil(lo / step) * step
+    out, x = [], start
+    while x <= hi + step * 1e-9:
+        out.append(round(x, 10))
+        x += step
+    return out
+
+
+def _esc(text: str) -> str:
+    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;"))
+
+
+def curves_svg(curves: dict[str, dict], styles: dict[str, tuple[str, str, str]], title: str = "") -> str:
+    """One SVG with two panels on shared axes: fine-tuning loss and held-out perplexity of every
+    run (one colour per run, `styles`), the base models' perplexity as a dashed reference line,
+    axes with ticks and a legend. Plain SVG 1.1: opens in any browser or editor."""
+    W, H, pw, ph, left, top = 960, 420, 400, 280, 70, 50
+    gap = 80
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
+           'font-family="sans-serif" font-size="12">',
+           f'<rect x="0" y="0" width="{W}" height="{H}" fill="white"/>']
+    if title:
+        out.append(f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="15" font-weight="bold">'
+                   f'{_esc(title)}</text>')
+    bases = sorted({round(c["base_ppl"], 4) for c in curves.values() if isinstance(c.get("base_ppl"), (int, float))})
+    panels = [("fine-tuning loss", "loss", []), ("held-out perplexity", "ppl", bases)]
+    for k, (name, key, refs) in enumerate(panels):
+        x0 = left + k * (pw + gap)
+        series = {sid: c.get(key) or [] for sid, c in curves.items()}
+        pts = [p for ser in series.values() for p in ser if math.isfinite(p[1])]
+        ys = [y for _, y in pts] + list(refs)
+        xmax = max([x for x, _ in pts] + [1])
+        ylo, yhi = (min(ys), max(ys)) if ys else (0.0, 1.0)
+        if yhi - ylo < 1e-9:
+            ylo, yhi = ylo - 0.5, yhi + 0.5
+        pad = (yhi - ylo) * 0.05
+        ylo, yhi = ylo - pad, yhi + pad
+        sx = lambda x: x0 + pw * x / xmax  # noqa: E731
+        sy = lambda y: top + ph * (1 - (y - ylo) / (yhi - ylo))  # noqa: E731
+        out.append(f'<text x="{x0 + pw / 2}" y="{top - 10}" text-anchor="middle" font-weight="bold">{_esc(name)}</text>')
+        out.append(f'<rect x="{x0}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>')
+        for t in _ticks(ylo, yhi):
+            y = sy(t)
+            out.append(f'<line x1="{x0 - 4}" y1="{y:.1f}" x2="{x0 + pw}" y2="{y:.1f}" stroke="#ddd"/>')
+            out.append(f'<text x="{x0 - 6}" y="{y + 4:.1f}" text-anchor="end">{t:g}</text>')
+        for t in _ticks(0, xmax):
+            x = sx(t)
+            out.append(f'<line x1="{x:.1f}" y1="{top + ph}" x2="{x:.1f}" y2="{top + ph + 4}" stroke="#444"/>')
+            out.append(f'<text x="{x:.1f}" y="{top + ph + 17}" text-anchor="middle">{t:g}</text>')
+        out.append(f'<text x="{x0 + pw / 2}" y="{top + ph + 34}" text-anchor="middle">step</text>')
+        for ref in refs:
+            out.append(f'<line x1="{x0}" y1="{sy(ref):.1f}" x2="{x0 + pw}" y2="{sy(ref):.1f}" '
+                       f'stroke="{BASE_STYLE[1]}" stroke-width="1.5" stroke-dasharray="6,4"/>')
+            out.append(f'<text x="{x0 + pw - 4}" y="{sy(ref) - 4:.1f}" text-anchor="end" fill="{BASE_STYLE[1]}">'
+                       f'base {ref:g}</text>')
+        for sid, ser in series.items():
+            good = [(x, y) for x, y in ser if math.isfinite(y)]
+            if not good:
+                continue
+            colour = styles.get(sid, RUN_STYLES[0])[1]
+            path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in good)
+            out.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2">'
+                       f'<title>{_esc(sid)}</title></polyline>')
+            for x, y in good if len(good) <= 60 else good[-1:]:
+                out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{colour}"/>')
+    # legend: the baseline first (pinned), then the runs in the table's order
+    ly = top + ph + 52
+    items = ([(f"base model ppl ({', '.join(f'{b:g}' for b in bases)})", BASE_STYLE[1], True)] if bases else [])
+    items += [(sid, styles.get(sid, RUN_STYLES[0])[1], False) for sid in curves]
+    x = left
+    for label, colour, dashed in items:
+        dash = ' stroke-dasharray="6,4"' if dashed else ""
+        out.append(f'<line x1="{x}" y1="{ly}" x2="{x + 24}" y2="{ly}" stroke="{colour}" stroke-width="2"{dash}/>')
+        out.append(f'<text x="{x + 30}" y="{ly + 4}">{_esc(label)}</text>')
+        x += 40 + 7 * len(label)
+        if x > W - 150:
+            x, ly = left, ly + 18
+    out.append("</svg>")
+    return "\n".join(out) + "\n"

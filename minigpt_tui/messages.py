@@ -3,7 +3,7 @@ handlers on screens are the only code that changes widgets (harlequin's rule).""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from textual.message import Message
 
@@ -49,6 +49,7 @@ class RunStatus(Message):
 class CompareLoaded(Message):
     rows: list[dict]
     errors: list[str]
+    curves: dict = field(default_factory=dict)  # session id -> data.session_curves(...)
 
 
 @dataclass
@@ -91,4 +92,23 @@ class SystemSample(Message):
 class CheckpointsDropped(Message):
     session_id: str
     freed: int
+    error: str | None = None
+
+
+@dataclass
+class ExportProgress(Message):
+    """The export worker's progress: `done` of `total` blocks written, or a log line."""
+
+    done: int = 0
+    total: int = 0
+    line: str = ""
+
+
+@dataclass
+class ExportFinished(Message):
+    """The export ended: the file and its size, or the one-line engine error."""
+
+    path: str | None
+    bytes: int = 0
+    summary: str = ""
     error: str | None = None

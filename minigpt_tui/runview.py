@@ -60,6 +60,14 @@ class RunView:
     current: str | None = None
     losses: list[float] = field(default_factory=list)
     loss_steps: list[int] = field(default_factory=list)
+    # the loss's parts where the train events carry them (distillation: KL to the teacher, CE on
+    # the corpus); None at steps without them, so they stay aligned with loss_steps
+    kls: list = field(default_factory=list)
+    ces: list = field(default_factory=list)
+    # train events of stages other than finetune (a teacher correction, the control run):
+    # {stage: [(step, loss)]}; they never enter the fine-tuning curve
+    other_losses: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    planned: set[str] = field(default_factory=set)  # every stage some run_start planned or an event named
     eval_ppl: list[tuple[int, float]] = field(default_factory=list)
     target_ppl: float | None = None
     train_last: dict | None = None
@@ -107,6 +115,7 @@ class RunView:
 
     def stage(self, name: Any) -> StageView:
         name = str(name or "?")
+        self.planned.add(name)
         if name not in self.stages:
             self.stages[name] = StageView(name)
         return self.stages[name]
@@ -122,6 +131,7 @@ class RunView:
         self.error = None
         planned = ev.get("stages")
         if isinstance(planned, list) and planned:
+            self.planned.update(str(p) for p in planned)
             for name in list(self.stages):
                 st = self.stages[name]
                 if name not in planned and st.status in ("pending", "off"):
@@ -143,6 +153,8 @@ class RunView:
             keep = [i for i, step in enumerate(self.loss_steps) if step <= done]
             self.losses = [self.losses[i] for i in keep]
             self.loss_steps = [self.loss_steps[i] for i in keep]
+            self.kls = [self.kls[i] for i in keep]
+            self.ces = [self.ces[i] for i in keep]
             self.eval_ppl = [(step, p) for step, p in self.eval_ppl if step <= done]
         st.status, st.done, st.rate, st.eta_s, st.note = "running", done, None, None, ""
         self.current = st.name
@@ -173,9 +185,22 @@ class RunView:
     def _on_train(self, ev: dict) -> None:
         loss = _num(ev.get("loss"))
         step = int(ev.get("step", len(self.losses)))
+        owner = self.current if self.current in self.stages and self.current != "finetune" and \
+            self.stages[self.current].status == "running" and self.current in _TRAINING else "finetune"
+        if owner != "finetune":  # a teacher correction or the control: its own curve and count
+            if loss is not None:
+                self.other_losses.setdefault(owner, []).append((step, loss))
+            st = self.stage(owner)
+            if ev.get("total_steps"):
+                st.done, st.total, st.unit = float(step), float(ev["total_steps"]), "steps"
+            st.eta_s = _num(ev.get("eta_s"))
+            st.tokens_per_s = _num(ev.get("tokens_per_s"))
+            return
         if loss is not None:
             self.losses.append(loss)
             self.loss_steps.append(step)
+            self.kls.append(_num(ev.get("kl")))
+            self.ces.append(_num(ev.get("ce")))
         self.train_last = ev
         st = self.stage("finetune")
         if st.status in ("pending", "off"):
@@ -262,9 +287,17 @@ class RunView:
 
     # ---- derived views --------------------------------------------------------
     def ordered_stages(self) -> list[StageView]:
+        """The record's stages in its order, then any other a log named. Before any run started
+        all are shown (pending); after, a stage no run planned and no event named is left out (a
+        session older than a stage the record gained, or a run of some stages only)."""
         known = [self.stages[n] for n in record.STAGES if n in self.stages]
         extra = [s for n, s in self.stages.items() if n not in record.STAGES]
+        if self.runs:
+            known = [s for s in known if s.name in self.planned]
         return known + extra
+
+    def has_loss_parts(self) -> bool:
+        return any(x is not None for x in self.kls) or any(x is not None for x in self.ces)
 
     def gpu_samples(self) -> list[dict]:
         """The newest sample of each rank, rank 0 first (none on a CPU run: `gpu` is CUDA-only)."""
@@ -285,6 +318,12 @@ class RunView:
         h, rem = divmod(s, 3600)
         m, s = divmod(rem, 60)
         return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+# stages whose `train` events are not fine-tuning's: every record stage that trains besides
+# finetune (a teacher correction before calibrate, the control after evaluate, where the record has
+# them); the names are the record's, so an older record simply has none
+_TRAINING = frozenset(n for n in record.STAGES if n in ("teacher", "control"))
 
 
 def _num(v: Any) -> float | None:

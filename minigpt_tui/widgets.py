@@ -116,3 +116,105 @@ class Tick(Checkbox):
     def _button(self) -> Content:
         style = self.get_visual_style("toggle--button")
         return Content.assemble("[", ("x" if self.value else " ", style), "]")
+
+
+def overlay_grid(series: list[tuple[str, str, list[tuple[float, float]]]], width: int, height: int,
+                 refs: Sequence[tuple[str, str, float]] = (), label_width: int = 7,
+                 empty: str = "no curves") -> list[list[tuple[str, str]]]:
+    """Several (name, style, [(x, y)]) series on one pair of shared axes, as rows of
+    (character, style) cells: y labels on the left, x from 0 to the largest x at the bottom.
+    Each series is drawn with its own glyph (its style's first character after the colour,
+    see `series`), interpolated across columns; `refs` are horizontal reference lines
+    (label, style, y), drawn first so the runs stay on top."""
+    plot_w, plot_h = width - label_width - 1, height - 1
+    if plot_w < 4 or plot_h < 2:
+        return []
+    pts = [(x, y) for _, _, ser in series for x, y in ser if math.isfinite(y)]
+    ys = [y for _, y in pts] + [y for _, _, y in refs if math.isfinite(y)]
+    grid = [[(" ", "")] * plot_w for _ in range(plot_h)]
+    rows: list[list[tuple[str, str]]] = []
+    if not pts:
+        msg = f" {empty}"[:plot_w]
+        grid[0] = [(c, "") for c in msg.ljust(plot_w)]
+        lo = hi = 0.0
+        xmax = 0.0
+    else:
+        lo, hi = min(ys), max(ys)
+        if hi - lo < 1e-12:
+            lo, hi = lo - 0.5, hi + 0.5
+        xmax = max(x for x, _ in pts) or 1.0
+        row_of = lambda y: max(0, min(plot_h - 1, int(round((hi - y) / (hi - lo) * (plot_h - 1)))))  # noqa: E731
+        for _label, style, y in refs:
+            if math.isfinite(y):
+                r = row_of(y)
+                grid[r] = [("─", style) if c == " " else (c, s) for c, s in grid[r]]
+        for _name, style, ser in series:
+            glyph, colour = style.split(" ", 1) if " " in style else ("•", style)
+            good = sorted((x, y) for x, y in ser if math.isfinite(y))
+            if not good:
+                continue
+            col_of = lambda x: max(0, min(plot_w - 1, int(round(x / xmax * (plot_w - 1)))))  # noqa: E731
+            cols = [(col_of(x), y) for x, y in good]
+            if len(cols) == 1:
+                grid[row_of(cols[0][1])][cols[0][0]] = (glyph, colour)
+                continue
+            for (c0, y0), (c1, y1) in zip(cols, cols[1:]):
+                for c in range(c0, max(c0, c1) + 1):
+                    y = y0 if c1 == c0 else y0 + (y1 - y0) * (c - c0) / (c1 - c0)
+                    grid[row_of(y)][c] = (glyph, colour)
+    for r in range(plot_h):
+        label = _short(hi) if (r == 0 and pts) else (_short(lo) if (r == plot_h - 1 and pts) else "")
+        rows.append([(ch, "") for ch in label.rjust(label_width)[:label_width]] + [("│", "")] + grid[r])
+    foot = " " * label_width + "└" + ("0" + f"step {xmax:g}".rjust(plot_w - 1) if pts else "─" * plot_w)
+    rows.append([(ch, "") for ch in foot[:width]])
+    return rows
+
+
+class OverlayPlot(Widget):
+    """Runs overlaid on shared axes: each series in its own colour and glyph (the legend line
+    under the caption names them), reference lines (the baseline) pinned first. Used by
+    Compare (loss and held-out ppl of the marked runs) and by the monitor (loss with its KL
+    and CE parts)."""
+
+    DEFAULT_CSS = """
+    OverlayPlot { height: 8; }
+    """
+
+    def __init__(self, caption: str = "", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.caption = caption
+        self.series: list[tuple[str, str, list[tuple[float, float]]]] = []
+        self.refs: list[tuple[str, str, float]] = []
+        self.empty = "no curves"
+
+    def set_data(self, series: list[tuple[str, str, list[tuple[float, float]]]], caption: str,
+                 refs: Sequence[tuple[str, str, float]] = (), empty: str = "no curves") -> None:
+        """`series`: (name, "GLYPH colour", [(x, y)]); `refs`: (label, colour, y)."""
+        self.series, self.caption, self.refs, self.empty = list(series), caption, list(refs), empty
+        self.refresh()
+
+    def legend(self) -> Text:
+        text = Text(no_wrap=True, overflow="ellipsis")
+        for label, style, y in self.refs:
+            text.append("── ", style=style)
+            text.append(f"{label}  ")
+        for name, style, ser in self.series:
+            glyph, colour = style.split(" ", 1) if " " in style else ("•", style)
+            text.append(glyph + " ", style=colour)
+            last = next((y for _, y in reversed(ser) if math.isfinite(y)), None)
+            text.append(f"{name}{'' if last is None else ' ' + _short(last)}  ")
+        return text
+
+    def render(self) -> RenderResult:
+        w, h = self.content_size.width, self.content_size.height
+        text = Text(no_wrap=True, overflow="crop")
+        text.append(self.caption[:w], style="bold")
+        legend = self.legend()
+        legend.truncate(w, overflow="ellipsis")
+        text.append("\n")
+        text.append_text(legend)
+        for row in overlay_grid(self.series, w, max(3, h - 2), self.refs, empty=self.empty):
+            text.append("\n")
+            for ch, style in row:
+                text.append(ch, style=style or None)
+        return text

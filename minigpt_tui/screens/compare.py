@@ -1,5 +1,8 @@
 """Compare: several sessions side by side (size, % removed, perplexities, MCQ accuracy),
-sortable by any column, exported to CSV or Markdown with an atomic write."""
+sortable by any column, and their curves overlaid on shared axes (fine-tuning loss and
+held-out perplexity, one stable colour and glyph per run, the base model's perplexity pinned
+as the reference line). Exports (atomic writes): the table as CSV or Markdown, the curves as
+an SVG, or all three with one key."""
 
 from __future__ import annotations
 
@@ -12,19 +15,20 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.containers import Vertical
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Static
+from textual.widgets import DataTable, Footer, Static, TabbedContent, TabPane
 
 from engine import atomic
 from engine.run import record
 from engine.run import session as session_mod
 from engine.errors import MinigptError
 
-from ..data import (COLUMN_METRICS, COMPARE_COLUMNS, compare_row, format_cell, short_source, sort_key, to_csv,
-                    to_markdown)
+from ..data import (BASE_STYLE, COLUMN_METRICS, COMPARE_COLUMNS, compare_row, curves_svg, format_cell,
+                    session_curves, short_source, sort_key, stable_styles, to_csv, to_markdown)
 from ..messages import CompareLoaded
 from ..styles import theme_style
-from ..widgets import TitleBar
+from ..widgets import OverlayPlot, TitleBar
 
 if TYPE_CHECKING:
     from ..app import MinigptApp
@@ -48,13 +52,20 @@ class CompareScreen(Screen):
 
     HELP = ("Sessions side by side. Put the cursor on a field and press s to sort the sessions by it "
             "(again to reverse), or click a column header. t swaps rows and columns. "
-            "e writes CSV, m writes Markdown, under <root>/exports/.")
+            "1 shows the table, 2 the curves: fine-tuning loss and held-out perplexity of every run on "
+            "shared axes, each run in its own colour and glyph (the same run keeps its colour), the base "
+            "model's perplexity as the pinned reference line. x writes the table (CSV and Markdown) and "
+            "the curves (SVG) under <root>/exports/ at once; e, m and p write one of them.")
     BINDINGS = [
         Binding("escape", "back", "Back", id="compare.back"),
+        Binding("1", "tab('table')", "Table", id="compare.tab_table"),
+        Binding("2", "tab('curves')", "Curves", id="compare.tab_curves"),
         Binding("s", "sort", "Sort", id="compare.sort"),
         Binding("t", "transpose", "Transpose", id="compare.transpose"),
-        Binding("e", "export('csv')", "CSV", id="compare.export_csv"),
-        Binding("m", "export('md')", "Markdown", id="compare.export_md"),
+        Binding("x", "export_all", "Export all", id="compare.export_all"),
+        Binding("e", "export('csv')", "CSV", show=False, id="compare.export_csv"),
+        Binding("m", "export('md')", "Markdown", show=False, id="compare.export_md"),
+        Binding("p", "export('svg')", "SVG", show=False, id="compare.export_svg"),
     ]
 
     app: "MinigptApp"
@@ -68,10 +79,19 @@ class CompareScreen(Screen):
         self.transposed: bool | None = None  # decided on mount from the terminal width
         self.loaded = False
         self.last_export: Path | None = None
+        self.curves: dict[str, dict] = {}
+        self.run_styles: dict[str, tuple[str, str, str]] = {}
 
     def compose(self) -> ComposeResult:
-        yield TitleBar(f"minigpt · compare {len(self.paths)} sessions", id="title")
-        yield DataTable(id="compare-table", cursor_type="cell", zebra_stripes=True)
+        root = Path(self.app.root).resolve()
+        yield TitleBar(f"minigpt · compare {len(self.paths)} sessions in {root}", id="title")
+        with TabbedContent(initial="table", id="compare-tabs"):
+            with TabPane("Table", id="table"):
+                yield DataTable(id="compare-table", cursor_type="cell", zebra_stripes=True)
+            with TabPane("Curves", id="curves"):
+                with Vertical(id="compare-plots"):
+                    yield OverlayPlot("fine-tuning loss", id="compare-loss")
+                    yield OverlayPlot("held-out perplexity", id="compare-ppl")
         yield Static("", id="compare-note", markup=False)
         yield Footer()
 
@@ -83,20 +103,54 @@ class CompareScreen(Screen):
 
     @work(thread=True, exclusive=True, group="compare-load", exit_on_error=False)
     def _load(self, paths: list[Path]) -> None:
-        rows, errors = [], []
+        rows, errors, curves = [], [], {}
         for p in paths:
             try:
-                rows.append(compare_row(session_mod.Session(p)))
+                s = session_mod.Session(p)
+                row = compare_row(s)
+                rows.append(row)
+                curves[row["id"]] = session_curves(s)
             except (OSError, MinigptError) as e:
                 errors.append(f"{p.name}: {e}")
-        self.post_message(CompareLoaded(rows, errors))
+        self.post_message(CompareLoaded(rows, errors, curves))
 
     def on_compare_loaded(self, msg: CompareLoaded) -> None:
         self.rows = msg.rows
+        self.curves = msg.curves
+        self.run_styles = stable_styles([r["id"] for r in self.rows])
         self.loaded = True
         for err in msg.errors:
             self.notify(err, severity="error")
         self._render_table()
+        self._render_curves()
+
+    # ---- curves ------------------------------------------------------------------
+    def _series(self, key: str) -> list[tuple[str, str, list]]:
+        out = []
+        for r in self.sorted_rows():
+            colour, _svg, glyph = self.run_styles[r["id"]]
+            out.append((r["id"], f"{glyph} {colour}", (self.curves.get(r["id"]) or {}).get(key) or []))
+        return out
+
+    def base_refs(self) -> list[tuple[str, str, float]]:
+        """The unpruned models' held-out perplexity: one pinned line per distinct base."""
+        bases = sorted({round(c["base_ppl"], 4) for c in self.curves.values()
+                        if isinstance(c.get("base_ppl"), (int, float))})
+        return [(f"base {b:.2f}", BASE_STYLE[0], b) for b in bases]
+
+    def _render_curves(self) -> None:
+        loss = self._series("loss")
+        steps = max((x for _, _, ser in loss for x, _ in ser), default=0)
+        self.query_one("#compare-loss", OverlayPlot).set_data(
+            loss, f"fine-tuning loss by step (shared axes{f', 0–{steps:g}' if steps else ''})",
+            empty="no fine-tuning steps in these runs")
+        ppl = self._series("ppl")
+        self.query_one("#compare-ppl", OverlayPlot).set_data(
+            ppl, "held-out perplexity by step (step 0: pruned; the base model pinned)", self.base_refs(),
+            empty="no held-out evaluations in these runs")
+
+    def action_tab(self, tab: str) -> None:
+        self.query_one(TabbedContent).active = tab
 
     # ---- table -----------------------------------------------------------------
     def sorted_rows(self) -> list[dict]:
@@ -170,6 +224,7 @@ class CompareScreen(Screen):
         else:
             self.sort_by, self.reverse = key, False
         self._render_table()
+        self._render_curves()  # the legend follows the table's order; the colours stay
 
     def action_sort(self) -> None:
         table = self.query_one(DataTable)
@@ -190,19 +245,44 @@ class CompareScreen(Screen):
 
     def export_path(self, ext: str) -> Path:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.app.clock()))
-        return Path(self.app.root) / "exports" / f"compare-{stamp}.{ext}"
+        return Path(self.app.root).resolve() / "exports" / f"compare-{stamp}.{ext}"
+
+    def export_text(self, fmt: str) -> str:
+        rows = self.sorted_rows()
+        if fmt == "csv":
+            return to_csv(rows)
+        if fmt == "md":
+            return to_markdown(rows)
+        ordered = {r["id"]: self.curves.get(r["id"]) or {} for r in rows}
+        return curves_svg(ordered, {i: self.run_styles[i] for i in ordered},
+                          title=f"minigpt compare: {len(rows)} runs")
+
+    def _write(self, fmts: tuple[str, ...]) -> list[Path]:
+        written = []
+        for fmt in fmts:
+            path = self.export_path(fmt)
+            try:
+                atomic.write_text(path, self.export_text(fmt))
+            except OSError as e:
+                self.notify(f"cannot write {path}: {getattr(e, 'strerror', None) or e}", severity="error")
+                break
+            written.append(path)
+        if written:
+            self.last_export = written[0] if len(written) == 1 else written[0].with_suffix(".{csv,md,svg}")
+            self._update_note()
+        return written
 
     def action_export(self, fmt: str) -> None:
-        rows = self.sorted_rows()
-        path = self.export_path("csv" if fmt == "csv" else "md")
-        try:
-            atomic.write_text(path, to_csv(rows) if fmt == "csv" else to_markdown(rows))
-        except OSError as e:
-            self.notify(f"cannot write {path}: {e}", severity="error")
-            return
-        self.last_export = path
-        self._update_note()
-        self.notify(f"Wrote {path}")
+        written = self._write((fmt,))
+        if written:
+            self.notify(f"Wrote {written[0]}")
+
+    def action_export_all(self) -> None:
+        """The table (CSV, Markdown) and the curves (SVG) under <root>/exports/, one stamp."""
+        written = self._write(("csv", "md", "svg"))
+        if written:
+            self.notify(f"Wrote {len(written)} files: {written[0].parent}/" + ", ".join(p.name for p in written),
+                        title="Exported", timeout=8)
 
     def action_back(self) -> None:
         self.app.pop_screen()
@@ -211,6 +291,10 @@ class CompareScreen(Screen):
         cmds: list[tuple[str, str, Callable[[], object]]] = [
             ("export: CSV", "Write the comparison as CSV under the session root", lambda: self.action_export("csv")),
             ("export: Markdown", "Write the comparison as a Markdown table", lambda: self.action_export("md")),
+            ("export: SVG plots", "Write the overlaid curves as an SVG", lambda: self.action_export("svg")),
+            ("export: all", "Write CSV, Markdown and the SVG plots at once", self.action_export_all),
+            ("view: curves", "Show the overlaid loss and perplexity curves", lambda: self.action_tab("curves")),
+            ("view: table", "Show the comparison table", lambda: self.action_tab("table")),
             ("view: transpose", "Swap rows and columns", self.action_transpose),
         ]
         for key, label, _ in COMPARE_COLUMNS:

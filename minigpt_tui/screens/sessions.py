@@ -65,7 +65,7 @@ class SessionsScreen(Screen):
 
     # ---- layout ----------------------------------------------------------------
     def compose(self) -> ComposeResult:
-        yield TitleBar(f"minigpt · sessions in {self.app.root}", id="title")
+        yield TitleBar(f"minigpt · sessions in {Path(self.app.root).resolve()}", id="title")
         yield Input(placeholder="filter: model, domain, method, state…", id="filter")
         yield DataTable(id="sessions", cursor_type="row", zebra_stripes=True)
         yield Static("", id="empty")

@@ -63,7 +63,7 @@ async def test_two_sessions_side_by_side_sort_and_export(root, make_app):
 
         await pilot.press("e")
         csv_path = screen.last_export
-        assert csv_path is not None and csv_path.parent == root / "exports" and csv_path.suffix == ".csv"
+        assert csv_path is not None and csv_path.parent == root.resolve() / "exports" and csv_path.suffix == ".csv"
         rows = list(csv.DictReader(io.StringIO(csv_path.read_text())))
         assert [r["id"] for r in rows] == ["phi-stdlib-ratio", "smollm2-licenses-eps"]
         assert rows[1]["ppl_finetuned"] == "13.7718" and rows[1]["pct_removed"] == "3.7"
@@ -98,3 +98,80 @@ async def test_narrow_terminal_transposes_and_still_sorts(root, make_app):
         assert not screen.transposed and table.row_count == 3
         await pilot.press("escape")
         assert not isinstance(app.screen, CompareScreen)
+
+
+def _svg_runs(svg_text: str) -> dict:
+    """The SVG's polylines by the run each names (its <title>), their colours and point counts."""
+    import xml.etree.ElementTree as ET
+
+    ns = {"s": "http://www.w3.org/2000/svg"}
+    tree = ET.fromstring(svg_text)
+    out: dict = {}
+    for line in tree.iter("{http://www.w3.org/2000/svg}polyline"):
+        name = line.find("s:title", ns).text
+        out.setdefault(name, []).append((line.get("stroke"), len(line.get("points").split())))
+    return out
+
+
+async def test_curves_overlay_stable_colours_pinned_base_and_one_key_export(root, make_app):
+    """Curves tab: both runs' loss and held-out ppl on the same axes, each in its own colour and
+    glyph that stays with the run when the table is re-sorted; the base model's perplexity is
+    the pinned first legend item; x writes CSV, Markdown and an SVG of the curves at once."""
+    from minigpt_tui.widgets import OverlayPlot
+
+    sessions = standard_root(root)
+    app = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await _compare(pilot, [sessions["done"].path, sessions["ratio"].path])
+        await pilot.press("2")
+        await pilot.pause()
+        loss = screen.query_one("#compare-loss", OverlayPlot)
+        ppl = screen.query_one("#compare-ppl", OverlayPlot)
+        assert [name for name, _, _ in loss.series] == ["smollm2-licenses-eps", "phi-stdlib-ratio"]
+        assert all(len(ser) == 40 for _, _, ser in loss.series)  # 40 steps each, on one x axis
+        assert [len(ser) for _, _, ser in ppl.series] == [5, 5]  # step 0 (pruned) + every 10 steps
+        assert ppl.refs == [("base 12.40", "bright_black", 12.4031)]
+        styles = {name: style for name, style, _ in loss.series}
+        assert len(set(styles.values())) == 2
+        text = screen_text(app)
+        glyphs = [s.split()[0] for s in styles.values()]
+        assert "── base 12.40" in text and all(g in text for g in glyphs)
+        assert "held-out perplexity by step" in text
+        # sorting reorders the legend, never the colours
+        screen.sort_by_column("ppl_finetuned")
+        screen.sort_by_column("ppl_finetuned")
+        assert [name for name, _, _ in loss.series] == ["phi-stdlib-ratio", "smollm2-licenses-eps"]
+        assert {name: style for name, style, _ in loss.series} == styles
+        # reopening the same marked runs (in the other order) gives the same colours
+        await pilot.press("escape")
+        screen2 = await _compare(pilot, [sessions["ratio"].path, sessions["done"].path])
+        assert {n: st for n, st, _ in screen2._series("loss")} == styles
+
+        await pilot.press("x")
+        await pilot.pause()
+        exports = sorted((root / "exports").iterdir())
+        assert [p.suffix for p in exports] == [".csv", ".md", ".svg"]
+        assert len({p.stem for p in exports}) == 1  # one stamp for the three
+        assert any("Wrote 3 files" in str(n.message) and str(root.resolve() / "exports") in str(n.message)
+                   for n in app._notifications)
+        svg = exports[2].read_text()
+        runs = _svg_runs(svg)
+        assert set(runs) == {"smollm2-licenses-eps", "phi-stdlib-ratio"}
+        assert [n for _, n in runs["smollm2-licenses-eps"]] == [40, 5]  # loss panel, ppl panel
+        colours = {name: {c for c, _ in lines} for name, lines in runs.items()}
+        assert all(len(c) == 1 for c in colours.values()) and colours["smollm2-licenses-eps"] != colours[
+            "phi-stdlib-ratio"]
+        assert "stroke-dasharray" in svg and "base model ppl (12.4031)" in svg  # the pinned baseline
+        assert "fine-tuning loss" in svg and "held-out perplexity" in svg and ">step<" in svg
+
+
+def test_stable_styles_depend_on_the_run_not_the_order():
+    from minigpt_tui.data import RUN_STYLES, stable_styles
+
+    ids = [f"run-{i}" for i in range(5)]
+    a = stable_styles(ids)
+    assert a == stable_styles(list(reversed(ids)))
+    assert len(set(a.values())) == 5 and set(a.values()) <= set(RUN_STYLES)
+    # more runs than styles: every run still gets one
+    many = stable_styles([f"r{i}" for i in range(len(RUN_STYLES) + 3)])
+    assert len(many) == len(RUN_STYLES) + 3

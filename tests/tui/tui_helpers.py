@@ -189,9 +189,13 @@ def standard_root(root: Path) -> dict[str, session_mod.Session]:
     root.mkdir(parents=True, exist_ok=True)
     done = make_session(root, "smollm2-licenses-eps", finished_events(), status="done", updated=NOW - 600)
     ratio_events = head_events() + tail_events(pcts=[30.0] * LAYERS)
-    for e in ratio_events:  # a second run with its own numbers
+    for e in ratio_events:  # a second run with its own numbers (and curves: compare overlays them)
         if e["type"] == "metric" and e["name"] == "ppl" and e["model"] != "base":
             e["value"] = round(e["value"] * 1.1, 4)
+        elif e["type"] == "eval":
+            e["ppl"] = round(e["ppl"] * 1.1, 3)
+        elif e["type"] == "train":
+            e["loss"] = round(e["loss"] * 1.15 + 0.1, 4)
     ratio = make_session(root, "phi-stdlib-ratio", ratio_events, status="done", updated=NOW - 7200,
                          overrides={"model": {"source": "microsoft/phi-1_5"},
                                     "data": {"source": "builtin:stdlib-docs"},
