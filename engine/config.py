@@ -146,6 +146,7 @@ class EvaluateConfig:
     mcq_template: str = ""  # "" = "Question: {question}\nAnswer:" ("{question}" for generated sets)
     mcq_columns: list = field(default_factory=list)  # hub sets: ["question=COL", "choices=A,B,C,D", "answer=COL"]
     evaluate_base: bool = True
+    bpb: bool = True  # also held-out bits per byte (compares across vocabularies; one more pass)
 
 
 @dataclass
@@ -207,6 +208,10 @@ def _check_prune(p: PruneConfig) -> None:
         raise MinigptError("prune.min_keep must be at least 1", "set prune.min_keep = 8")
     if p.round_to < 1:
         raise MinigptError("prune.round_to must be at least 1", "use 1, 8 or 64")
+    if p.mode == "mask" and (p.head_ratio or p.hidden_ratio or p.depth or p.target_params):
+        raise MinigptError("prune.mode = \"mask\" zeroes MLP neurons, linears and embedding rows only; heads, "
+                           "hidden channels, depth and target_params remove weights for real",
+                           "set prune.mode = \"structural\", or drop head_ratio/hidden_ratio/depth/target_params")
     _choice("prune.head_mode", p.head_mode, HEAD_MODES)
     _choice("prune.head_criterion", p.head_criterion, HEAD_CRITERIA)
     _choice("prune.depth_criterion", p.depth_criterion, DEPTH_CRITERIA)

@@ -121,6 +121,25 @@ def plan_from_masks(keep: list[torch.Tensor], widths: list[int]) -> Plan:
     return Plan([torch.sort(k).values for k in keep], widths)
 
 
+def sensitivities_for(model, stats: Stats, cfg: PruneConfig, calib=None, batch_size: int = 4, seed: int = 0,
+                      progress=None) -> list[float] | None:
+    """Each layer's measured loss rise when `sensitivity_probe` of it is pruned (sensitivity
+    allocation only; None otherwise). It depends on the criterion and compensation, not on the
+    ratio, so a budget search measures it once for all its candidates."""
+    if cfg.rule != "ratio" or cfg.allocation != "sensitivity":
+        return None
+    from engine.prune import sensitivity
+
+    b = calib() if callable(calib) else calib
+    if b is None or b.numel() == 0:
+        raise MinigptError("sensitivity allocation needs calibration tokens",
+                           "run the calibrate stage on a corpus with at least one block")
+    n = max(1, -(-cfg.sensitivity_tokens // b.shape[1]))
+    return sensitivity.measure(model, stats, b[:n], cfg.criterion, cfg.compensation, cfg.damping,
+                               cfg.sensitivity_probe, batch_size, seed,
+                               progress=progress and (lambda d, t: progress("sensitivity", d, t)))
+
+
 def select_and_compensate(model, stats: Stats, cfg: PruneConfig, calib=None, batch_size: int = 4, seed: int = 0,
                           progress=None, sensitivities: list[float] | None = None) -> Plan:
     """Choose the neurons (any allocation) and compensate the kept ones, in place at full width.
@@ -143,15 +162,8 @@ def select_and_compensate(model, stats: Stats, cfg: PruneConfig, calib=None, bat
         raise MinigptError(f"prune.compensation = {cfg.compensation!r} / criterion {cfg.criterion!r} needs the "
                            "Gram matrix of the MLP activations, which this calibration lacks",
                            "recalibrate with the new prune settings: minigpt calibrate SESSION --set ...")
-    sens = sensitivities
-    if cfg.rule == "ratio" and cfg.allocation == "sensitivity" and sens is None:
-        from engine.prune import sensitivity
-
-        b = blocks()
-        n = max(1, -(-cfg.sensitivity_tokens // b.shape[1]))
-        sens = sensitivity.measure(model, stats, b[:n], cfg.criterion, cfg.compensation, cfg.damping,
-                                   cfg.sensitivity_probe, batch_size, seed,
-                                   progress=progress and (lambda d, t: progress("sensitivity", d, t)))
+    sens = sensitivities if sensitivities is not None else sensitivities_for(model, stats, cfg, blocks, batch_size,
+                                                                             seed, progress)
     plan = select(model, stats, cfg, seed, sens)
     if cfg.sequential:
         from engine.prune import sequential

@@ -264,9 +264,21 @@ def stage_prune(ctx: Context) -> None:
     from engine.prune import mlp as prune
     from engine.prune.calibrate import Stats
 
+    from engine.run import compress
+
     p = ctx.cfg.prune
     model = ctx.base_model()
     stats = Stats.load(ctx.session.stats_dir)
+    struct = None
+    if p.target_params > 0 or compress.other_axes(p):
+        struct = compress.structure_stats(ctx, model, _calib_blocks(ctx))
+    sens = None
+    if p.target_params > 0:  # a budget: the search picks the per-axis keys
+        sens = prune.sensitivities_for(model, stats, dataclasses.replace(p, rule="ratio"), lambda: _calib_blocks(ctx),
+                                       ctx.cfg.calibrate.batch_size,
+                                       ctx.cfg.seed, progress=lambda what, d, n: ctx.rep.progress(
+                                           "prune", d, n, "items", phase=what)) if "mlp" in p.search_axes else None
+        p = compress.chosen_config(p, compress.search(ctx, model, stats, struct, sens))
     widths_before = adapters.for_model(model).widths()
     # mask mode counts nonzero parameters before and after: a base model may hold exact zeros
     # already (a dequantised GGUF: 325k in SmolLM2), which no pruning removed
@@ -275,12 +287,15 @@ def stage_prune(ctx: Context) -> None:
     params_before = size.count_nonzero(model) if nonzero else size.count_params(model)
     plan = prune.select_and_compensate(  # sensitivity/sequential need the calibration tokens
         model, stats, p, lambda: _calib_blocks(ctx), ctx.cfg.calibrate.batch_size, ctx.cfg.seed,
-        progress=lambda what, d, n: ctx.rep.progress("prune", d, n, "items", phase=what))
+        progress=lambda what, d, n: ctx.rep.progress("prune", d, n, "items", phase=what), sensitivities=sens)
     masks = {}
     if p.mode == "structural":
         if p.embedding_threshold >= 0:
-            model = _prune_vocabulary(ctx, model, stats)
+            model = _prune_vocabulary(ctx, model, stats, p.embedding_threshold)
         prune.apply_structural(model, plan)
+        if compress.other_axes(p):
+            compress.apply_axes(model, p, struct, lambda: _calib_blocks(ctx), ctx.cfg.calibrate.batch_size,
+                                progress=lambda what, d, n: ctx.rep.progress("prune", d, n, "items", phase=what))
     else:
         masks = prune.mlp_masks(model, plan)
         if p.linear_threshold >= 0:
@@ -303,11 +318,10 @@ def stage_prune(ctx: Context) -> None:
     ctx.session.update_state(model_is="pruned")
 
 
-def _prune_vocabulary(ctx: Context, model, stats):
+def _prune_vocabulary(ctx: Context, model, stats, threshold: float):
     from engine.prune import vocab
 
-    model, ctx.tokenizer, info = vocab.prune_vocabulary(model, ctx.tokenizer, stats.token_counts,
-                                                        ctx.cfg.prune.embedding_threshold,
+    model, ctx.tokenizer, info = vocab.prune_vocabulary(model, ctx.tokenizer, stats.token_counts, threshold,
                                                         held_out=ctx.domain().eval_texts, eval_cfg=ctx.cfg.evaluate)
     ctx.data = None  # the splits hold old ids: rebuilt with the new tokenizer on next use
     rep = ctx.rep
@@ -359,8 +373,36 @@ def _evaluate(ctx: Context, model, stage: str, label: str) -> None:
     # token-level ppl only compares under the same tokenizer (vocabulary pruning changes it)
     res["protocol"]["vocab_size"] = len(ctx.tokenizer)
     ctx.rep.metric(stage, label, "ppl", res["ppl"], protocol=res["protocol"])
+    if e.bpb:  # bits per byte compare across vocabularies: the same held-out bytes for every model
+        b = perplexity.bits_per_byte(model, ctx.tokenizer, _bpb_texts(ctx, d), e.block_size, e.stride, e.batch_size,
+                                     progress=progress_or_stop)
+        ctx.rep.metric(stage, label, "bpb", round(b["bpb"], 6), protocol=b["protocol"])
     if e.mcq_files or e.mcq_generate:
         _mcq(ctx, model, stage, label, d)
+
+
+def _bpb_texts(ctx: Context, d) -> list[str]:
+    """The held-out documents bits per byte are measured on: cut where the base model's
+    tokenizer reaches evaluate.max_tokens, then kept to that many bytes for every later
+    model (a pruned tokenizer would otherwise cut the text elsewhere)."""
+    from engine.prune.vocab import held_out_texts
+
+    base = ctx.results.get("models", {}).get("base", {}).get("bpb_protocol") or {}
+    if base.get("bytes"):
+        return cut_bytes(d.eval_texts, int(base["bytes"]))
+    return held_out_texts(ctx.tokenizer, d.eval_texts, ctx.cfg.evaluate.max_tokens)
+
+
+def cut_bytes(texts: list[str], n_bytes: int) -> list[str]:
+    """The documents, in order, up to `n_bytes` UTF-8 bytes in all (the last one cut at a character)."""
+    out, left = [], n_bytes
+    for t in texts:
+        if left <= 0 or not t:
+            continue
+        raw = t.encode("utf-8")
+        out.append(t if len(raw) <= left else raw[:left].decode("utf-8", errors="ignore"))
+        left -= len(out[-1].encode("utf-8"))
+    return [t for t in out if t]
 
 
 def _mcq(ctx: Context, model, stage: str, label: str, d) -> None:

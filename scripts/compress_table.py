@@ -1,0 +1,182 @@
+"""The compression table of issue #13: MLP-only pruning against a searched mix of axes, each
+recovered by cross-entropy and by distillation at the same token budget, beside the unpruned
+model and the unpruned model after the same recovery (the control).
+
+For each budget (share of all parameters kept, embeddings counted) it runs, in this process,
+one after the other (CPU-heavy: start it detached, e.g. `nohup ... &`):
+
+* (c) MLP-only: wanda + lstsq + sequential, with the vocabulary cut to reach the budget
+  (`target_params` with `search_axes = ["mlp", "vocab"]`, one candidate);
+* (d) the searched mix: `target_params` over every axis, candidates ranked by a short
+  distillation each.
+
+Each is pruned once, evaluated before recovery, then copied: one copy recovers by CE, the
+other by KD, for the same steps. The CE session of the first budget also runs the control
+(`finetune.control`). Rows read back from each session's results.json; the table (Markdown)
+and a CSV go to --out. Re-running reuses finished sessions (resume), so a stopped run continues.
+
+Usage: .venv/bin/python scripts/compress_table.py --root /tmp/compress --out docs/results/compress_smollm2
+       [--budgets 0.5 0.7] [--corpus builtin:licenses] [--steps 48] [--kd-only-budget 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def base_config(corpus: str, steps: int, name: str) -> dict:
+    return {
+        "name": name, "seed": 0,
+        "model": {"source": "embedded:smollm2"},
+        "data": {"source": corpus},
+        "calibrate": {"block_size": 512, "max_tokens": 16384, "batch_size": 4},
+        "prune": {"mode": "structural", "criterion": "wanda", "compensation": "lstsq", "rule": "ratio",
+                  "allocation": "per_layer"},
+        "finetune": {"enabled": True, "lr": 2e-4, "schedule": "cosine", "warmup_steps": 4, "batch_size": 4,
+                     "block_size": 256, "max_steps": steps, "eval_every": max(steps // 4, 1),
+                     "checkpoint_every": max(steps // 4, 1), "keep_checkpoints": 1, "target_ppl_ratio": 0.0},
+        "evaluate": {"block_size": 512, "max_tokens": 8192, "batch_size": 4, "mcq_generate": 100},
+    }
+
+
+def variants(budget: float) -> dict[str, dict]:
+    return {
+        "mlp": {"target_params": budget, "search_axes": ["mlp", "vocab"], "search_candidates": 1,
+                "sequential": True},
+        "mix": {"target_params": budget, "search_axes": ["mlp", "heads", "hidden", "depth", "vocab"],
+                "search_candidates": 6, "search_steps": 8},
+    }
+
+
+def run_stages(session, stages, redo_from=None):
+    from engine.run import pipeline
+
+    return pipeline.run(session, stages=stages, redo_from=redo_from)
+
+
+def ensure(root: Path, name: str, cfg_dict: dict):
+    from engine import config as config_mod
+    from engine.run import session as session_mod
+
+    path = root / name
+    if path.exists():
+        return session_mod.open_session(path)
+    return session_mod.create(config_mod.from_dict(cfg_dict), root=root, name=name)
+
+
+def done(session, stage: str) -> bool:
+    return stage in session.state().get("completed_stages", [])
+
+
+def pruned_pair(root: Path, name: str, cfg_dict: dict, control: bool):
+    """Prune once and evaluate the pruned model; then a CE copy and a KD copy, both recovered."""
+    from engine import atomic
+    from engine import config as config_mod
+    from engine.run import session as session_mod
+
+    ce = ensure(root, name + "-ce", {**cfg_dict, "finetune": {**cfg_dict["finetune"], "control": control}})
+    if not done(ce, "evaluate"):
+        run_stages(ce, ["baseline", "calibrate", "prune", "evaluate"])
+    kd_path = root / (name + "-kd")
+    if not kd_path.exists():
+        shutil.copytree(ce.path, kd_path, ignore=shutil.ignore_patterns("checkpoints", "runner.lock", "*.tmp*"))
+        kd_cfg = {**cfg_dict, "name": name + "-kd", "finetune": {**cfg_dict["finetune"], "loss": "kd"}}
+        atomic.write_text(kd_path / session_mod.CONFIG_FILE, config_mod.from_dict(kd_cfg).to_toml())
+    kd = session_mod.open_session(kd_path)
+    for s in (ce, kd):
+        if not done(s, "finetune"):
+            run_stages(s, ["finetune"])
+            run_stages(s, ["evaluate"], redo_from="evaluate")
+        if s is ce and control and "control" in session_mod.STAGES and not done(s, "control"):
+            run_stages(s, ["control"])
+    return ce, kd
+
+
+def figures(results: dict, label: str) -> dict:
+    m = results.get("models", {}).get(label, {})
+    return {"params": m.get("params"), "bpb": m.get("bpb"), "ppl": m.get("ppl"), "mcq": m.get("mcq_acc"),
+            "mcq_se": _mcq_se(m)}
+
+
+def _mcq_se(m: dict):
+    for s in (m.get("mcq") or {}).values():
+        return (s.get("stderr") or {}).get("acc")
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, required=True, help="sessions folder for the runs")
+    ap.add_argument("--out", type=Path, required=True, help="folder for table.md and table.csv")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.5])
+    ap.add_argument("--corpus", default="builtin:licenses")
+    ap.add_argument("--steps", type=int, default=48, help="recovery steps (x 4 x 256 tokens)")
+    ap.add_argument("--only", choices=["mlp", "mix"], default=None, help="one variant only")
+    args = ap.parse_args()
+    args.root.mkdir(parents=True, exist_ok=True)
+    tag = args.corpus.split(":")[-1]
+    rows = []
+    t0 = time.time()
+    for i, b in enumerate(args.budgets):
+        for var, keys in variants(b).items():
+            if args.only and var != args.only:
+                continue
+            cfg = base_config(args.corpus, args.steps, f"{tag}-{var}-{int(round(100 * b))}")
+            cfg["prune"].update(keys)
+            ce, kd = pruned_pair(args.root, cfg["name"], cfg, control=(i == 0 and var == "mlp"))
+            rce, rkd = ce.results(), kd.results()
+            if not rows:
+                rows.append({"row": "(a) unpruned", "budget": 1.0, **figures(rce, "base")})
+                if "control" in rce.get("models", {}):
+                    rows.append({"row": "(b) unpruned + same recovery (CE)", "budget": 1.0,
+                                 **figures(rce, "control")})
+            name = "(c) MLP-only + vocab" if var == "mlp" else "(d) searched mix"
+            chosen = (rce.get("search") or {}).get("chosen", {}).get("label", "")
+            rows.append({"row": f"{name}, before recovery", "budget": b, "mix": chosen, **figures(rce, "pruned")})
+            size = figures(rce, "pruned")["params"]
+            rows.append({"row": f"{name}, CE", "budget": b, "mix": chosen, **figures(rce, "finetuned"), "params": size})
+            rows.append({"row": f"{name}, KD", "budget": b, "mix": chosen, **figures(rkd, "finetuned"), "params": size})
+            write(args.out, tag, rows, args, time.time() - t0)
+    print(json.dumps(rows, indent=1))
+
+
+def write(out: Path, tag: str, rows: list[dict], args, seconds: float) -> None:
+    from engine import atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    keys = ["row", "budget", "mix", "params", "bpb", "ppl", "mcq", "mcq_se"]
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic.write_text(out / f"{tag}.csv", buf.getvalue())
+    base = rows[0]["params"] or 1
+    lines = [f"Corpus `{args.corpus}`, SmolLM2-135M-Instruct fp32 on CPU; recovery {args.steps} steps x 4 x 256 "
+             f"tokens ({args.steps * 1024:,} tokens) for every recovered row; held-out bits per byte and ppl "
+             f"(8,192 tokens), generated MCQ (100 questions, acc ± SE). {seconds / 60:.0f} min in all.", "",
+             "| row | kept | mix | params | bpb | ppl | MCQ |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mcq = f"{r['mcq']:.2f} ± {r['mcq_se']:.2f}" if r.get("mcq") is not None and r.get("mcq_se") is not None \
+            else (f"{r['mcq']:.2f}" if r.get("mcq") is not None else "")
+        params = f"{r['params']:,} ({r['params'] / base:.1%})" if r.get("params") else ""
+        lines.append(f"| {r['row']} | {r['budget']:.0%} | {r.get('mix', '')} | {params} | "
+                     f"{_f(r.get('bpb'), 4)} | {_f(r.get('ppl'), 2)} | {mcq} |")
+    atomic.write_text(out / f"{tag}.md", "\n".join(lines) + "\n")
+
+
+def _f(v, n):
+    return f"{v:.{n}f}" if isinstance(v, (int, float)) else ""
+
+
+if __name__ == "__main__":
+    main()
