@@ -115,6 +115,20 @@ class MinigptApp(App):
 
         self.push_screen(NewRunScreen())
 
+    def open_export(self, session: session_mod.Session) -> None:
+        """The GGUF export dialog, on a session whose run is over and whose model is saved."""
+        st = session.status()
+        if st in record.LIVE_STATUSES:
+            self.notify(f"{session.id} is {st}; export it once it has finished", severity="warning")
+            return
+        if not (session.model_dir / "config.json").is_file():
+            self.notify(f"{session.id} has no model yet (no {session.model_dir.name}/): run it through the prune "
+                        "stage first", severity="warning")
+            return
+        from .screens.export import ExportScreen
+
+        self.push_screen(ExportScreen(session))
+
     def open_compare(self, paths: Iterable[Path]) -> None:
         from .screens.compare import CompareScreen
 

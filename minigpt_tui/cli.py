@@ -404,7 +404,9 @@ def export_cmd(session: str = typer.Argument(..., help="session id or path"), ro
                quant: str = typer.Option("f16", "--quant", help="f32, f16, q8_0, q4_k_m, q5_k_m, q6_k, q4_0 ..."),
                pad_uniform: bool = typer.Option(False, "--pad-uniform", help="pad every MLP and attention to the "
                                                 "widest with zeros (exact): a plain llama file every runtime loads"),
-               out: Optional[Path] = typer.Option(None, "--out", help="file to write (default: SESSION/export/...)")):
+               out: Optional[Path] = typer.Option(None, "--out", help="file to write (default: SESSION/export/...)"),
+               progress: bool = typer.Option(False, "--progress", help="a line per block written (the workbench "
+                                                                      "reads them)")):
     """Export a session's model as one GGUF file for llama.cpp (quantised by llama.cpp's own quantizer)."""
     from engine.run import export as export_mod
 
@@ -413,7 +415,7 @@ def export_cmd(session: str = typer.Argument(..., help="session id or path"), ro
     res = export_mod.export(s, fmt, quant, pad_uniform=pad_uniform, out=out,
                             log=lambda m: typer.echo(m, err=True),
                             progress=lambda done, total: typer.echo(f"  blocks {done}/{total}", err=True)
-                            if done == total else None)
+                            if progress or done == total else None)
     types = ", ".join(f"{k} {v[0]}" for k, v in sorted(res.types.items()))
     typer.echo(f"wrote {res.path} ({res.bytes / 2**20:.1f} MiB, {res.bytes:,} bytes): {res.arch}, {res.blocks} blocks, "
                f"{res.quant}, {res.bits_per_weight:.2f} bits/weight ({types})")

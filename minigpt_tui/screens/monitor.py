@@ -57,11 +57,13 @@ class MonitorScreen(Screen):
     """One session, live or replayed."""
 
     HELP = ("Follows the session's events.jsonl live (or replays a finished run). 1–4 switch tabs: "
-            "progress, layers, metrics, log. s stops the runner, r resumes a stopped/disconnected run.")
+            "progress, layers, metrics, log. s stops the runner, r resumes a stopped/disconnected run, "
+            "e exports a finished run's model as GGUF.")
     BINDINGS = [
         Binding("escape", "back", "Back", id="monitor.back"),
         Binding("s", "stop", "Stop", id="monitor.stop"),
         Binding("r", "resume", "Resume", id="monitor.resume"),
+        Binding("e", "export", "Export", id="monitor.export"),
         Binding("1", "tab('progress')", "Progress", id="monitor.tab_progress"),
         Binding("2", "tab('layers')", "Layers", id="monitor.tab_layers"),
         Binding("3", "tab('metrics')", "Metrics", id="monitor.tab_metrics"),
@@ -430,8 +432,13 @@ class MonitorScreen(Screen):
             return
         self.app.launch_session(self.session)
 
+    def action_export(self) -> None:
+        self.app.open_export(self.session)
+
     def palette_commands(self) -> list[tuple[str, str, Callable[[], object]]]:
         cmds: list[tuple[str, str, Callable[[], object]]] = []
+        if self.status not in record.LIVE_STATUSES:
+            cmds.append(("run: export GGUF", f"Export the model of {self.session.id} for llama.cpp", self.action_export))
         if self.status in record.LIVE_STATUSES:
             cmds.append(("run: stop", f"Ask the runner of {self.session.id} to stop", self.action_stop))
         if self.status in RESUMABLE:

@@ -35,7 +35,7 @@ class SessionsScreen(Screen):
     HELP = ("Every session under the root. Enter opens the monitor, n starts a new run, "
             "space marks sessions for compare (c), / filters. y copies the session's path to the "
             "terminal clipboard (OSC 52, works over SSH); x drops a finished run's checkpoints, keeping "
-            "its final model.")
+            "its final model; e exports a finished run's model as GGUF (llama.cpp), quantised if you like.")
     BINDINGS = [
         Binding("enter", "open", "Open", id="sessions.open"),
         Binding("n", "new_run", "New", id="sessions.new"),
@@ -46,6 +46,7 @@ class SessionsScreen(Screen):
         Binding("c", "compare", "Compare", id="sessions.compare"),
         Binding("y", "copy_path", "Copy path", id="sessions.copy_path"),
         Binding("x", "cleanup", "Clean up", id="sessions.cleanup"),
+        Binding("e", "export", "Export", id="sessions.export"),
         Binding("slash", "filter", "Filter", id="sessions.filter"),
         Binding("escape", "clear_filter", "Clear filter", show=False, id="sessions.clear_filter"),
         Binding("f5", "reload", "Refresh", show=False, id="sessions.refresh"),
@@ -269,6 +270,11 @@ class SessionsScreen(Screen):
         self.app.stop_session(s)
         self.action_reload()
 
+    def action_export(self) -> None:
+        s = self._session()
+        if s is not None:
+            self.app.open_export(s)
+
     def action_mark(self) -> None:
         r = self.current_row()
         if r is None:
@@ -374,6 +380,7 @@ class SessionsScreen(Screen):
             ("session: refresh", "Re-read the session folder", self.action_reload),
             ("session: copy path", "Copy the highlighted session's folder (OSC 52)", self.action_copy_path),
             ("session: clean up", "Drop a finished run's checkpoints, keeping its model", self.action_cleanup),
+            ("session: export GGUF", "Export the highlighted run's model for llama.cpp", self.action_export),
         ]
         for r in self.rows:
             path = Path(r["path"])
