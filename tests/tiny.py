@@ -73,3 +73,26 @@ def save(family: str, folder: Path, seed: int = 0) -> Path:
     m.save_pretrained(folder)
     tokenizer().save_pretrained(folder)
     return folder
+
+
+def model_with(family: str, seed: int = 0, dtype=torch.float32, vocab: int = 320, **overrides):
+    """A tiny model of `family` with config fields overridden (e.g. more heads, GQA, more layers),
+    initialised like `model`, in `dtype` (float64 for exactness tests)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = config(family, vocab)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(seed)
+    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return m.to(dtype).eval()
+
+
+def gqa_llama(seed: int = 0, dtype=torch.float32, layers: int = 3):
+    """Llama with 8 query heads in 2 key/value groups (head_dim 8), `layers` blocks."""
+    return model_with("llama", seed, dtype, hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
+                      head_dim=8, num_hidden_layers=layers)

@@ -84,6 +84,39 @@ class MLP:
 
 
 @dataclass
+class Attention:
+    """One layer's attention, as head pruning sees it. The heads' outputs are concatenated in
+    the input of `o` (head h: features h*head_dim ... (h+1)*head_dim); query head h reads
+    key/value head h // group (GQA's repeat_kv). `q`, `k`, `v` are separate projections, or
+    None where the family fuses them (`qkv`: GPT-2's c_attn, [q | k | v] along its outputs)."""
+
+    layer: int
+    name: str  # module path of the attention module
+    owner: object  # the attention module
+    q: Proj | None
+    k: Proj | None
+    v: Proj | None
+    qkv: Proj | None
+    o: Proj
+    head_dim: int
+
+    @property
+    def n_heads(self) -> int:
+        return self.o.in_features // self.head_dim
+
+    @property
+    def n_kv(self) -> int:
+        if self.qkv is not None:
+            return self.n_heads  # fused families have no GQA
+        return self.k.out_features // self.head_dim
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head."""
+        return self.n_heads // max(self.n_kv, 1)
+
+
+@dataclass
 class GgufSpec:
     """A model as llama.cpp sees it (engine/models/gguf.py writes it). Tensors are the model's
     own, in HF layout ([out, in]); per-layer head counts follow from the q/k row counts
@@ -123,6 +156,21 @@ class Adapter:
     embed_path: ClassVar[str] = "model.embed_tokens"
     head_path: ClassVar[str] = "lm_head"
     transposed: ClassVar[bool] = False
+    # ---- compression axes (engine/prune/heads.py, hidden.py, depth.py) ----
+    axes: ClassVar[tuple] = ("mlp", "heads", "depth", "vocab")  # what this family can prune
+    gqa: ClassVar[bool] = True  # separate k/v projections with their own head count
+    heads_in_config: ClassVar[bool] = True  # a uniform head count loads stock (the model reads config.head_dim)
+    heads_key: ClassVar[str] = "num_attention_heads"
+    kv_heads_key: ClassVar[str | None] = "num_key_value_heads"
+    head_dim_key: ClassVar[str | None] = "head_dim"
+    layers_key: ClassVar[str] = "num_hidden_layers"
+    layer_list_keys: ClassVar[tuple] = ("layer_types",)  # config lists with one entry per block
+    # the norms whose outputs feed projections: per block (attribute names) and the final one
+    norm_kind: ClassVar[str] = "layer"  # "rms" (RMSNorm) | "layer" (LayerNorm)
+    block_norms: ClassVar[tuple] = ()
+    final_norm_path: ClassVar[str] = ""
+    norm_eps_key: ClassVar[str] = ""  # config field of the norms' epsilon
+    norm_eps_attr: ClassVar[str] = ""  # ... and the norm module's attribute holding it
 
     def __init__(self, model):
         self.model = model
@@ -184,6 +232,113 @@ class Adapter:
 
     def widths(self) -> list[int]:
         return [m.width for m in self.mlps()]
+
+    # ---- attention heads (engine/prune/heads.py) ---------------------------------
+    def attentions(self) -> list[Attention]:
+        out = []
+        for i, layer in enumerate(self.layers()):
+            attn = getattr(layer, self.attn_attr)
+            name = f"{self.layers_path}.{i}.{self.attn_attr}"
+            projs = [Proj(f"{name}.{n}", getattr(attn, n), self.transposed) for n in self.attn_names]
+            q, k, v, o = projs
+            out.append(Attention(i, name, attn, q, k, v, None, o, int(attn.head_dim)))
+        return out
+
+    def head_counts(self) -> list[list[int]]:
+        """[query heads, key/value heads] per layer, as the weights hold them."""
+        return [[a.n_heads, a.n_kv] for a in self.attentions()]
+
+    def set_heads(self, att: Attention, n_heads: int, n_kv: int) -> None:
+        """Tell an attention module its head counts after its projections were sliced."""
+        mod = att.owner
+        if hasattr(mod, "num_key_value_groups"):
+            mod.num_key_value_groups = n_heads // max(n_kv, 1)
+        if hasattr(mod, "num_heads"):
+            mod.num_heads = n_heads
+
+    @classmethod
+    def config_heads(cls, config) -> tuple[int, int]:
+        n = int(getattr(config, cls.heads_key))
+        kv = getattr(config, cls.kv_heads_key, None) if cls.kv_heads_key else None
+        return n, int(kv or n)
+
+    @classmethod
+    def config_head_dim(cls, config) -> int:
+        hd = getattr(config, cls.head_dim_key, None) if cls.head_dim_key else None
+        return int(hd or cls.config_hidden(config) // int(getattr(config, cls.heads_key)))
+
+    @classmethod
+    def can_store_heads(cls, config, n_heads: int) -> bool:
+        """Whether one head count in every layer can go into the config fields and load stock:
+        the family reads head_dim from its config, and its config validation (transformers 5:
+        hidden_size a multiple of num_attention_heads) accepts the count."""
+        return cls.heads_in_config and cls.config_hidden(config) % int(n_heads) == 0
+
+    @classmethod
+    def set_config_heads(cls, config, n_heads: int, n_kv: int) -> None:
+        """One head count in every layer, in the family's own fields (head_dim made explicit, since
+        the stock fallback hidden // heads would change). Only where `heads_in_config`."""
+        hd = cls.config_head_dim(config)
+        setattr(config, cls.head_dim_key, hd)
+        setattr(config, cls.heads_key, int(n_heads))
+        if cls.kv_heads_key:
+            setattr(config, cls.kv_heads_key, int(n_kv))
+
+    # ---- hidden width (engine/prune/hidden.py) ----------------------------------
+    @classmethod
+    def config_hidden(cls, config) -> int:
+        return int(config.hidden_size)
+
+    def norms(self) -> list[tuple[str, object]]:
+        """(name, module) of every norm whose output feeds a projection (blocks', then the final one)."""
+        out = []
+        for i, layer in enumerate(self.layers()):
+            out += [(f"{self.layers_path}.{i}.{n}", getattr(layer, n)) for n in self.block_norms]
+        if self.final_norm_path:
+            out.append((self.final_norm_path, _get(self.model, self.final_norm_path)))
+        return out
+
+    def residual_readers(self) -> list[Proj]:
+        """Projections whose input is (a norm of) the residual stream; the LM head last."""
+        raise MinigptError(f"hidden-width pruning of {self.architecture} models is not supported",
+                           f"supported model types: {', '.join(supported_axis('hidden'))}")
+
+    def residual_writers(self) -> list[Proj]:
+        """Projections whose output is added to the residual stream."""
+        raise MinigptError(f"hidden-width pruning of {self.architecture} models is not supported",
+                           f"supported model types: {', '.join(supported_axis('hidden'))}")
+
+    def embedding_scale(self, config) -> float:
+        """The factor the family multiplies token embeddings by (Gemma: sqrt(hidden)); hidden
+        pruning must leave it as it was."""
+        return 1.0
+
+    def set_hidden(self, width: int) -> None:
+        """Record the hidden width on the config and on modules that keep it."""
+        cfg = self.model.config
+        if self.head_dim_key:
+            setattr(cfg, self.head_dim_key, self.config_head_dim(cfg))  # explicit before hidden changes
+        cfg.hidden_size = int(width)
+        emb = self.embeddings()
+        emb.embedding_dim = int(width)
+        for layer in self.layers():
+            if hasattr(layer, "hidden_size"):
+                layer.hidden_size = int(width)
+            for mod in layer.modules():
+                if hasattr(mod, "hidden_size") and isinstance(getattr(mod, "hidden_size"), int):
+                    mod.hidden_size = int(width)
+
+    # ---- depth (engine/prune/depth.py) ------------------------------------------
+    def set_layers(self, layers: list) -> None:
+        """Replace the decoder blocks with `layers` (a list of the model's own block modules)."""
+        import torch
+
+        parent_path, _, attr = self.layers_path.rpartition(".")
+        setattr(_get(self.model, parent_path), attr, torch.nn.ModuleList(layers))
+
+    def depth_refusal(self) -> str | None:
+        """Why this model's blocks cannot be removed (None: they can)."""
+        return None
 
     # ---- block structure ------------------------------------------------------
     @property
@@ -271,6 +426,21 @@ class LlamaAdapter(Adapter):
     # per-layer MLP widths and head counts as `deci` (Nemotron-51B). Qwen2/3 have other
     # layouts in llama.cpp (qkv biases, NEOX rope, q/k norms) and are not written yet.
     gguf_model_types = ("llama", "mistral")
+    axes = ("mlp", "heads", "hidden", "depth", "vocab")
+    norm_kind = "rms"
+    block_norms = ("input_layernorm", "post_attention_layernorm")
+    final_norm_path = "model.norm"
+    norm_eps_key = "rms_norm_eps"
+    norm_eps_attr = "variance_epsilon"
+
+    def residual_readers(self) -> list[Proj]:
+        out = []
+        for a, m in zip(self.attentions(), self.mlps()):
+            out += [a.q, a.k, a.v, *m.ins]
+        return out + [Proj(self.head_path, self.lm_head())]
+
+    def residual_writers(self) -> list[Proj]:
+        return [p for a, m in zip(self.attentions(), self.mlps()) for p in (a.o, m.out)]
 
     def gguf_spec(self) -> "GgufSpec":
         cfg = self.model.config
@@ -319,6 +489,12 @@ class OPTAdapter(Adapter):
     mlp_attr = ""
     attn_names = ("q_proj", "k_proj", "v_proj", "out_proj")
     embed_path = "model.decoder.embed_tokens"
+    gqa = False
+    heads_in_config = False  # OPT derives head_dim = hidden // heads: other head counts need the engine's loader
+    kv_heads_key = None
+    head_dim_key = None
+    block_norms = ("self_attn_layer_norm", "final_layer_norm")
+    final_norm_path = "model.decoder.final_layer_norm"
 
     @property
     def residual_after_mlp(self) -> bool:
@@ -332,6 +508,8 @@ class PhiAdapter(Adapter):
     model_types = ("phi",)
     family = "phi"
     attn_names = ("q_proj", "k_proj", "v_proj", "dense")
+    block_norms = ("input_layernorm",)  # attention and MLP read the same norm (parallel block)
+    final_norm_path = "model.final_layernorm"
 
 
 class GPT2Adapter(Adapter):
@@ -349,6 +527,36 @@ class GPT2Adapter(Adapter):
     attn_names = ("c_attn", "c_proj")
     embed_path = "transformer.wte"
     transposed = True
+    gqa = False
+    heads_in_config = False  # GPT-2 derives head_dim = n_embd // n_head
+    heads_key = "n_head"
+    kv_heads_key = None
+    head_dim_key = None
+    layers_key = "n_layer"
+    block_norms = ("ln_1", "ln_2")
+    final_norm_path = "transformer.ln_f"
+
+    def attentions(self) -> list[Attention]:
+        out = []
+        for i, layer in enumerate(self.layers()):
+            attn = layer.attn
+            name = f"{self.layers_path}.{i}.attn"
+            out.append(Attention(i, name, attn, None, None, None, Proj(f"{name}.c_attn", attn.c_attn, True),
+                                 Proj(f"{name}.c_proj", attn.c_proj, True), int(attn.head_dim)))
+        return out
+
+    def set_heads(self, att: Attention, n_heads: int, n_kv: int) -> None:
+        att.owner.num_heads = n_heads
+        att.owner.split_size = n_heads * att.head_dim  # c_attn's output splits into q | k | v
+
+    @classmethod
+    def config_hidden(cls, config) -> int:
+        return int(config.n_embd)
+
+    def depth_refusal(self) -> str | None:
+        if getattr(self.model.config, "scale_attn_by_inverse_layer_idx", False):
+            return "its attention scale depends on the block index (scale_attn_by_inverse_layer_idx)"
+        return None
 
     @classmethod
     def _transposed_linear_types(cls) -> tuple:
@@ -366,6 +574,21 @@ ADAPTERS: tuple = (LlamaAdapter, OPTAdapter, PhiAdapter, GPT2Adapter)
 
 def supported() -> list[str]:
     return sorted(t for a in ADAPTERS for t in a.model_types)
+
+
+def supported_axis(axis: str) -> list[str]:
+    """Model types whose family can prune `axis` (mlp, heads, hidden, depth, vocab)."""
+    return sorted(t for a in ADAPTERS if axis in a.axes for t in a.model_types)
+
+
+def check_axis(model, axis: str) -> "Adapter":
+    """The model's adapter, or a one-line error when its family cannot prune `axis`."""
+    a = for_model(model)
+    if axis not in a.axes:
+        raise MinigptError(f"{axis} pruning of {a.architecture} models is not supported",
+                           f"supported model types: {', '.join(supported_axis(axis))}; "
+                           f"or leave prune.{ {'heads': 'head_ratio', 'hidden': 'hidden_ratio'}.get(axis, axis)} at 0")
+    return a
 
 
 def gguf_supported() -> list[str]:

@@ -23,6 +23,7 @@ from engine.errors import MinigptError
 
 WIDTHS_KEY = "minigpt_mlp_widths"
 MASKS_FILE = "minigpt_masks.safetensors"
+HEADS_KEY = "minigpt_heads"  # [query heads, key/value heads] per layer (engine/prune/heads.py)
 
 
 def is_minigpt_model(source: str) -> bool:
@@ -45,6 +46,7 @@ def save_model(model, tokenizer, folder: str | os.PathLike, meta: dict | None = 
     cfg = model.config
     adapter.set_config_width(cfg, widths[0] if len(set(widths)) == 1 else max(widths))
     setattr(cfg, WIDTHS_KEY, widths)
+    setattr(cfg, HEADS_KEY, adapter.head_counts())
     if meta:
         setattr(cfg, "minigpt", meta)
     model.hf_quantizer = None
@@ -78,7 +80,7 @@ def load_masks(folder: str | os.PathLike) -> dict:
 
 
 def load_model(folder: str | os.PathLike, dtype=torch.float32, device="cpu"):
-    """Load a saved Mini-GPT, whatever its per-layer widths; logits equal the saved model's."""
+    """Load a saved Mini-GPT, whatever its per-layer widths and head counts; logits equal the saved model's."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
@@ -90,13 +92,18 @@ def load_model(folder: str | os.PathLike, dtype=torch.float32, device="cpu"):
         raise MinigptError(f"cannot read saved model {folder}: {e}", "re-export the model") from None
     adapter_cls = adapters_mod.for_config(config)
     widths = getattr(config, WIDTHS_KEY, None)
-    if widths is None or len(set(widths)) == 1:
+    heads = getattr(config, HEADS_KEY, None)
+    stock_heads = heads is None or all(list(h) == list(adapter_cls.config_heads(config)) for h in heads)
+    if (widths is None or len(set(widths)) == 1) and stock_heads:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     adapter = adapter_cls(model)
-    for m, w in zip(adapter.mlps(), widths):
+    for m, w in zip(adapter.mlps(), widths or []):
         _resize(m, int(w), dtype)
+    if not stock_heads:
+        for att, (n, kv) in zip(adapter.attentions(), heads):
+            _resize_heads(adapter, att, int(n), int(kv), dtype)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise MinigptError(f"no safetensors weights in {folder}", "re-export the model")
@@ -119,6 +126,18 @@ def _resize(m: adapters_mod.MLP, width: int, dtype) -> None:
         _new_shape(m.owner, p, width, p.out_axis, dtype)
     _new_shape(m.owner, m.out, width, m.out.in_axis, dtype)
     m.record_width(width)
+
+
+def _resize_heads(adapter, att: adapters_mod.Attention, n: int, kv: int, dtype) -> None:
+    """Give an attention module the saved head counts (weights are loaded right after)."""
+    d = att.head_dim
+    if att.qkv is not None:
+        _new_shape(att.owner, att.qkv, 3 * n * d, att.qkv.out_axis, dtype)
+    else:
+        for p, rows in ((att.q, n * d), (att.k, kv * d), (att.v, kv * d)):
+            _new_shape(att.owner, p, rows, p.out_axis, dtype)
+    _new_shape(att.owner, att.o, n * d, att.o.in_axis, dtype)
+    adapter.set_heads(att, n, kv)
 
 
 def _new_shape(owner, proj: adapters_mod.Proj, width: int, axis: int, dtype) -> None:
