@@ -43,6 +43,7 @@ class McqPreset:
     file: str
     questions: int
     notes: str = ""
+    sha256: str = ""  # of the file at PAPER_COMMIT (git cat-file blob PAPER_COMMIT:question_datasets/FILE)
 
     @property
     def url(self) -> str:
@@ -57,6 +58,7 @@ class DomainPreset:
     mcq: str = ""  # McqPreset name
     notes: str = ""
     paper: bool = True  # one of the paper's corpora (False: our built-in offline stand-ins)
+    pin: str = ""  # a URL source's checksum (engine.data.download): sha256:HEX, or git-sha1:HEX (git's blob id)
 
     @property
     def source(self) -> str:
@@ -81,12 +83,16 @@ MODELS: list[ModelPreset] = [
 ]
 
 MCQ_SETS: list[McqPreset] = [
-    McqPreset("economics", "Economics test", "basic_economics_dataset.json", 95),
+    McqPreset("economics", "Economics test", "basic_economics_dataset.json", 95,
+              sha256="3d51829561b5e0a34e3f218ce68f92c7bbe6a2d654afd30e51268a8596973059"),
     McqPreset("rad-onc-physics", "Radiation-oncology physics exam", "rad_onc_phys_dataset.json", 100,
-              "two questions have 5 choices"),
-    McqPreset("skyrim", "Skyrim sentence completion", "skyrim_question_dataset.json", 100),
+              "two questions have 5 choices",
+              sha256="e9800d4993ef5cbb6a9dba9b56b5b86ca412d85731bd2a02455896c3ecaa37ba"),
+    McqPreset("skyrim", "Skyrim sentence completion", "skyrim_question_dataset.json", 100,
+              sha256="5ecbddeb793b6e5235e0b4eb2833ed3d848d098598af818fbf835bd02554580d"),
     McqPreset("en-tw", "English to Taiwanese Mandarin translation", "en_tw_translation_dataset.json", 200,
-              "the paper's code scored the first 100"),
+              "the paper's code scored the first 100",
+              sha256="5c922adadc25d90ea0ea51b09140408e26b183b2275dbe3aede41887e2f52626"),
 ]
 
 DOMAINS: list[DomainPreset] = [
@@ -111,10 +117,15 @@ DOMAINS: list[DomainPreset] = [
                   "delimiter": "\t", "column": "#7"},
                  mcq="skyrim",
                  notes="tab-separated despite .csv; column 7 is the line of dialogue. Whether the first row is a "
-                       "header is not verified: set data.skip_header = true if it is"),
+                       "header is not verified: set data.skip_header = true if it is",
+                 # git's blob id of data/skyrim_dialogue.csv at master = f5689351 (its bytes were not in our
+                 # snapshot of the repository, so no sha256 could be computed)
+                 pin="git-sha1:2e49fcd383368ce3e78a2d1fcc55f6933934b968"),
     DomainPreset("economics", "Economics articles",
                  {"source": f"{RAW}/RiksEddy/tinymlFP/main/economics_text_dataset_8500.csv", "column": "Text"},
-                 mcq="economics"),
+                 mcq="economics",
+                 # git's blob id of the file at main = c26eeacf (bytes not in our snapshot: no sha256)
+                 pin="git-sha1:89b8c30893850feaed71254849efae0dd6402980"),
     DomainPreset("general", "General (wikitext-2-raw-v1, test split)",
                  {"source": "Salesforce/wikitext", "files": ["wikitext-2-raw-v1/test-*"], "column": "text"},
                  notes="the paper used it for testing only; rows are lines, headings included"),
@@ -152,6 +163,18 @@ def domain(name: str) -> DomainPreset:
 
 def mcq(name: str) -> McqPreset:
     return _find(MCQ_SETS, name, "MCQ", "MCQ")
+
+
+def pins() -> dict[str, str]:
+    """Every URL a preset names -> its pin (`sha256:HEX` or `git-sha1:HEX`)."""
+    out = {m.url: f"sha256:{m.sha256}" if m.sha256 else "" for m in MCQ_SETS}
+    out.update({d.source: d.pin for d in DOMAINS if d.needs == "url"})
+    return out
+
+
+def pin(url: str) -> str:
+    """The pin of a preset URL; "" for any other."""
+    return pins().get(url.strip(), "")
 
 
 def model_names() -> list[str]:

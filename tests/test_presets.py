@@ -3,12 +3,10 @@ question-set form, URL/hub downloads, and the one-line errors when the network i
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
 from pathlib import Path
-from urllib.error import URLError
 
 import pytest
 
@@ -180,63 +178,57 @@ def test_paper_question_json_loads_with_its_context(tmp_path):
 
 
 # ---- downloads -------------------------------------------------------------------------------------
-class _Resp(io.BytesIO):
-    def __init__(self, body: bytes):
-        super().__init__(body)
-        self.headers = {"Content-Length": str(len(body))}
+def _closed_port_url(name: str) -> str:
+    import socket
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    return f"http://127.0.0.1:{port}/{name}"  # nothing listens: connection refused
 
 
 def test_url_source_is_downloaded_once_into_the_cache_with_progress(tmp_path, monkeypatch):
+    from test_download import Server
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     body = "\n".join("\t".join(r) for r in SKYRIM_ROWS).encode()
-    calls, seen = [], []
-
-    def fake_urlopen(req, timeout=0):
-        calls.append(req.full_url)
-        return _Resp(body)
-
-    monkeypatch.setattr(download, "urlopen", fake_urlopen)
-    cfg = _data("skyrim")
-    docs = data.load_documents(cfg, progress=lambda done, total, rate=0.0: seen.append((done, total)))
-    assert docs == [r[6] for r in SKYRIM_ROWS]
-    assert calls == [cfg.source] and seen[-1] == (len(body), len(body))
-    cached = download.cache_path(cfg.source)
-    assert cached.read_bytes() == body and str(cached).startswith(str(tmp_path / "cache"))
-    assert data.load_documents(cfg) == docs and len(calls) == 1  # second use: from the cache
+    seen = []
+    with Server(body, name="skyrim_dialogue.csv") as srv:  # a real HTTP server on a local socket
+        cfg = _data("skyrim", source=srv.url)
+        docs = data.load_documents(cfg, progress=lambda done, total, rate=0.0: seen.append((done, total)))
+        assert docs == [r[6] for r in SKYRIM_ROWS]
+        assert len(srv.log) == 1 and seen[-1] == (len(body), len(body))
+        cached = download.cache_path(cfg.source)
+        assert cached.read_bytes() == body and str(cached).startswith(str(tmp_path / "cache"))
+        assert data.load_documents(cfg) == docs and len(srv.log) == 1  # second use: from the cache
 
 
 def test_question_set_url_downloads_and_loads(tmp_path, monkeypatch):
     from engine.evaluate import mcq
+    from test_download import Server
 
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     body = json.dumps({"context": "Skyrim sentence completion", "questions": {
         "Let me guess, someone stole": {"choices": ["your sweetroll?", "the moon.", "a horse.", "Ulfric."],
                                         "answer": 0}}}).encode()
-    monkeypatch.setattr(download, "urlopen", lambda req, timeout=0: _Resp(body))
-    s = mcq.load(presets.mcq("skyrim").url)
+    with Server(body) as srv:
+        s = mcq.load(srv.url)
     assert s.context == "Skyrim sentence completion" and len(s.items) == 1
 
 
 def test_url_download_failure_says_what_to_fetch_and_where(monkeypatch):
-    def offline(req, timeout=0):
-        raise URLError("[Errno -3] Temporary failure in name resolution")
-
-    monkeypatch.setattr(download, "urlopen", offline)
-    cfg = _data("economics")
+    monkeypatch.setattr(download, "BACKOFF", 0.01)
+    cfg = _data("economics", source=_closed_port_url("economics_text_dataset_8500.csv"))
     with pytest.raises(MinigptError) as e:
         data.load_documents(cfg)
     line = e.value.line()
-    assert "\n" not in line and "cannot download " + cfg.source in line
+    assert "\n" not in line and "cannot download " + cfg.source in line and "ConnectionError" in line
     assert f"curl -L -o {download.cache_path(cfg.source)}" in line and "set data.source = PATH" in line
     assert not download.cache_path(cfg.source).exists()  # no half file left behind
     from engine.evaluate import mcq
 
     with pytest.raises(MinigptError, match="set evaluate.mcq_files = PATH"):
-        mcq.load(presets.mcq("economics").url)
+        mcq.load(_closed_port_url("basic_economics_dataset.json"))
 
 
 @pytest.mark.parametrize("preset,command", [

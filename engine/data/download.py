@@ -2,6 +2,13 @@
 
 URL downloads land once in the minigpt cache (`<cache>/downloads/<host>/<path>`) and are
 read from there ever after, so a grid re-run or an offline machine never fetches twice.
+Each is checked against its pin (the preset table's sha256, or `#sha256=HEX` on a URL): a
+mismatch is one line and leaves no file. The transfer is pooch's HTTP downloader (requests);
+pooch retries from zero and cannot resume, so the retry loop (exponential backoff) and the
+resume are here: the bytes so far are kept in `.<name>.part` beside the cached file and the
+next attempt, or the next run, asks for the rest with `Range: bytes=N-`. The partial file is
+the one write outside `engine.atomic` (it must survive a failure); the finished file goes in
+through `atomic.write_with`.
 Every failure is one `MinigptError` that says what to download and where to put it:
 machines without network (GPU boxes behind a firewall, CI) are the common case, not an
 edge. Torch-free.
@@ -12,16 +19,15 @@ up as events in a run and as a rich bar in the CLI.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shlex
 import time
 from pathlib import Path
-from urllib.error import URLError
 from urllib.parse import urlparse
-from urllib.request import Request, urlopen
 
-from engine import atomic
+from engine import atomic, presets
 from engine.config import cache_dir
 from engine.errors import MinigptError
 
@@ -51,38 +57,226 @@ def hub_offline() -> bool:
     return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in _OFFLINE_VARS)
 
 
-def fetch(url: str, setting: str = "data.source", progress=None, timeout: float = 60.0) -> Path:
-    """The cached local copy of `url`, downloading it first if needed (atomically)."""
-    url = url.strip()
+# ---- URLs: pinned, retried, resumed --------------------------------------------------------------
+RETRIES = 4  # attempts after the first
+BACKOFF = 1.0  # seconds before the first retry; doubled each time, at most BACKOFF_MAX
+BACKOFF_MAX = 30.0
+_RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+_PIN_ALGOS = ("sha256", "git-sha1")
+
+
+class _Transient(Exception):
+    """A failure worth another attempt: the transfer ended short, or the server's range was wrong."""
+
+
+def partial_path(dest: Path) -> Path:
+    """Where a download in progress keeps its bytes, beside the cached file: kept across failed
+    attempts and processes, so the next attempt resumes it with an HTTP Range request."""
+    return dest.parent / f".{dest.name}.part"
+
+
+def split_pin(url: str) -> tuple[str, str]:
+    """`https://host/f.csv#sha256=HEX` -> (`https://host/f.csv`, `sha256:HEX`): a pin in a config."""
+    base, _, frag = url.partition("#")
+    m = re.fullmatch(r"(sha256|git-sha1)[=:]([0-9a-fA-F]+)", frag.strip())
+    return (base, f"{m[1]}:{m[2].lower()}") if m else (url, "")
+
+
+def _norm_pin(pin: str) -> str:
+    pin = (pin or "").strip().lower()
+    if not pin:
+        return ""
+    algo, _, hexd = pin.rpartition(":")
+    algo = algo or "sha256"
+    if algo not in _PIN_ALGOS or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", hexd):
+        raise MinigptError(f"bad pin {pin!r}", "give sha256:<64 hex digits> (or git-sha1:<40 hex digits>)")
+    return f"{algo}:{hexd}"
+
+
+def file_digest(path: Path, algo: str = "sha256") -> str:
+    """sha256 of a file's bytes, or git-sha1: the id git gives the file as a blob."""
+    h = hashlib.sha256() if algo == "sha256" else hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def matches(path: Path, pin: str) -> bool:
+    algo, _, hexd = pin.partition(":")
+    return file_digest(path, algo) == hexd
+
+
+class _Lock:
+    """One downloader per cached file (flock, released if the process dies): a second waits,
+    then finds the file there."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        import fcntl
+
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+def fetch(url: str, setting: str = "data.source", progress=None, timeout: float = 60.0, pin: str = "",
+          retries: int | None = None, backoff: float | None = None) -> Path:
+    """The cached local copy of `url`, downloading it first if needed.
+
+    The file is checked against `pin` (`sha256:HEX`, `git-sha1:HEX` or a bare sha256), by
+    default the preset table's pin for the URL or a `#sha256=HEX` fragment on it. A cached
+    copy is used without the network; a pinned one only if its bytes match (otherwise it is
+    fetched again). Failures are retried `retries` times with exponential backoff, each retry
+    resuming the partial file; a mismatch leaves no file behind."""
+    url, frag_pin = split_pin(url.strip())
+    pin = _norm_pin(pin or frag_pin or presets.pin(url))
     dest = cache_path(url)
-    if dest.is_file():
+    if dest.is_file() and (not pin or matches(dest, pin)):
         return dest
     fix = (f"download it yourself with `curl -L -o {shlex.quote(str(dest))} {shlex.quote(url)}` "
            f"(that path is the cache, used from then on), or set {setting} = PATH to a local copy")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _Lock(dest.parent / f".{dest.name}.lock"):
+        if dest.is_file():
+            if not pin or matches(dest, pin):
+                return dest
+            dest.unlink()  # cached before the pin, or changed on disk: fetched again
+        return _download(url, dest, pin, setting, fix, progress, timeout,
+                         RETRIES if retries is None else retries, BACKOFF if backoff is None else backoff)
 
-    def download(tmp: Path) -> None:
-        with urlopen(Request(url, headers={"User-Agent": "minigpt"}), timeout=timeout) as resp:
-            total = int(resp.headers.get("Content-Length") or 0)
-            done, t0 = 0, time.perf_counter()
-            with open(tmp, "wb") as f:
-                while True:
-                    chunk = resp.read(CHUNK)
-                    if not chunk:
-                        break
-                    f.write(chunk)
-                    done += len(chunk)
-                    if progress:
-                        dt = time.perf_counter() - t0
-                        progress(done, max(total, done), done / dt if dt > 0 else 0.0)
-        if progress:
-            progress(done, done, 0.0)
 
+def _download(url: str, dest: Path, pin: str, setting: str, fix: str, progress, timeout: float, retries: int,
+              backoff: float) -> Path:
+    import requests
+
+    part = partial_path(dest)
+    last = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(min(backoff * 2 ** (attempt - 1), BACKOFF_MAX))
+        resumed = part.stat().st_size if part.is_file() else 0
+        try:
+            _attempt(url, part, progress, timeout)
+        except _Transient as e:
+            last = str(e)
+            continue
+        except requests.exceptions.HTTPError as e:
+            code = e.response.status_code if e.response is not None else 0
+            if code == 416:  # the partial is no prefix of what the server has now: start again
+                _discard(part)
+            if code == 416 or code in _RETRY_STATUS:
+                last = f"HTTP {code}"
+                continue
+            _discard(part)
+            raise MinigptError(f"cannot download {url} (HTTP {code})", fix) from None
+        except requests.exceptions.RequestException as e:
+            last = _reason(e)
+            continue
+        except OSError as e:
+            if atomic.is_disk_full(e):
+                raise atomic.DiskFull(part, part.stat().st_size + (1 << 16) if part.is_file() else 1 << 16,
+                                      atomic.free_bytes(part.parent)) from None
+            raise MinigptError(f"cannot write {part} ({str(e).splitlines()[0][:160]})",
+                               "check that the cache folder ($MINIGPT_CACHE) is writable") from None
+        if pin and not matches(part, pin):
+            algo = pin.split(":", 1)[0]
+            got = file_digest(part, algo)
+            _discard(part)
+            if resumed:  # its start came from an earlier attempt, perhaps of older bytes: once more, whole
+                last = "checksum mismatch after resuming"
+                continue
+            raise MinigptError(f"{url} does not match its pin ({pin[:20]}…, got {algo}:{got[:12]}…); no file kept",
+                               f"the file changed upstream or in transit: check the URL, or set {setting} = PATH "
+                               "to a copy you trust")
+        atomic.write_with(dest, lambda tmp: os.replace(part, tmp))  # fsync and rename into place
+        return dest
+    size = part.stat().st_size if part.is_file() else 0
+    if not size:
+        _discard(part)
+    kept = f"; {atomic.human_bytes(size)} kept, the next try resumes" if size else ""
+    raise MinigptError(f"cannot download {url} after {retries + 1} attempts ({last[:160]}){kept}", fix)
+
+
+def _reason(e: BaseException) -> str:
+    inner = e.args[0] if e.args else e
+    while getattr(inner, "reason", None) is not None and inner is not inner.reason:
+        inner = inner.reason
+    text = str(inner).splitlines()[0] if str(inner) else type(e).__name__
+    return f"{type(e).__name__}: {text}"[:160]
+
+
+def _discard(path: Path) -> None:
     try:
-        atomic.write_with(dest, download)  # temp file, fsync, rename; a dead download's temp is removed
-    except (URLError, OSError, TimeoutError, ValueError) as e:
-        reason = getattr(e, "reason", None) or e
-        raise MinigptError(f"cannot download {url} ({str(reason).splitlines()[0][:160]})", fix) from None
-    return dest
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _attempt(url: str, part: Path, progress, timeout: float) -> None:
+    """One request with pooch's HTTP downloader, appending to `part` from its current size
+    (`Range: bytes=N-`); a server that ignores the range sends it all and the partial restarts."""
+    from pooch import HTTPDownloader
+
+    start = part.stat().st_size if part.is_file() else 0
+    expect: dict = {}
+    with open(part, "ab") as f:
+        sink = _Sink(f, start, progress, expect)
+
+        def on_response(resp, *args, **kwargs):
+            if resp.status_code == 206:
+                m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", resp.headers.get("Content-Range", "").strip())
+                if not m or int(m[1]) != start:
+                    resp.close()
+                    raise _Transient(f"the server answered the range from byte {start} with "
+                                     f"{resp.headers.get('Content-Range')!r}")
+                expect["total"] = int(m[2]) if m[2] != "*" else None
+            elif resp.status_code == 200:
+                if start:  # range ignored: the whole file comes again
+                    f.truncate(0)
+                    sink.done = 0
+                n = resp.headers.get("Content-Length")
+                expect["total"] = int(n) if n and n.isdigit() and not resp.headers.get("Content-Encoding") else None
+            return resp
+
+        headers = {"User-Agent": "minigpt", "Accept-Encoding": "identity"}
+        if start:
+            headers["Range"] = f"bytes={start}-"
+        HTTPDownloader(chunk_size=CHUNK, timeout=timeout, headers=headers,
+                       hooks={"response": on_response})(url, sink, None)
+        f.flush()
+        os.fsync(f.fileno())
+    size = part.stat().st_size
+    total = expect.get("total")
+    if total is not None and size != total:
+        raise _Transient(f"the transfer ended at byte {size:,} of {total:,}")
+    if progress:
+        progress(size, size, 0.0)
+
+
+class _Sink:
+    """The file object pooch writes to: counts bytes and reports progress."""
+
+    def __init__(self, f, done: int, progress, expect: dict):
+        self.f, self.done, self.progress, self.expect = f, done, progress, expect
+        self.t0, self.base = time.perf_counter(), done
+
+    def write(self, b: bytes) -> int:
+        n = self.f.write(b)
+        self.done += len(b)
+        if self.progress:
+            dt = time.perf_counter() - self.t0
+            total = self.expect.get("total") or self.done
+            self.progress(self.done, max(total, self.done), (self.done - self.base) / dt if dt > 0 else 0.0)
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def resolve(ref: str, setting: str = "data.source", progress=None) -> Path:
