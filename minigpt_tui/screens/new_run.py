@@ -58,6 +58,7 @@ CPU_TOKENS_PER_S = 430.0  # SmolLM2-135M forward on this project's 2-core box (R
 
 _CHOICE = lambda values: [(v, v) for v in values]  # noqa: E731
 # (config key, label, kind, widget id, placeholder or options); kinds: text int float select bool
+# list (comma-separated words)
 SECTIONS: list[tuple[str, list[tuple[str, str, str, str, Any]]]] = [
     ("Model", [
         ("model.source", "model", "text", "f-model", "e.g. microsoft/phi-1_5, ./model or x.gguf"),
@@ -88,6 +89,21 @@ SECTIONS: list[tuple[str, list[tuple[str, str, str, str, Any]]]] = [
         ("prune.sequential", "", "bool", "f-sequential", "sequential: refit layer by layer (best, slower)"),
         ("prune.round_to", "round widths to", "int", "f-round-to", "e.g. 1, 8 or 64"),
     ]),
+    ("Compression: heads, width, depth, a budget", [
+        ("prune.head_ratio", "head ratio", "float", "f-head-ratio", "e.g. 0.25 of query heads; 0 = off"),
+        ("prune.head_mode", "head mode", "select", "f-head-mode",
+         [("uniform (one count per layer: loads stock)", "uniform"), ("per_layer (counts per layer)", "per_layer")]),
+        ("prune.head_criterion", "head criterion", "select", "f-head-criterion", _CHOICE(config_mod.HEAD_CRITERIA)),
+        ("prune.hidden_ratio", "hidden ratio", "float", "f-hidden-ratio", "e.g. 0.1 of residual channels; 0 = off"),
+        ("prune.depth", "blocks dropped", "int", "f-depth", "e.g. 2 whole blocks; 0 = off"),
+        ("prune.depth_criterion", "depth criterion", "select", "f-depth-criterion", _CHOICE(config_mod.DEPTH_CRITERIA)),
+        ("prune.target_params", "param budget", "float", "f-target-params",
+         "e.g. 0.5 (share kept) or 6e7 (a count); 0 = off"),
+        ("prune.search_axes", "search axes", "list", "f-search-axes", "e.g. " + ", ".join(config_mod.SEARCH_AXES)),
+        ("prune.search_candidates", "candidates", "int", "f-search-candidates", "e.g. 6 mixes within the budget"),
+        ("prune.search_steps", "steps each", "int", "f-search-steps", "e.g. 8 distillation steps per candidate"),
+        ("prune.search_tolerance", "tolerance", "float", "f-search-tolerance", "e.g. 0.05 of the budget"),
+    ]),
     ("Fine-tune (recovery)", [
         ("finetune.enabled", "", "bool", "f-finetune", "fine-tune after pruning"),
         ("finetune.max_steps", "max steps", "int", "f-steps", "e.g. 20"),
@@ -97,6 +113,12 @@ SECTIONS: list[tuple[str, list[tuple[str, str, str, str, Any]]]] = [
         ("finetune.eval_every", "eval every", "int", "f-eval-every", "steps; 0 = never"),
         ("finetune.checkpoint_every", "ckpt every", "int", "f-ckpt-every", "steps; 0 = at the end"),
         ("finetune.keep_checkpoints", "keep ckpts", "int", "f-keep-ckpt", "e.g. 1"),
+        ("finetune.loss", "recovery loss", "select", "f-loss",
+         [("ce (cross-entropy on the corpus)", "ce"), ("kd (distil from the unpruned model)", "kd")]),
+        ("finetune.kd_temperature", "KD temperature", "float", "f-kd-temperature", "e.g. 1 (Minitron's best)"),
+        ("finetune.kd_ce_weight", "KD + CE weight", "float", "f-kd-ce-weight", "e.g. 0 (pure KL) or 0.5"),
+        ("finetune.teacher_steps", "teacher steps", "int", "f-teacher-steps", "e.g. 0 (off); fine-tune the teacher first"),
+        ("finetune.control", "", "bool", "f-control", "control: also recover the unpruned model, same budget"),
     ]),
     ("Evaluate", [
         ("evaluate.max_tokens", "max tokens", "int", "f-eval-tokens", "e.g. 4096"),
@@ -109,6 +131,7 @@ FIELDS = {key: (label, kind, fid, extra) for _, rows in SECTIONS for key, label,
 # config key → form field id, so an engine error lands under the right field
 FIELD_FOR_KEY = {key: spec[2] for key, spec in FIELDS.items()}
 FINETUNE_FIELDS = [FIELDS[k][2] for k in FIELDS if k.startswith("finetune.") and k != "finetune.enabled"]
+KD_FIELDS = ("f-kd-temperature", "f-kd-ce-weight")  # only read when the recovery loss is kd
 
 
 def form_defaults() -> dict:
@@ -134,27 +157,47 @@ def _set(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _named_key(problem: str) -> str | None:
-    """The longest form key an engine problem names (`prune.ratio = 1.5 is outside …`)."""
-    keys = [k for k in FIELD_FOR_KEY if k in problem and "." in k]
-    return max(keys, key=len) if keys else None
+def _named_keys(problem: str) -> list[str]:
+    """Every form key a problem names: in full (`finetune.kd_temperature = …`), or bare after a
+    key of the same section (`…, kd_ce_weight = -1, teacher_steps = 0 are invalid`)."""
+    import re
+
+    full = [k for k in FIELD_FOR_KEY if "." in k and k in problem]
+    sections = {k.split(".")[0] for k in full}
+    bare = [k for k in FIELD_FOR_KEY if "." in k and k not in full and k.split(".")[0] in sections
+            and re.search(rf"(?<![\w.]){re.escape(k.split('.', 1)[1])}\b", problem)]
+    return full + bare
 
 
 def collect_errors(data: dict, fallback: dict, max_rounds: int = 40) -> tuple[dict[str, str], str | None]:
     """Every problem the engine's validator finds, by config key, plus one it cannot pin on a
-    field. Each named field is reset to `fallback`'s value and the config checked again."""
+    field. Of the fields a problem names, the culprits are those whose reset to `fallback`'s value
+    alone makes that problem go away (all it names if none does): each gets the problem, is
+    reset, and the config is checked again."""
     data = copy.deepcopy(data)
     found: dict[str, str] = {}
+
+    def clears(key: str, err: MinigptError) -> bool:
+        trial = copy.deepcopy(data)
+        _set(trial, key, _get(fallback, key))
+        try:
+            config_mod.from_dict(trial)
+            return True
+        except MinigptError as e:  # the same check fails again: same fix, same keys (values may differ)
+            return (e.fix, _named_keys(e.problem)) != (err.fix, _named_keys(err.problem))
+
     for _ in range(max_rounds):
         try:
             config_mod.from_dict(data)
             return found, None
         except MinigptError as e:
-            key = _named_key(e.problem)
-            if key is None or key in found:
+            named = [k for k in _named_keys(e.problem) if k not in found]
+            culprits = [k for k in named if clears(k, e)] or named
+            if not culprits:
                 return found, e.line()
-            found[key] = e.line()
-            _set(data, key, _get(fallback, key))
+            for key in culprits:
+                found[key] = e.line()
+                _set(data, key, _get(fallback, key))
     return found, None
 
 
@@ -162,16 +205,25 @@ def estimate(data: dict) -> str:
     """Projected tokens per stage and a rough time on a 2-core CPU box (SmolLM2-135M rates)."""
     cal = int(_get(data, "calibrate.max_tokens") or 0)
     ev = int(_get(data, "evaluate.max_tokens") or 0) * (2 if _get(data, "evaluate.evaluate_base") else 1)
-    ft = 0
+    ft = teacher = 0
+    per_step = 3  # forward + backward (≈ 2 forwards)
     if _get(data, "finetune.enabled"):
-        ft = (int(_get(data, "finetune.max_steps") or 0) * int(_get(data, "finetune.batch_size") or 0)
-              * int(_get(data, "finetune.block_size") or 0) * int(_get(data, "finetune.grad_accum") or 1))
-    if min(cal, ev, ft) < 0:
+        step_tokens = (int(_get(data, "finetune.batch_size") or 0) * int(_get(data, "finetune.block_size") or 0)
+                       * int(_get(data, "finetune.grad_accum") or 1))
+        ft = int(_get(data, "finetune.max_steps") or 0) * step_tokens
+        teacher = int(_get(data, "finetune.teacher_steps") or 0) * step_tokens
+        if _get(data, "finetune.loss") == "kd":
+            per_step = 4  # plus the teacher's forward on every batch
+        if _get(data, "finetune.control"):
+            ft *= 2  # the unpruned control gets the same budget, and one more evaluation
+            ev += int(_get(data, "evaluate.max_tokens") or 0)
+    if min(cal, ev, ft, teacher) < 0:
         raise ValueError("negative budget")
-    seconds = (cal + ev + 3 * ft) / CPU_TOKENS_PER_S
+    seconds = (cal + ev + per_step * ft + 3 * teacher) / CPU_TOKENS_PER_S
     from ..data import fmt_count, fmt_duration
 
-    return (f"projected: calibrate {fmt_count(cal)} tok · fine-tune {fmt_count(ft)} tok · evaluate "
+    extra = f" · teacher {fmt_count(teacher)} tok" if teacher else ""
+    return (f"projected: calibrate {fmt_count(cal)} tok{extra} · fine-tune {fmt_count(ft)} tok · evaluate "
             f"{fmt_count(ev)} tok · ≈{fmt_duration(seconds)} on 2 CPU cores for SmolLM2-135M "
             "(plus model load; larger models scale with their size)")
 
@@ -183,7 +235,9 @@ class NewRunScreen(Screen):
             "form started from (the CPU defaults, a file loaded with ctrl+o, or a configs/ preset). "
             "ctrl+s checks everything with the engine's validator, shows every problem under its "
             "field, then creates the session and starts it in the background. ctrl+w saves the form "
-            "as a config file to the path in 'config file'.")
+            "as a config file to the path in 'config file'. Compression sets the other axes (attention "
+            "heads, hidden width, whole blocks) and a parameter budget searched over the chosen axes; "
+            "the recovery loss is cross-entropy or distillation (kd) from the unpruned model.")
     BINDINGS = [
         Binding("ctrl+s", "submit", "Create & launch", id="new.submit", priority=True),
         Binding("ctrl+o", "load", "Load config", id="new.load", priority=True),
@@ -243,6 +297,8 @@ class NewRunScreen(Screen):
                 options = [v for _, v in extra]
                 if value in options:
                     w.value = value  # type: ignore[attr-defined]
+            elif kind == "list":
+                w.value = ", ".join(str(v) for v in (value or []))  # type: ignore[attr-defined]
             else:
                 w.value = "" if value is None else (f"{value:g}" if isinstance(value, float) else str(value))  # type: ignore[attr-defined]
         source = str(_get(data, "model.source") or "")
@@ -263,8 +319,9 @@ class NewRunScreen(Screen):
         self.query_one("#f-allocation", Select).disabled = rule != "ratio"
         self.query_one("#f-sequential", Tick).disabled = rule != "ratio"
         on_ = bool(self.query_one("#f-finetune", Tick).value)
+        kd = self.query_one("#f-loss", Select).value == "kd"
         for fid in FINETUNE_FIELDS:
-            self.query_one(f"#{fid}").disabled = not on_
+            self.query_one(f"#{fid}").disabled = not on_ or (fid in KD_FIELDS and not kd)
         self._update_estimate()
 
     def _update_estimate(self) -> None:
@@ -308,6 +365,7 @@ class NewRunScreen(Screen):
             box.value = event.value
 
     @on(Select.Changed, "#f-rule")
+    @on(Select.Changed, "#f-loss")
     @on(Tick.Changed, "#f-finetune")
     def _toggles(self) -> None:
         self._sync_enabled()
@@ -355,6 +413,8 @@ class NewRunScreen(Screen):
                     continue
             elif kind == "bool":
                 value = bool(raw)
+            elif kind == "list":
+                value = [w for w in str(raw).replace(",", " ").split() if w]
             elif kind == "select":
                 if not isinstance(raw, str):
                     continue

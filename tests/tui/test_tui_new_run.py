@@ -148,6 +148,8 @@ async def test_every_error_at_once_negative_numbers_refused_and_defaults_that_pr
         assert errors["f-steps"].startswith("finetune.max_steps = -3 is negative")
         assert runner.launched == [] and session_mod.list_sessions(root) == []
         assert app.focused is form.query_one("#f-cal-tokens")  # the first invalid field, in form order
+        form.query_one("#f-finetune").scroll_visible(animate=False)
+        await pilot.pause()
         text = screen_text(app)
         assert "[x] fine-tune after pruning" in text and "[ ] sequential" in text  # glyphs differ
 
@@ -185,3 +187,65 @@ async def test_load_a_config_file_edit_and_save_it(root, make_app, runner, tmp_p
         saved = config_mod.load(tmp_path / "out.toml")
         assert saved.prune.ratio == 0.4 and saved.prune.sequential and saved.calibrate.max_tokens == 1024
         assert saved.finetune.warmup_steps == 7  # a key without a field is kept from the loaded file
+
+
+async def test_compression_and_distillation_keys_reach_the_config(root, make_app, runner):
+    """#16 item 1: the prune budget and axes and the recovery loss are in the form, with selects
+    for their choices; what the form builds is what engine.config reads."""
+    from engine import config as config_mod
+    from minigpt_tui.widgets import Tick
+
+    app = make_app()
+    async with app.run_test(size=(100, 40)) as pilot:
+        form = await _open_form(pilot)
+        assert form.query_one("#f-kd-temperature", Input).disabled  # read only with the kd loss
+        for fid, choices in (("f-head-mode", config_mod.HEAD_MODES), ("f-head-criterion", config_mod.HEAD_CRITERIA),
+                             ("f-depth-criterion", config_mod.DEPTH_CRITERIA), ("f-loss", config_mod.LOSSES)):
+            assert tuple(v for _, v in form.query_one(f"#{fid}", Select)._options if v is not Select.BLANK) == choices
+        form.query_one("#f-loss", Select).value = "kd"
+        form.query_one("#f-head-mode", Select).value = "per_layer"
+        form.query_one("#f-depth-criterion", Select).value = "loss"
+        await pilot.pause()
+        assert not form.query_one("#f-kd-temperature", Input).disabled
+        for fid, text in (("f-head-ratio", "0.25"), ("f-hidden-ratio", "0.1"), ("f-depth", "2"),
+                          ("f-target-params", "0.5"), ("f-search-axes", "mlp, heads depth"),
+                          ("f-search-candidates", "4"), ("f-search-steps", "3"), ("f-search-tolerance", "0.1"),
+                          ("f-kd-temperature", "2"), ("f-kd-ce-weight", "0.5"), ("f-teacher-steps", "5")):
+            form.query_one(f"#{fid}", Input).value = text
+        form.query_one("#f-control", Tick).value = True
+        await pilot.pause()
+        cfg, errors = form.validate()
+        assert errors == {}, errors
+        p, ft = cfg.prune, cfg.finetune
+        assert (p.head_ratio, p.head_mode, p.head_criterion, p.hidden_ratio, p.depth, p.depth_criterion) == \
+            (0.25, "per_layer", "norm", 0.1, 2, "loss")
+        assert (p.target_params, p.search_axes, p.search_candidates, p.search_steps, p.search_tolerance) == \
+            (0.5, ["mlp", "heads", "depth"], 4, 3, 0.1)
+        assert (ft.loss, ft.kd_temperature, ft.kd_ce_weight, ft.teacher_steps, ft.control) == ("kd", 2.0, 0.5, 5, True)
+        assert "teacher 2.6K tok" in str(form.query_one("#estimate").content)  # 5 steps x 2 x 256
+
+        # three bad values, one ctrl+s: each problem under its own field (two share one engine message)
+        form.query_one("#f-search-axes", Input).value = "mlp, wings"
+        form.query_one("#f-search-tolerance", Input).value = "2"
+        form.query_one("#f-kd-ce-weight", Input).value = "-1"
+        await pilot.pause()
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        errors = form.errors()
+        assert set(errors) == {"f-search-axes", "f-search-tolerance", "f-kd-ce-weight"}, errors
+        assert "prune.search_axes" in errors["f-search-axes"] and "search_tolerance" in errors["f-search-tolerance"]
+        assert "kd_ce_weight = -1" in errors["f-kd-ce-weight"]
+        assert runner.launched == []
+
+
+def test_a_config_file_with_the_new_keys_fills_the_form_and_round_trips():
+    from engine import config as config_mod
+    from minigpt_tui.screens.new_run import FIELDS
+
+    for key in ("prune.head_ratio", "prune.head_mode", "prune.head_criterion", "prune.hidden_ratio", "prune.depth",
+                "prune.depth_criterion", "prune.target_params", "prune.search_axes", "prune.search_candidates",
+                "prune.search_steps", "prune.search_tolerance", "finetune.loss", "finetune.kd_temperature",
+                "finetune.kd_ce_weight", "finetune.teacher_steps", "finetune.control"):
+        assert key in FIELDS, key
+        section, name = key.split(".")
+        assert hasattr(getattr(config_mod.RunConfig(), section), name), key  # a real config key
