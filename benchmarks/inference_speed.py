@@ -19,13 +19,19 @@ lm_head), which bounds the speed-up any MLP-only pruning can give.
 Target from the issue: a model pruned by 40% >= 1.5x faster on CPU (read both ways here:
 40% of the MLP neurons, and about 40% of the parameters with the vocabulary).
 
+With `--sessions DIR...` the rows are instead the final models of those sessions (any mix of
+axes: heads, hidden width, depth, vocabulary), each timed on the same text under its own
+tokenizer: the rows of issue #13's 30% and 50% mixes.
+
 Usage: .venv/bin/python benchmarks/inference_speed.py [--tiny] [--threads N] [--rounds 3] [--new-tokens 32]
+       [--sessions SESSION_DIR ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+from pathlib import Path
 
 from _common import domain, interleaved, load_model, machine, ratio
 
@@ -50,6 +56,9 @@ def main() -> None:
     ap.add_argument("--prefill-batch", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--sessions", nargs="+", default=[],
+                    help="instead of the MLP/vocab rows: the final models of these session folders (e.g. the "
+                         "30%% and 50%% mixes of scripts/compress_table.py), each with its own tokenizer")
     args = ap.parse_args()
 
     import torch
@@ -70,7 +79,19 @@ def main() -> None:
     counts = token_counts(d.calibrate, len(tok))
     inputs = {}  # model name -> (prefill blocks, decode prompt, tokenizer) for vocabulary-pruned models
     vocab_rows = []
-    for r in (0.2, 0.4):
+    for path in args.sessions:  # a pruned model as the run saved it: any axes, its own tokenizer
+        from transformers import AutoTokenizer
+
+        from engine.models import export
+
+        folder = Path(path) / "model"
+        m = export.load_model(folder, dtype=torch.float32, device="cpu").eval()
+        new_tok = AutoTokenizer.from_pretrained(folder)
+        k = Path(path).name
+        models[k] = m
+        ids = torch.tensor(new_tok("\n\n".join(d.eval_texts))["input_ids"])
+        inputs[k] = (blocks(ids, block)[: args.prefill_batch], ids[:64][None], new_tok)
+    for r in (0.2, 0.4) if not args.sessions else ():
         for round_to in (1, 64):  # 64: widths the matmul kernels tile evenly
             m = copy.deepcopy(base)
             prune.apply_structural(m, prune.select(m, stats, PruneConfig(rule="ratio", ratio=r, round_to=round_to)))

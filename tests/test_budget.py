@@ -82,3 +82,26 @@ def test_search_ranks_by_bits_per_byte():
                            progress=lambda d, n, r: seen.append((d, n)))
     assert seen == [(1, 3), (2, 3), (3, 3)]
     assert budget.best(trials).mix == budget.Mix(heads=0.5)
+
+
+@pytest.mark.parametrize("mix", [budget.Mix(heads=0.5), budget.Mix(heads=0.25), budget.Mix(hidden=0.25),
+                                 budget.Mix(depth=1), budget.Mix(mlp=0.5, heads=0.5, hidden=0.375, depth=1)])
+def test_other_axes_count_exactly(mix):
+    """Heads, hidden channels and blocks cut for real: the estimate is the pruned model's count."""
+    import dataclasses
+
+    from engine.config import PruneConfig
+    from engine.prune import mlp as prune
+    from engine.prune import structure
+    from engine.prune.calibrate import calibrate
+    from engine.run import compress
+
+    m = tiny.model("llama")
+    ids = tiny.tokenizer()(tiny.TEXT, return_tensors="pt")["input_ids"][:, :256].reshape(2, 128)
+    stats, struct = calibrate(m, ids, 2), structure.collect(m, ids, 2)
+    c = budget.costs(m, adapters.for_model(m))
+    p = dataclasses.replace(PruneConfig(), **mix.prune_keys())
+    if p.ratio:
+        prune.apply_structural(m, prune.select(m, stats, p))
+    compress.apply_axes(m, p, struct)
+    assert budget.estimate(c, mix) == size.count_params(m)

@@ -123,11 +123,10 @@ def estimate(c: Costs, m: Mix) -> int:
     q_kept, kv_kept = heads_kept(c, m.heads)
     keep_layers = c.layers - m.depth
     per_layer_attn = q_kept * (c.per_q_h * scale + c.per_q) + kv_kept * (c.per_kv_h * scale + c.per_kv)
-    # MLP neurons: the same share of every layer's width (the allocation moves them between
-    # layers, which keeps the total); dropped blocks take their own widths with them, so use
-    # the mean width of a kept block
-    mean_width = sum(c.widths) / c.layers
-    kept_neurons = mean_width * (1.0 - m.mlp)
+    # MLP neurons: the same share of every layer's width, rounded per layer as the per_layer
+    # allocation does (the others move neurons between layers and keep the total); dropped blocks
+    # take their own widths with them, so count the mean kept width of a block
+    kept_neurons = sum(w - int(round(m.mlp * w)) for w in c.widths) / c.layers  # per-layer rounding
     per_layer = per_layer_attn + kept_neurons * (c.per_neuron_h * scale + c.per_neuron) + c.per_layer_h * scale
     rows = c.vocab_rows_cut if (m.vocab and c.vocab_rows_cut) else c.vocab_rows
     vocab = rows * (h * (1 if c.tied else 2) + c.head_bias)
