@@ -251,6 +251,61 @@ def test_disk_full_during_the_model_write_fails_the_run_in_one_line_and_keeps_th
     assert len(err) == 1 and err[0]["stage"] == "prune" and err[0]["message"] == st["error"]
 
 
+@contextlib.contextmanager
+def small_tmpfs(folder: Path, size: str):
+    """A real tmpfs of `size` mounted on `folder` (root in a container may mount one); unmounted after."""
+    folder.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a {size} tmpfs here ({(r.stderr or r.stdout).strip()[:120]}): run as root "
+                    "in a container that allows mount")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def _temps(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if ".tmp" in p.name or p.name.endswith(".part"))
+
+
+def test_a_real_full_tmpfs_is_disk_full_with_the_old_copy_intact(tmp_path):
+    """No fake: a 1 MiB tmpfs, a 2 MiB file written by write_with and by write_dir."""
+    with small_tmpfs(tmp_path / "disk", "1m") as disk:
+        target = disk / "stats.bin"
+        atomic.write_with(target, lambda tmp: tmp.write_bytes(b"old"))
+        with pytest.raises(atomic.DiskFull) as ei:
+            atomic.write_with(target, lambda tmp: tmp.write_bytes(os.urandom(2 << 20)))
+        e = ei.value
+        assert e.errno == errno.ENOSPC and e.free is not None and e.free < (1 << 20)
+        line = e.line()
+        assert "\n" not in line and line.startswith(f"disk full writing {target}: it needs at least ")
+        assert "free there — free at least" in line and "then resume" in line
+        assert target.read_bytes() == b"old" and _temps(disk) == []
+        folder = disk / "model"
+        with pytest.raises(atomic.DiskFull, match=f"disk full writing {folder}"):
+            atomic.write_dir(folder, lambda tmp: (tmp / "w.bin").write_bytes(os.urandom(2 << 20)))
+        assert not folder.exists() and _temps(disk) == [] and sorted(p.name for p in disk.iterdir()) == ["stats.bin"]
+
+
+@pytest.mark.process
+def test_a_session_on_a_real_small_tmpfs_fails_in_one_line_and_resumes_elsewhere(tmp_path):
+    """A tiny model's session on a 96 KiB tmpfs: the config, state, events and calibration
+    statistics fit, the pruned model (135 KB) does not. `minigpt resume` exits 1 with one line
+    naming the path, the sizes and the fix; no temp is left; the statistics stay."""
+    cfg = ft_case.config(tmp_path, "gpt2", finetune={"enabled": False})
+    with small_tmpfs(tmp_path / "disk", "96k") as disk:
+        s = session_mod.create(cfg, disk, name="full")
+        r = cli("resume", str(s.path), "--foreground", "--no-follow", cwd=tmp_path, timeout=240)
+        line = one_line(r, 1, f"disk full writing {s.path}", "it needs at least", "free there", "then resume")
+        assert _temps(disk) == [], _temps(disk)
+        st = s.state()
+        assert st["status"] == "failed" and line == f"error: {st['error']}"
+        assert "calibrate" in st["completed_stages"] and (s.stats_dir / "calibration.safetensors").is_file()
+        assert not s.model_dir.exists()
+
+
 # ---- 4. orphaned temps ------------------------------------------------------------------------------
 def test_orphans_go_on_the_next_open_but_never_while_a_runner_holds_the_lock(tmp_path):
     s = ft_case.session(tmp_path, "orph", ft_case.config(tmp_path, "gpt2"))
