@@ -83,6 +83,8 @@ def model_with(family: str, seed: int = 0, dtype=torch.float32, vocab: int = 320
     cfg = config(family, vocab)
     for k, v in overrides.items():
         setattr(cfg, k, v)
+    if getattr(cfg, "layer_types", None) and "layer_types" not in overrides:  # one entry per block
+        cfg.layer_types = [cfg.layer_types[0]] * cfg.num_hidden_layers
     torch.manual_seed(seed)
     m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
