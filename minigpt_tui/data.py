@@ -156,7 +156,10 @@ def progress_text(row: dict, tail: dict | None) -> str:
     status = row.get("status")
     if status == "done":
         return "100%"
-    text = f"{len(completed)}/{len(record.STAGES)}"
+    # an optional stage (teacher correction, the control) counts once the run has reached it
+    optional = getattr(record, "OPTIONAL_STAGES", ())
+    stages = [st for st in record.STAGES if st not in optional or st in completed or st == row.get("stage")]
+    text = f"{len([c for c in completed if c in stages])}/{len(stages)}"
     prog = row.get("progress")
     frac = None
     if isinstance(prog, (int, float)) and not isinstance(prog, bool):
@@ -199,6 +202,7 @@ COMPARE_COLUMNS: list[tuple[str, str, str]] = [
     ("model", "model", "str"),
     ("domain", "domain", "str"),
     ("method", "method", "str"),
+    ("recipe", "axes · loss", "str"),
     ("status", "state", "str"),
     ("params_base", "params base", "params"),
     ("params_pruned", "params pruned", "params"),
@@ -211,7 +215,9 @@ COMPARE_COLUMNS: list[tuple[str, str, str]] = [
     ("mcq_pruned", "MCQ pruned", "acc"),
     ("mcq_finetuned", "MCQ ft", "acc"),
     ("mcq_ft_se", "MCQ ft ± SE (n)", "str"),
+    ("ppl_control", "ppl control", "ppl"),
     ("bpb_pruned", "bpb pruned", "bpb"),
+    ("bpb_finetuned", "bpb ft", "bpb"),
     ("tokens_per_s", "tok/s ft", "rate"),
     ("disk", "disk", "bytes"),
     ("model_bytes", "model size", "bytes"),
@@ -256,12 +262,42 @@ def compare_row(s: session_mod.Session) -> dict:
     for key, metric in COLUMN_METRICS.items():
         out[key] = metrics.get(metric)
     out["mcq_ft_se"] = mcq_with_error(results, "finetuned")
-    out["bpb_pruned"] = metrics.get(("pruned", "vocab_bpb"))
+    out["bpb_pruned"] = metrics.get(("pruned", "bpb"), metrics.get(("pruned", "vocab_bpb")))
+    out["bpb_finetuned"] = metrics.get(("finetuned", "bpb"))
+    out["recipe"] = recipe(s)
     ft = results.get("finetune") if isinstance(results.get("finetune"), dict) else {}
     out["tokens_per_s"] = _num(ft.get("tokens_per_s"))
     disk = session_disk(s)
     out["disk"], out["model_bytes"] = disk["total"], (disk["model"] or None)
     return out
+
+
+def recipe(s: session_mod.Session) -> str | None:
+    """The compression axes beyond the MLP and the recovery loss, from the session's config:
+    `heads 25% · depth 2 · budget 50% · kd`; `mlp · ce` for a plain run."""
+    try:
+        cfg = s.config()
+    except (OSError, MinigptError):
+        return None
+    p, ft = cfg.prune, cfg.finetune
+    parts = []
+    if getattr(p, "target_params", 0):
+        t = p.target_params
+        parts.append(f"budget {t:.0%}" if t < 1 else f"budget {fmt_count(t)}")
+        parts.append("/".join(getattr(p, "search_axes", [])))
+    else:
+        parts.append("mlp")
+        if getattr(p, "head_ratio", 0):
+            parts.append(f"heads {p.head_ratio:.0%}{' per layer' if p.head_mode == 'per_layer' else ''}")
+        if getattr(p, "hidden_ratio", 0):
+            parts.append(f"hidden {p.hidden_ratio:.0%}")
+        if getattr(p, "depth", 0):
+            parts.append(f"depth {p.depth}")
+    if ft.enabled:
+        loss = getattr(ft, "loss", "ce")
+        parts.append(loss + (f"+teacher {ft.teacher_steps}" if getattr(ft, "teacher_steps", 0) else "")
+                     + (" +control" if getattr(ft, "control", False) else ""))
+    return " · ".join(parts)
 
 
 def mcq_with_error(results: dict, model: str) -> str | None:

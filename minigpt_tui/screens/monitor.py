@@ -32,7 +32,7 @@ from ..data import bar, dir_size, fmt_bytes, fmt_count, fmt_duration, fmt_gpu, f
 from ..messages import Alert, RunEvents, RunStatus, SystemSample
 from ..runview import RunView, delta
 from ..styles import signed_text, status_text, theme_style
-from ..widgets import TextPlot, TitleBar
+from ..widgets import OverlayPlot, TextPlot, TitleBar
 
 if TYPE_CHECKING:
     from ..app import MinigptApp
@@ -110,6 +110,7 @@ class MonitorScreen(Screen):
                 yield Static("", id="summary")
                 with Horizontal(id="plots"):
                     yield TextPlot("loss", id="loss-plot")
+                    yield OverlayPlot("loss = KL + w·CE", id="loss-parts")  # distillation: the loss's parts
                     yield TextPlot("held-out ppl", id="ppl-plot")
                 yield Static("", id="system", markup=False)
                 yield Static("", id="gpu")
@@ -125,10 +126,7 @@ class MonitorScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        lt = self.query_one("#layer-table", DataTable)
-        for label, key in (("layer", "layer"), ("module", "module"), ("neurons", "neurons"),
-                           ("params", "params"), ("removed", "pct"), ("", "bar")):
-            lt.add_column(label, key=key)
+        self.query_one("#loss-parts").display = False
         mt = self.query_one("#metric-table", DataTable)
         for label, key in (("metric", "metric"), ("base", "base"), ("pruned", "pruned"), ("Δ pruned", "d_pruned"),
                            ("finetuned", "finetuned"), ("Δ finetuned", "d_finetuned")):
@@ -318,6 +316,14 @@ class MonitorScreen(Screen):
             cap = "loss (fine-tuning steps)"
         empty = self._why_empty(ft, "step")
         self.query_one("#loss-plot", TextPlot).set_data(v.losses, cap, empty)
+        parts = v.has_loss_parts()  # train events with kl/ce (finetune.loss = kd): the loss and its parts
+        self.query_one("#loss-plot").display = not parts
+        self.query_one("#loss-parts").display = parts
+        if parts:
+            series = [(name, style, [(float(st), x) for st, x in zip(v.loss_steps, vals) if x is not None])
+                      for name, style, vals in (("loss", "● cyan", v.losses), ("KL", "▲ magenta", v.kls),
+                                                ("CE", "■ yellow", v.ces))]
+            self.query_one("#loss-parts", OverlayPlot).set_data(series, cap, empty=empty)
         ppl = [p for _, p in v.eval_ppl]
         base = v.metric("base", "ppl")
         ref = ", ".join(x for x in (f"base {base:.2f}" if base else "",
@@ -368,11 +374,23 @@ class MonitorScreen(Screen):
             return
         rows = rep["rows"]
         width = 20 if self.app.size.width >= 110 else 10
+        pairs = layer_pairs(rows)
+        lt.clear(columns=True)  # the columns are the report's: heads, kv groups, hidden width where it has them
+        for label, key in (("layer", "layer"), ("module", "module"), *((p.replace("_", " "), p) for p in pairs),
+                           ("removed", "pct"), ("", "bar")):
+            lt.add_column(label, key=key)
         for r in rows:
             pct = float(r.get("pct_removed", 0) or 0)
-            lt.add_row(str(r.get("layer", "?")), escape(str(r.get("module", ""))),
-                       f"{r.get('neurons_before', '?')}→{r.get('neurons_after', '?')}",
-                       f"{fmt_count(r.get('params_before'))}→{fmt_count(r.get('params_after'))}",
+            cells = []
+            for p in pairs:
+                b, a = r.get(f"{p}_before"), r.get(f"{p}_after")
+                if b is None and a is None:
+                    cells.append("")
+                elif r.get("dropped") and p != "params":
+                    cells.append(f"{_pair_cell(p, b)}→dropped")
+                else:
+                    cells.append(f"{_pair_cell(p, b)}→{_pair_cell(p, a)}")
+            lt.add_row(str(r.get("layer", "?")), escape(str(r.get("module", ""))), *cells,
                        f"{pct:5.1f}%", Text(bar(pct / 100, width), style=theme_style(self.app, "accent")),
                        key=f"layer-{r.get('layer')}-{r.get('module')}")
         t = rep["totals"]
@@ -380,10 +398,17 @@ class MonitorScreen(Screen):
         extra = ""
         if mode == "mask" and t.get("stored_params") is not None:  # mask mode counts nonzero parameters
             extra = f" · non-zero counts; stored {fmt_count(t['stored_params'])}"
+        others = "".join(f" · {p.replace('_', ' ')} {_pair_cell(p, t[p + '_before'])}→{_pair_cell(p, t[p + '_after'])}"
+                         for p in layer_pairs([t]) if p not in ("params", "neurons") and p + "_after" in t)
+        dropped = [str(r.get("layer")) for r in rows if r.get("dropped")]
+        if t.get("dropped") is not None and not dropped:
+            dropped = [str(x) for x in (t["dropped"] if isinstance(t["dropped"], list) else [t["dropped"]])]
+        if dropped:
+            others += f" · blocks dropped: {', '.join(dropped)}"
         self.query_one("#layer-totals", Static).update(
             f"total ({mode}): {fmt_count(t.get('params_before'))} → {fmt_count(t.get('params_after'))} params, "
             f"{float(t.get('pct_removed', 0) or 0):.1f}% removed · neurons "
-            f"{t.get('neurons_before', '?')}→{t.get('neurons_after', '?')}{extra}")
+            f"{t.get('neurons_before', '?')}→{t.get('neurons_after', '?')}{others}{extra}")
         pcts = [float(r.get("pct_removed", 0) or 0) for r in rows]
         self.query_one("#layer-chart", TextPlot).set_data(pcts, f"% removed by layer (0–{len(rows) - 1})")
 
@@ -447,6 +472,30 @@ class MonitorScreen(Screen):
             cmds.append((f"view: {label}", f"Show the {label} tab", lambda t=tab: self.action_tab(t)))
         cmds.append(("run: back to sessions", "Return to the session list", self.action_back))
         return cmds
+
+
+# the layer report's before/after pairs in display order: MLP neurons, attention heads, KV groups,
+# hidden width, then any other pair a newer report carries, parameters last
+_PAIR_ORDER = ("neurons", "heads", "kv_heads", "kv_groups", "hidden", "width")
+
+
+def layer_pairs(rows: list[dict]) -> list[str]:
+    """The `X` of every `X_before` / `X_after` pair the rows carry (old reports: neurons, params)."""
+    found: list[str] = []
+    for r in rows:
+        for k in r:
+            if k.endswith("_before") and k[:-len("_before")] + "_after" in r and k[:-len("_before")] not in found:
+                found.append(k[:-len("_before")])
+    ranked = [p for p in _PAIR_ORDER if p in found] + [p for p in found if p not in _PAIR_ORDER and p != "params"]
+    return ranked + (["params"] if "params" in found else [])
+
+
+def _pair_cell(name: str, v) -> str:
+    if v is None:
+        return "?"
+    if name == "params":
+        return fmt_count(v)
+    return str(v)
 
 
 class _SystemProbe:

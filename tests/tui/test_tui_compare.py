@@ -50,7 +50,9 @@ async def test_two_sessions_side_by_side_sort_and_export(root, make_app):
         assert not screen.transposed  # wide enough for one row per session
         table = screen.query_one(DataTable)
         assert table.row_count == 2
-        assert [str(c) for c in table.get_row("phi-stdlib-ratio")][9:12] == ["12.40", "18.59", "15.15"]
+        ppl_at = list(table.columns).index("ppl_base")
+        assert [str(c) for c in table.get_row("phi-stdlib-ratio")][ppl_at:ppl_at + 3] == ["12.40", "18.59", "15.15"]
+        assert str(table.get_cell("phi-stdlib-ratio", "recipe")) == "mlp"  # config: no other axis, no recovery
         # sort by "ppl ft": move the cursor to that column and press s; again reverses
         col = [k for k in table.columns].index("ppl_finetuned")
         table.move_cursor(column=col)
@@ -72,8 +74,9 @@ async def test_two_sessions_side_by_side_sort_and_export(root, make_app):
         await pilot.press("m")
         md = screen.last_export.read_text().splitlines()
         assert screen.last_export.suffix == ".md"
-        assert md[0].startswith("| session | model | domain | method | state | params base |")
-        assert md[2].startswith("| phi-stdlib-ratio | microsoft/phi-1_5 | builtin:stdlib-docs | struct 30% | done |")
+        assert md[0].startswith("| session | model | domain | method | axes · loss | state | params base |")
+        assert md[2].startswith("| phi-stdlib-ratio | microsoft/phi-1_5 | builtin:stdlib-docs | struct 30% | mlp "
+                                "| done |")
         assert "| 13.77 |" in md[3]
         # atomic writes leave no temp files behind
         assert sorted(p.suffix for p in (root / "exports").iterdir()) == [".csv", ".md"]
@@ -175,3 +178,19 @@ def test_stable_styles_depend_on_the_run_not_the_order():
     # more runs than styles: every run still gets one
     many = stable_styles([f"r{i}" for i in range(len(RUN_STYLES) + 3)])
     assert len(many) == len(RUN_STYLES) + 3
+
+
+def test_recipe_and_control_columns_read_the_config_and_results(root):
+    """Compression axes and the recovery loss come from config.toml; the control's perplexity and
+    bits per byte from results.json (models.control.ppl, models.finetuned.bpb)."""
+    s = make_session(root, "heads-kd", head_events(), status="done",
+                     overrides={"prune": {"head_ratio": 0.25, "head_mode": "per_layer", "depth": 2},
+                                "finetune": {"enabled": True, "loss": "kd", "teacher_steps": 10, "control": True}},
+                     results={"models": {"base": {"ppl": 12.5}, "finetuned": {"ppl": 14.0, "bpb": 0.91},
+                                         "control": {"ppl": 11.8}}})
+    row = compare_row(session_mod.Session(s.path))
+    assert row["recipe"] == "mlp · heads 25% per layer · depth 2 · kd+teacher 10 +control"
+    assert row["ppl_control"] == 11.8 and row["bpb_finetuned"] == 0.91
+    budget = make_session(root, "budget", head_events(), status="done",
+                          overrides={"prune": {"target_params": 0.5, "search_axes": ["mlp", "heads"]}})
+    assert compare_row(session_mod.Session(budget.path))["recipe"].startswith("budget 50% · mlp/heads")

@@ -1,0 +1,117 @@
+"""The monitor and compare read the compression and distillation record (engine/run/record.py):
+the teacher/control stages where a run plans them, the KL and CE parts of a distillation loss,
+and layer reports that carry heads, KV groups, hidden width and dropped blocks. Old sessions
+(none of these) read as before. The events are built through `record.event()` (write_events
+checks every one) where the producers do not write them yet: the layer report's extra row keys."""
+
+from __future__ import annotations
+
+from textual.widgets import DataTable
+
+from engine.run import record
+from minigpt_tui.runview import RunView
+from minigpt_tui.screens.monitor import MonitorScreen, layer_pairs
+from minigpt_tui.widgets import OverlayPlot, TextPlot
+from tui_helpers import T0, finished_events, layer_report_event, make_session, screen_text, wait_for
+
+
+def kd_events(steps: int = 12) -> list[dict]:
+    """A finished run recovered by distillation: every train event carries kl and ce; a teacher
+    correction trained 4 steps first (its own stage, its own train events)."""
+    ev = []
+    for e in finished_events(steps=steps):
+        if e["type"] == "run_start":
+            e = dict(e, stages=list(record.STAGES))
+        if e["type"] == "train":
+            kl = round(2.0 * 0.9 ** e["step"], 4)
+            ce = round(3.0 * 0.95 ** e["step"], 4)
+            e = dict(e, loss=round(kl + 0.5 * ce, 4), kl=kl, ce=ce)
+        ev.append(e)
+        if e["type"] == "stage_end" and e["stage"] == "baseline":
+            t = e["t"]
+            ev.append({"t": t + 0.01, "type": "stage_start", "stage": "teacher"})
+            ev += [{"t": t + 0.02 + i / 100, "type": "train", "step": i, "total_steps": 4, "loss": 2.5 - i / 10,
+                    "lr": 5e-5, "grad_norm": 1.0, "tokens_per_s": 900.0, "eta_s": 4.0 - i, "epoch": 0.1,
+                    "stage": "teacher"} for i in range(1, 5)]
+            ev.append({"t": t + 0.1, "type": "stage_end", "stage": "teacher", "seconds": 4.0})
+        if e["type"] == "stage_end" and e["stage"] == "evaluate":
+            ev.append({"t": e["t"] + 0.01, "type": "stage_skip", "stage": "control", "reason": "off (finetune.control)"})
+    return ev
+
+
+def test_the_loss_parts_stay_aligned_and_other_stages_keep_their_own_steps():
+    v = RunView()
+    v.apply(kd_events())
+    assert len(v.losses) == len(v.kls) == len(v.ces) == 12 and v.has_loss_parts()
+    assert v.kls[0] == 1.8 and v.ces[0] == 2.85
+    teacher = v.stages["teacher"]
+    assert (teacher.status, teacher.done, teacher.total) == ("done", 4, 4)
+    names = [s.name for s in v.ordered_stages()]
+    assert names == ["baseline", "teacher", "calibrate", "prune", "finetune", "evaluate"]  # the control is off
+    old = RunView()
+    old.apply(finished_events())  # an old session: no kl/ce, five stages planned
+    assert not old.has_loss_parts() and [s.name for s in old.ordered_stages()] == [
+        "baseline", "calibrate", "prune", "finetune", "evaluate"]
+
+
+async def test_monitor_plots_kl_and_ce_and_lists_the_teacher(root, make_app):
+    make_session(root, "kd-run", kd_events(), status="done")
+    app = make_app(attach="kd-run")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, MonitorScreen) and app.screen.settled)
+        screen = app.screen
+        parts = screen.query_one("#loss-parts", OverlayPlot)
+        assert parts.display and not screen.query_one("#loss-plot", TextPlot).display
+        assert [name for name, _, _ in parts.series] == ["loss", "KL", "CE"]
+        assert all(len(ser) == 12 for _, _, ser in parts.series)
+        text = screen_text(app)
+        assert "● loss" in text and "▲ KL" in text and "■ CE" in text
+        tl = screen.query_one("#timeline", DataTable)
+        assert [str(c) for c in tl.get_row("teacher")][1:4:2] == ["done", "4/4 steps"]
+        assert "control" not in [k.value for k in tl.rows]
+
+
+async def test_old_sessions_keep_the_single_loss_plot(root, make_app):
+    make_session(root, "ce-run", finished_events(), status="done")
+    app = make_app(attach="ce-run")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, MonitorScreen) and app.screen.settled)
+        screen = app.screen
+        assert screen.query_one("#loss-plot", TextPlot).display and not screen.query_one("#loss-parts").display
+        assert [k.value for k in screen.query_one("#timeline", DataTable).rows] == [
+            "baseline", "calibrate", "prune", "finetune", "evaluate"]
+
+
+def compressed_report() -> dict:
+    rep = layer_report_event(T0 + 33, [30.0] * 6)
+    for r in rep["rows"]:
+        r.update(heads_before=9, heads_after=6, kv_heads_before=3, kv_heads_after=2, hidden_before=576,
+                 hidden_after=512)
+    rep["rows"][4]["dropped"] = True
+    rep["totals"].update(heads_before=54, heads_after=30, hidden_before=576, hidden_after=512)
+    return rep
+
+
+def test_layer_pairs_order():
+    rows = compressed_report()["rows"]
+    assert layer_pairs(rows) == ["neurons", "heads", "kv_heads", "hidden", "params"]
+    assert layer_pairs(layer_report_event(T0, [10.0])["rows"]) == ["neurons", "params"]
+
+
+async def test_layer_table_shows_heads_kv_groups_hidden_and_dropped_blocks(root, make_app):
+    ev = [e if e["type"] != "layer_report" else compressed_report() for e in finished_events()]
+    make_session(root, "heads-run", ev, status="done")
+    app = make_app(attach="heads-run")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, MonitorScreen) and app.screen.settled)
+        await pilot.press("2")
+        await pilot.pause()
+        lt = app.screen.query_one("#layer-table", DataTable)
+        assert [c.label.plain for c in lt.columns.values()][:7] == [
+            "layer", "module", "neurons", "heads", "kv heads", "hidden", "params"]
+        row = [str(c) for c in lt.get_row("layer-1-model.layers.1.mlp")]
+        assert row[2:6] == ["1536→1075", "9→6", "3→2", "576→512"]
+        dropped = [str(c) for c in lt.get_row("layer-4-model.layers.4.mlp")]
+        assert dropped[3] == "9→dropped"
+        totals = str(app.screen.query_one("#layer-totals").content)
+        assert "heads 54→30" in totals and "hidden 576→512" in totals and "blocks dropped: 4" in totals
