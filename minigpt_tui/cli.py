@@ -318,7 +318,10 @@ def grid(spec: Path = typer.Argument(..., help="grid file (TOML): models × doma
          out: Optional[Path] = typer.Option(None, "--out", help="grid folder (default: grids/NAME)"),
          detach: bool = typer.Option(False, "--detach", help="run in the background; log in GRID/grid.log"),
          retry_failed: bool = typer.Option(True, "--retry-failed/--no-retry-failed"),
-         table: bool = typer.Option(False, "--table", help="only rewrite and print the results table")):
+         table: bool = typer.Option(False, "--table", help="only rewrite and print the results table"),
+         max_parallel: int = typer.Option(0, "--max-parallel", min=0, metavar="N",
+                                          help="run cells in their own runner processes, at most N at once "
+                                               "(default: one after another in this process)")):
     """Run a grid of sessions (the paper's experiment in one command): resumable, one session per cell,
     shared calibration; writes grid.json, results.md and results.csv in the grid folder."""
     from engine.run import grid as grid_mod
@@ -333,10 +336,11 @@ def grid(spec: Path = typer.Argument(..., help="grid file (TOML): models × doma
         return
     _preflight([c.cfg for c in g.cells], g.folder / grid_mod.SESSIONS)  # a typo fails in a second, not per cell
     if detach:
-        pid = gridrun.launch_detached(spec, g.folder, overrides)
+        pid = gridrun.launch_detached(spec, g.folder, overrides, max_parallel)
         typer.echo(f"grid {g.name}: {len(g.cells)} cells running detached (pid {pid}); log {g.folder / grid_mod.LOG_FILE}")
         return
-    res = gridrun.run_grid(g, display_factory=Display, echo=typer.echo, retry_failed=retry_failed)
+    res = gridrun.run_grid(g, display_factory=Display, echo=typer.echo, retry_failed=retry_failed,
+                           max_parallel=max_parallel)
     typer.echo(f"grid {res['status']}: {res['done']}/{res['cells']} cells done, {res['failed']} failed; "
                f"table: {g.folder / grid_mod.RESULTS_MD}")
     if res["status"] == "failed":
@@ -360,7 +364,9 @@ def sweep(config: Path = typer.Argument(..., help="run config (TOML): model, cor
           stats: Optional[Path] = typer.Option(None, "--stats", help="calibration cache folder (default: the "
                                                                        "one runs and grids share, under $MINIGPT_CACHE)"),
           overrides: list[str] = SetOpt):
-    """Prune one model many ways without fine-tuning; table of params, held-out ppl and MCQ accuracy."""
+    """Prune one model many ways without fine-tuning; table of params, held-out ppl and MCQ accuracy.
+
+    One process, one cell at a time (one model load, shared calibrations): no --max-parallel."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -146,6 +146,41 @@ def test_one_runner_per_grid_folder(tmp_path):
     assert not (spec.folder / "grid.json").exists()  # nothing ran
 
 
+def _span(s_path: Path) -> tuple[float, float]:
+    ts = [json.loads(line)["t"] for line in (s_path / "events.jsonl").read_text().splitlines()]
+    return min(ts), max(ts)
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("limit", [1, 2])
+def test_max_parallel_runs_cells_in_runner_processes_at_most_n_at_once(tmp_path, monkeypatch, limit):
+    """`--max-parallel N`: each cell in its own runner process, never more than N at once (from the
+    sessions' event timestamps), all finish, and the group's baseline and calibration are still
+    computed once (a cell waits for its group's calibration, then hits the cache)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec, raw = _tiny_grid(tmp_path)
+    raw["run"]["finetune"]["enabled"] = False
+    if limit == 2:
+        raw["domains"].append({"name": "toy2", "source": str(tmp_path / "corpus.jsonl"),
+                               "max_documents": 20})  # a second group, free to run beside the first
+        raw["methods"] = ["structural"]
+    spec = grid.spec_from_dict(raw, folder=spec.folder)
+    lines: list[str] = []
+    out = gridrun.run_grid(spec, echo=lines.append, max_parallel=limit, poll=0.1)
+    assert out["status"] == "done" and out["done"] == out["cells"] == 4, lines
+    rows = grid.load_grid(spec.folder)
+    paths = [Path(r["session_path"]) for r in rows]
+    pids = [json.loads((p / "state.json").read_text())["pid"] for p in paths]
+    assert len(set(pids)) == 4 and os.getpid() not in pids  # one runner process per cell
+    assert all(f"in runner {pid}" in "\n".join(lines) for pid in pids)
+    spans = sorted(_span(p) for p in paths)
+    for t, _ in spans:  # how many cells were running at each cell's start
+        assert sum(a <= t <= b for a, b in spans) <= limit
+    groups = {c.group for c in spec.cells}
+    assert sum(_events(p, "stage_end", "baseline") for p in paths) == len(groups)  # one baseline per group
+    assert sorted(r["calibration_cached"] for r in rows) == [False] * len(groups) + [True] * (4 - len(groups))
+
+
 @pytest.mark.process
 def test_changed_config_makes_new_cells_and_load_grid_is_torch_free(tmp_path):
     spec = grid.spec_from_dict({"thresholds": [{"activation": 0.1}], "methods": ["mask"]}, folder=tmp_path / "g")

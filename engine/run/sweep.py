@@ -7,6 +7,10 @@ cell's structurally pruned model is scored on the held-out split of every evalua
 corpus (perplexity, and MCQ accuracy when `evaluate.mcq_generate`/`mcq_files` ask for
 it). The table is rewritten (CSV and Markdown, atomically) after every cell, so an
 interrupted sweep keeps what it measured.
+
+A sweep is one process running one cell at a time (the point is one model load and shared
+calibrations), so it has no `--max-parallel`; `minigpt grid --max-parallel N` runs cells as
+separate runner processes.
 """
 
 from __future__ import annotations
