@@ -7,6 +7,8 @@ Update after reviewing a change: .venv/bin/pytest tests/tui/test_tui_snapshots.p
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from minigpt_tui.screens.compare import CompareScreen
@@ -16,6 +18,26 @@ from minigpt_tui.screens.sessions import SessionsScreen
 from tui_helpers import standard_root, wait_for
 
 SIZES = [pytest.param((80, 24), id="80x24"), pytest.param((120, 40), id="120x40")]
+SNAP_DIR = Path("/tmp/minigpt-tui-snapshots")  # a fixed folder: the titles show the absolute root
+
+
+@pytest.fixture
+def root(monkeypatch):
+    """The session root at one fixed absolute path, so the absolute root the titles show (and
+    the export dialog's target) is the same in every run; a lock keeps two runs apart."""
+    import fcntl
+    import shutil
+
+    SNAP_DIR.mkdir(exist_ok=True)
+    with open(SNAP_DIR.parent / "minigpt-tui-snapshots.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        work = SNAP_DIR / "w"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        monkeypatch.chdir(work)
+        yield Path("sessions")
+        monkeypatch.undo()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 async def _home(pilot) -> None:
@@ -147,3 +169,62 @@ def test_alert_run_died(snap_compare, root, make_app, size):
         await wait_for(pilot, lambda: len(pilot.app.alerts) == 2)
 
     assert snap_compare(make_app(), terminal_size=size, run_before=run_before)
+
+
+# ---- compare's overlaid curves, the export dialog ----------------------------------------------
+@pytest.mark.parametrize("size", SIZES)
+def test_compare_two_overlaid_runs(snap_compare, root, make_app, size):
+    """Two runs' loss and held-out ppl on shared axes, each its own colour and glyph, the base
+    model's ppl pinned."""
+    sessions = standard_root(root)
+
+    async def run_before(pilot):
+        await _home(pilot)
+        pilot.app.open_compare([sessions["done"].path, sessions["ratio"].path])
+        await wait_for(pilot, lambda: isinstance(pilot.app.screen, CompareScreen) and pilot.app.screen.loaded)
+        await pilot.press("2")
+
+    assert snap_compare(make_app(), terminal_size=size, run_before=run_before)
+
+
+def _export_session(root):
+    import tiny
+    from engine.models.export import save_model
+    from tui_helpers import finished_events, make_session
+
+    root.mkdir(parents=True, exist_ok=True)
+    s = make_session(root, "tiny-llama", finished_events(), status="done")
+    save_model(tiny.model("llama"), tiny.tokenizer(), s.model_dir)
+    return s
+
+
+def test_export_dialog(snap_compare, root, make_app):
+    _export_session(root)
+
+    async def run_before(pilot):
+        from minigpt_tui.screens.export import ExportScreen
+
+        await _home(pilot)
+        await pilot.press("e")
+        await wait_for(pilot, lambda: isinstance(pilot.app.screen, ExportScreen))
+
+    assert snap_compare(make_app(), terminal_size=(80, 24), run_before=run_before)
+
+
+@pytest.mark.process
+def test_export_dialog_finished(snap_compare, root, make_app):
+    """After a real f16 export (minigpt export in a child): the path and the size."""
+    _export_session(root)
+
+    async def run_before(pilot):
+        from minigpt_tui.screens.export import ExportScreen
+
+        await _home(pilot)
+        await pilot.press("e")
+        await wait_for(pilot, lambda: isinstance(pilot.app.screen, ExportScreen))
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: pilot.app.screen.result is not None, timeout=240)
+        assert pilot.app.screen.result.error is None, pilot.app.screen.result.error
+        pilot.app.clear_notifications()  # the toast would cover the dialog's own lines
+
+    assert snap_compare(make_app(), terminal_size=(80, 24), run_before=run_before)

@@ -78,7 +78,7 @@ def test_plot_is_zero_based_when_asked_and_resamples_long_series():
 
 def test_markdown_export_escapes_pipes():
     md = to_markdown([{"id": "a|b", "model": "m", "domain": "d", "method": "x", "status": "done"}])
-    assert "| a\\|b | m | d | x | done |" in md
+    assert "| a\\|b | m | d | x | — | done |" in md
 
 
 def test_mcq_accuracy_carries_its_standard_error_and_n():

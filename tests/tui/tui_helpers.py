@@ -272,7 +272,7 @@ def resumed_events(stop_at: int = 26, new_steps: int = 2) -> list[dict]:
            {"t": t + 0.6, "type": "log", "level": "info", "message": f"stopped at step {stop_at}; continue with: "
                                                                       "minigpt resume r03"},
            {"t": t + 0.7, "type": "run_end", "status": "stopped"},
-           {"t": t + 60, "type": "run_start", "pid": 4343, "resumed": True, "stages": list(record.STAGES)}]
+           {"t": t + 60, "type": "run_start", "pid": 4343, "resumed": True, "stages": ev[0]["stages"]}]
     ev += [{"t": t + 60.1, "type": "stage_skip", "stage": st, "reason": record.SKIP_COMPLETED}
            for st in ("baseline", "calibrate", "prune")]
     ev += [{"t": t + 61, "type": "stage_start", "stage": "finetune"},
