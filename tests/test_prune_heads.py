@@ -242,3 +242,46 @@ def test_bad_plans_are_one_line_errors():
         heads.scores(m, st, "magnitude")
     with pytest.raises(MinigptError, match="head_mode"):
         heads.select(m, heads.scores(m, st), 0.5, "global")
+
+
+# ---- GGUF: llama.cpp runs what the engine pruned (harness: tests/test_gguf.py) --------------
+def _gguf_case(name):
+    from engine.prune import depth, hidden
+
+    m = tiny.gqa_llama(layers=3)
+    st = structure.collect(m, _ids(), 2)
+    if name == "heads_uniform":
+        heads.apply(m, heads.select(m, heads.scores(m, st), 0.5, "uniform"), st, "lstsq")
+    elif name == "heads_uniform_config_refuses":  # 6 heads: the config keeps 8, the weights hold 6
+        heads.apply(m, heads.select(m, heads.scores(m, st), 0.25, "uniform"), st, "lstsq")
+    elif name == "heads_per_layer":
+        plan = heads.select(m, heads.scores(m, st), 0.5, "per_layer")
+        plan.keep[0] = torch.arange(8)
+        heads.apply(m, plan, st, "lstsq")
+    elif name == "all_axes":
+        heads.apply(m, heads.select(m, heads.scores(m, st), 0.5, "uniform"), st, "lstsq")
+        depth.apply(m, depth.select(depth.influence(st), 1))
+        hidden.apply(m, hidden.select(hidden.scores(m, st), 0.25, round_to=hidden.round_to(m)))
+    return m.eval(), tiny.tokenizer()
+
+
+GGUF_CASES = {"heads_uniform": "llama", "heads_uniform_config_refuses": "llama", "heads_per_layer": "deci",
+              "all_axes": "llama"}
+
+
+@pytest.mark.parametrize("name", list(GGUF_CASES))
+def test_llama_cpp_runs_the_pruned_model(tmp_path, name):
+    import test_gguf as g
+    from engine.models import gguf
+
+    g._need_llama_cpp()
+    model, tok = _gguf_case(name)
+    res = gguf.export(model, tok, tmp_path / "m.gguf", "f32")
+    assert res.arch == GGUF_CASES[name]
+    ids = g.prompt(tok)
+    llm = g.load(res.path)
+    try:
+        assert g.rel_err(g.cpp_logits(llm, ids), g.engine_logits(model, ids)) <= 1e-3
+        assert g.cpp_greedy(llm, ids) == g.engine_greedy(model, ids)
+    finally:
+        llm.close()

@@ -224,3 +224,35 @@ def test_all_axes_together_load_with_stock_transformers(tmp_path):
     m2 = AutoModelForCausalLM.from_pretrained(tmp_path / "a").eval()
     ids = _ids(seed=4)
     assert torch.equal(_logits(m, ids), _logits(m2, ids))
+
+
+# ---- the layer report carries every axis ---------------------------------------------------
+def test_layer_report_rows_carry_heads_dropped_blocks_and_hidden_width():
+    m = tiny.gqa_llama(layers=3)
+    ad = adapters.for_model(m)
+    wb, pb, mp, hb = ad.widths(), size.count_params(m), mlp.mlp_param_counts(m), ad.head_counts()
+    st = structure.collect(m, _ids(), 2)
+    plan = heads.select(m, heads.scores(m, st), 0.5, "uniform")
+    heads.apply(m, plan, st, "lstsq")
+    depth.apply(m, [1])
+    hidden.apply(m, hidden.select(hidden.scores(m, st), 0.25, round_to=hidden.round_to(m)))
+    r = mlp.layer_report(m, wb, pb, "structural", mp, heads_before=hb, hidden_before=64, dropped=[1])
+    rows, t = r["rows"], r["totals"]
+    assert [x["layer"] for x in rows] == [0, 1, 2] and [x["dropped"] for x in rows] == [False, True, False]
+    assert rows[2]["module"] == "model.layers.2.mlp"  # named by the original block
+    assert [(x["heads_before"], x["heads_after"], x["kv_before"], x["kv_after"]) for x in rows] == \
+        [(8, 4, 2, 1), (8, 0, 2, 0), (8, 4, 2, 1)]
+    assert rows[1]["neurons_after"] == rows[1]["params_after"] == 0 and rows[1]["pct_removed"] == 100.0
+    assert (t["hidden_before"], t["hidden_after"], t["dropped_blocks"]) == (64, 48, [1])
+    assert (t["heads_before"], t["heads_after"]) == (24, 8) and t["params_after"] == size.count_params(m)
+
+
+def test_layer_report_mask_mode_counts_live_heads():
+    m = tiny.gqa_llama(layers=2)
+    ad = adapters.for_model(m)
+    wb, pb, mp = ad.widths(), size.count_params(m), mlp.mlp_param_counts(m)
+    plan = heads.Plan([torch.tensor([0, 1, 2, 3]), torch.tensor([0, 2, 4, 6])], ad.head_counts())
+    mlp.apply_masks(m, heads.masks(m, plan))
+    r = mlp.layer_report(m, wb, pb, "mask", mp)
+    assert [(x["heads_after"], x["kv_after"]) for x in r["rows"]] == [(4, 1), (4, 2)]
+    assert [x["heads_before"] for x in r["rows"]] == [8, 8]  # stored shapes: 8 heads

@@ -291,10 +291,26 @@ def apply_masks(model, masks: dict[str, torch.Tensor]) -> None:
 
 # ---- report ------------------------------------------------------------------------
 def layer_report(model, widths_before: list[int], params_before_total: int, mode: str,
-                 mlp_params_before: list[int]) -> dict:
+                 mlp_params_before: list[int], heads_before: list | None = None, hidden_before: int | None = None,
+                 dropped: list[int] | None = None) -> dict:
+    """Per-layer rows (MLP neurons and parameters; query heads and kv groups before/after;
+    `dropped` for removed blocks) and whole-model totals (hidden width, dropped blocks).
+
+    Lists "before" are indexed by the original blocks; `dropped` names the blocks removed
+    (engine.prune.depth), which appear as rows with nothing left. `heads_before`: [query, kv]
+    per original block (default: as now, for blocks that remain)."""
     adapter = adapters_mod.for_model(model)
-    rows = []
-    for m, wb, pb in zip(adapter.mlps(), widths_before, mlp_params_before):
+    dropped = sorted(set(dropped or []))
+    n_before = len(widths_before)
+    originals = [i for i in range(n_before) if i not in dropped]
+    heads_now = _heads_now(adapter, mode)
+    if heads_before is None:
+        heads_before = [None] * n_before
+        for orig, h in zip(originals, adapter.head_counts()):  # the stored shapes
+            heads_before[orig] = h
+    lp = adapter.layers_path
+    by_orig = {}
+    for m, orig, h in zip(adapter.mlps(), originals, heads_now):
         mods = [p.module for p in m.ins] + [m.out.module]
         if mode == "mask":
             sel = m.out.module.weight.abs().sum(m.out.out_axis) != 0
@@ -303,17 +319,47 @@ def layer_report(model, widths_before: list[int], params_before_total: int, mode
         else:
             after = m.width
             pa = _param_count(mods)
-        rows.append({"layer": m.layer, "module": m.name, "neurons_before": wb, "neurons_after": after,
+        name = m.name.replace(f"{lp}.{m.layer}", f"{lp}.{orig}", 1)
+        by_orig[orig] = (name, after, pa, h)
+    rows = []
+    for i in range(n_before):
+        wb, pb, hb = widths_before[i], mlp_params_before[i], heads_before[i] or [None, None]
+        if i in by_orig:
+            name, after, pa, ha = by_orig[i]
+        else:
+            name, after, pa, ha = f"{lp}.{i}", 0, 0, [0, 0]
+        rows.append({"layer": i, "module": name, "neurons_before": wb, "neurons_after": after,
                      "params_before": pb, "params_after": pa,
-                     "pct_removed": round(100.0 * (pb - pa) / pb, 2) if pb else 0.0})
+                     "pct_removed": round(100.0 * (pb - pa) / pb, 2) if pb else 0.0,
+                     "heads_before": hb[0], "heads_after": ha[0], "kv_before": hb[1], "kv_after": ha[1],
+                     "dropped": i in dropped})
     total_after = count_nonzero(model) if mode == "mask" else count_params(model)
+    hidden_now = adapter.config_hidden(model.config)
     totals = {"params_before": params_before_total, "params_after": total_after,
               "pct_removed": round(100.0 * (params_before_total - total_after) / params_before_total, 2),
-              "neurons_before": sum(widths_before), "neurons_after": sum(r["neurons_after"] for r in rows)}
+              "neurons_before": sum(widths_before), "neurons_after": sum(r["neurons_after"] for r in rows),
+              "heads_before": sum(r["heads_before"] or 0 for r in rows),
+              "heads_after": sum(r["heads_after"] or 0 for r in rows),
+              "hidden_before": int(hidden_before if hidden_before is not None else hidden_now),
+              "hidden_after": hidden_now, "dropped_blocks": dropped}
     if mode == "mask":
         totals["nonzero_params_after"] = total_after
         totals["stored_params"] = count_params(model)
     return {"mode": mode, "rows": rows, "totals": totals}
+
+
+def _heads_now(adapter, mode: str) -> list[list[int]]:
+    """[query heads, kv groups] per current block; mask mode counts heads with a nonzero o_proj column."""
+    if mode != "mask":
+        return adapter.head_counts()
+    out = []
+    for a in adapter.attentions():
+        w = a.o.module.weight
+        w = w.t() if a.o.transposed else w
+        alive = w.abs().sum(0).view(a.n_heads, a.head_dim).sum(1) != 0
+        groups = int(alive.view(a.n_kv, -1).any(1).sum()) if a.n_kv else 0
+        out.append([int(alive.sum()), groups])
+    return out
 
 
 def mlp_param_counts(model, nonzero: bool = False) -> list[int]:
