@@ -293,8 +293,9 @@ def apply_masks(model, masks: dict[str, torch.Tensor]) -> None:
 def layer_report(model, widths_before: list[int], params_before_total: int, mode: str,
                  mlp_params_before: list[int], heads_before: list | None = None, hidden_before: int | None = None,
                  dropped: list[int] | None = None) -> dict:
-    """Per-layer rows (MLP neurons and parameters; query heads and kv groups before/after;
-    `dropped` for removed blocks) and whole-model totals (hidden width, dropped blocks).
+    """Per-layer rows (MLP neurons and parameters, query heads, kv heads (groups) and the hidden
+    width, each as X_before / X_after; `dropped` for removed blocks) and whole-model totals
+    (the same pairs summed, the hidden width, `dropped`: the removed blocks).
 
     Lists "before" are indexed by the original blocks; `dropped` names the blocks removed
     (engine.prune.depth), which appear as rows with nothing left. `heads_before`: [query, kv]
@@ -309,6 +310,8 @@ def layer_report(model, widths_before: list[int], params_before_total: int, mode
         for orig, h in zip(originals, adapter.head_counts()):  # the stored shapes
             heads_before[orig] = h
     lp = adapter.layers_path
+    hidden_now = adapter.config_hidden(model.config)
+    hidden_b = int(hidden_before if hidden_before is not None else hidden_now)
     by_orig = {}
     for m, orig, h in zip(adapter.mlps(), originals, heads_now):
         mods = [p.module for p in m.ins] + [m.out.module]
@@ -331,17 +334,18 @@ def layer_report(model, widths_before: list[int], params_before_total: int, mode
         rows.append({"layer": i, "module": name, "neurons_before": wb, "neurons_after": after,
                      "params_before": pb, "params_after": pa,
                      "pct_removed": round(100.0 * (pb - pa) / pb, 2) if pb else 0.0,
-                     "heads_before": hb[0], "heads_after": ha[0], "kv_before": hb[1], "kv_after": ha[1],
+                     "heads_before": hb[0], "heads_after": ha[0], "kv_heads_before": hb[1], "kv_heads_after": ha[1],
+                     "hidden_before": hidden_b, "hidden_after": 0 if i in dropped else hidden_now,
                      "dropped": i in dropped})
     total_after = count_nonzero(model) if mode == "mask" else count_params(model)
-    hidden_now = adapter.config_hidden(model.config)
     totals = {"params_before": params_before_total, "params_after": total_after,
               "pct_removed": round(100.0 * (params_before_total - total_after) / params_before_total, 2),
               "neurons_before": sum(widths_before), "neurons_after": sum(r["neurons_after"] for r in rows),
               "heads_before": sum(r["heads_before"] or 0 for r in rows),
               "heads_after": sum(r["heads_after"] or 0 for r in rows),
-              "hidden_before": int(hidden_before if hidden_before is not None else hidden_now),
-              "hidden_after": hidden_now, "dropped_blocks": dropped}
+              "kv_heads_before": sum(r["kv_heads_before"] or 0 for r in rows),
+              "kv_heads_after": sum(r["kv_heads_after"] or 0 for r in rows),
+              "hidden_before": hidden_b, "hidden_after": hidden_now, "dropped": dropped}
     if mode == "mask":
         totals["nonzero_params_after"] = total_after
         totals["stored_params"] = count_params(model)
