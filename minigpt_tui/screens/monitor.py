@@ -374,9 +374,9 @@ class MonitorScreen(Screen):
             return
         rows = rep["rows"]
         width = 20 if self.app.size.width >= 110 else 10
-        pairs = layer_pairs(rows)
-        lt.clear(columns=True)  # the columns are the report's: heads, kv groups, hidden width where it has them
-        for label, key in (("layer", "layer"), ("module", "module"), *((p.replace("_", " "), p) for p in pairs),
+        pairs = layer_pairs(rows, changed_only=True)
+        lt.clear(columns=True)  # the columns are the report's: heads, kv groups where this run changed them
+        for label, key in (("layer", "layer"), ("module", "module"), *((_PAIR_LABELS.get(p, p), p) for p in pairs),
                            ("removed", "pct"), ("", "bar")):
             lt.add_column(label, key=key)
         for r in rows:
@@ -398,11 +398,11 @@ class MonitorScreen(Screen):
         extra = ""
         if mode == "mask" and t.get("stored_params") is not None:  # mask mode counts nonzero parameters
             extra = f" · non-zero counts; stored {fmt_count(t['stored_params'])}"
-        others = "".join(f" · {p.replace('_', ' ')} {_pair_cell(p, t[p + '_before'])}→{_pair_cell(p, t[p + '_after'])}"
-                         for p in layer_pairs([t]) if p not in ("params", "neurons") and p + "_after" in t)
+        others = "".join(f" · {_PAIR_LABELS.get(p, p)} {_pair_cell(p, t[p + '_before'])}→{_pair_cell(p, t[p + '_after'])}"
+                         for p in layer_pairs([t], changed_only=True) if p not in ("params", "neurons"))
         dropped = [str(r.get("layer")) for r in rows if r.get("dropped")]
-        if t.get("dropped") is not None and not dropped:
-            dropped = [str(x) for x in (t["dropped"] if isinstance(t["dropped"], list) else [t["dropped"]])]
+        if not dropped and isinstance(t.get("dropped_blocks"), list):
+            dropped = [str(x) for x in t["dropped_blocks"]]
         if dropped:
             others += f" · blocks dropped: {', '.join(dropped)}"
         self.query_one("#layer-totals", Static).update(
@@ -474,18 +474,27 @@ class MonitorScreen(Screen):
         return cmds
 
 
-# the layer report's before/after pairs in display order: MLP neurons, attention heads, KV groups,
-# hidden width, then any other pair a newer report carries, parameters last
-_PAIR_ORDER = ("neurons", "heads", "kv_heads", "kv_groups", "hidden", "width")
+# the layer report's before/after pairs in display order (engine.prune.mlp.layer_report): MLP
+# neurons, query heads, KV groups, hidden width, then any other pair a newer report carries,
+# parameters last
+_PAIR_ORDER = ("neurons", "heads", "kv", "hidden")
+_PAIR_LABELS = {"kv": "kv groups"}
+_ALWAYS = ("neurons", "params")
 
 
-def layer_pairs(rows: list[dict]) -> list[str]:
-    """The `X` of every `X_before` / `X_after` pair the rows carry (old reports: neurons, params)."""
+def layer_pairs(rows: list[dict], changed_only: bool = False) -> list[str]:
+    """The `X` of every `X_before` / `X_after` pair the rows carry (old reports: neurons, params);
+    `changed_only`: besides neurons and params, only the pairs some row changed (a run that cut
+    no heads shows no head column)."""
     found: list[str] = []
     for r in rows:
         for k in r:
-            if k.endswith("_before") and k[:-len("_before")] + "_after" in r and k[:-len("_before")] not in found:
-                found.append(k[:-len("_before")])
+            x = k[:-len("_before")]
+            if k.endswith("_before") and x + "_after" in r and x not in found:
+                found.append(x)
+    if changed_only:
+        found = [x for x in found if x in _ALWAYS or any(
+            r.get(x + "_before") != r.get(x + "_after") and (r.get(x + "_before") is not None) for r in rows)]
     ranked = [p for p in _PAIR_ORDER if p in found] + [p for p in found if p not in _PAIR_ORDER and p != "params"]
     return ranked + (["params"] if "params" in found else [])
 

@@ -84,17 +84,18 @@ async def test_old_sessions_keep_the_single_loss_plot(root, make_app):
 
 def compressed_report() -> dict:
     rep = layer_report_event(T0 + 33, [30.0] * 6)
-    for r in rep["rows"]:
-        r.update(heads_before=9, heads_after=6, kv_heads_before=3, kv_heads_after=2, hidden_before=576,
-                 hidden_after=512)
-    rep["rows"][4]["dropped"] = True
-    rep["totals"].update(heads_before=54, heads_after=30, hidden_before=576, hidden_after=512)
+    for r in rep["rows"]:  # the keys engine.prune.mlp.layer_report writes
+        r.update(heads_before=9, heads_after=6, kv_before=3, kv_after=2 if r["layer"] % 2 else 3, dropped=False)
+    rep["rows"][4].update(dropped=True, neurons_after=0, params_after=0, heads_after=0, kv_after=0, pct_removed=100.0)
+    rep["totals"].update(heads_before=54, heads_after=30, hidden_before=576, hidden_after=512, dropped_blocks=[4])
     return rep
 
 
 def test_layer_pairs_order():
     rows = compressed_report()["rows"]
-    assert layer_pairs(rows) == ["neurons", "heads", "kv_heads", "hidden", "params"]
+    assert layer_pairs(rows) == ["neurons", "heads", "kv", "params"]
+    unchanged = [dict(r, heads_after=r["heads_before"]) for r in rows[:4]]
+    assert layer_pairs(unchanged, changed_only=True) == ["neurons", "kv", "params"]  # no head was cut
     assert layer_pairs(layer_report_event(T0, [10.0])["rows"]) == ["neurons", "params"]
 
 
@@ -107,11 +108,30 @@ async def test_layer_table_shows_heads_kv_groups_hidden_and_dropped_blocks(root,
         await pilot.press("2")
         await pilot.pause()
         lt = app.screen.query_one("#layer-table", DataTable)
-        assert [c.label.plain for c in lt.columns.values()][:7] == [
-            "layer", "module", "neurons", "heads", "kv heads", "hidden", "params"]
+        assert [c.label.plain for c in lt.columns.values()][:6] == [
+            "layer", "module", "neurons", "heads", "kv groups", "params"]
         row = [str(c) for c in lt.get_row("layer-1-model.layers.1.mlp")]
-        assert row[2:6] == ["1536→1075", "9→6", "3→2", "576→512"]
+        assert row[2:5] == ["1536→1075", "9→6", "3→2"]
         dropped = [str(c) for c in lt.get_row("layer-4-model.layers.4.mlp")]
-        assert dropped[3] == "9→dropped"
+        assert dropped[2:5] == ["1536→dropped", "9→dropped", "3→dropped"]
         totals = str(app.screen.query_one("#layer-totals").content)
         assert "heads 54→30" in totals and "hidden 576→512" in totals and "blocks dropped: 4" in totals
+
+    # a plain MLP run's report carries the same keys, unchanged: no head or kv column, no extra totals
+    ev = [e if e["type"] != "layer_report" else plain_report() for e in finished_events()]
+    make_session(root, "plain-run", ev, status="done")
+    app = make_app(attach="plain-run")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, MonitorScreen) and app.screen.settled)
+        lt = app.screen.query_one("#layer-table", DataTable)
+        assert [c.label.plain for c in lt.columns.values()] == ["layer", "module", "neurons", "params", "removed", ""]
+        totals = str(app.screen.query_one("#layer-totals").content)
+        assert "heads" not in totals and "hidden" not in totals and "dropped" not in totals
+
+
+def plain_report() -> dict:
+    rep = layer_report_event(T0 + 33, [30.0] * 6)
+    for r in rep["rows"]:
+        r.update(heads_before=9, heads_after=9, kv_before=3, kv_after=3, dropped=False)
+    rep["totals"].update(heads_before=54, heads_after=54, hidden_before=576, hidden_after=576, dropped_blocks=[])
+    return rep
