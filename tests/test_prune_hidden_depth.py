@@ -240,12 +240,11 @@ def test_layer_report_rows_carry_heads_dropped_blocks_and_hidden_width():
     rows, t = r["rows"], r["totals"]
     assert [x["layer"] for x in rows] == [0, 1, 2] and [x["dropped"] for x in rows] == [False, True, False]
     assert rows[2]["module"] == "model.layers.2.mlp"  # named by the original block
-    assert [(x["heads_before"], x["heads_after"], x["kv_heads_before"], x["kv_heads_after"]) for x in rows] == \
+    assert [(x["heads_before"], x["heads_after"], x["kv_before"], x["kv_after"]) for x in rows] == \
         [(8, 4, 2, 1), (8, 0, 2, 0), (8, 4, 2, 1)]
     assert rows[1]["neurons_after"] == rows[1]["params_after"] == 0 and rows[1]["pct_removed"] == 100.0
-    assert (t["hidden_before"], t["hidden_after"], t["dropped"]) == (64, 48, [1])
-    assert [(x["hidden_before"], x["hidden_after"]) for x in rows] == [(64, 48), (64, 0), (64, 48)]
-    assert (t["kv_heads_before"], t["kv_heads_after"]) == (6, 2)
+    assert (t["hidden_before"], t["hidden_after"], t["dropped_blocks"]) == (64, 48, [1])
+    assert (t["kv_before"], t["kv_after"]) == (6, 2)
     assert (t["heads_before"], t["heads_after"]) == (24, 8) and t["params_after"] == size.count_params(m)
 
 
@@ -256,5 +255,5 @@ def test_layer_report_mask_mode_counts_live_heads():
     plan = heads.Plan([torch.tensor([0, 1, 2, 3]), torch.tensor([0, 2, 4, 6])], ad.head_counts())
     mlp.apply_masks(m, heads.masks(m, plan))
     r = mlp.layer_report(m, wb, pb, "mask", mp)
-    assert [(x["heads_after"], x["kv_heads_after"]) for x in r["rows"]] == [(4, 1), (4, 2)]
+    assert [(x["heads_after"], x["kv_after"]) for x in r["rows"]] == [(4, 1), (4, 2)]
     assert [x["heads_before"] for x in r["rows"]] == [8, 8]  # stored shapes: 8 heads

@@ -293,9 +293,9 @@ def apply_masks(model, masks: dict[str, torch.Tensor]) -> None:
 def layer_report(model, widths_before: list[int], params_before_total: int, mode: str,
                  mlp_params_before: list[int], heads_before: list | None = None, hidden_before: int | None = None,
                  dropped: list[int] | None = None) -> dict:
-    """Per-layer rows (MLP neurons and parameters, query heads, kv heads (groups) and the hidden
-    width, each as X_before / X_after; `dropped` for removed blocks) and whole-model totals
-    (the same pairs summed, the hidden width, `dropped`: the removed blocks).
+    """Per-layer rows (MLP neurons and parameters, query heads, kv heads (= GQA groups), each as
+    X_before / X_after; `dropped` for removed blocks) and whole-model totals (the same pairs
+    summed, hidden_before / hidden_after, `dropped_blocks`: the removed blocks).
 
     Lists "before" are indexed by the original blocks; `dropped` names the blocks removed
     (engine.prune.depth), which appear as rows with nothing left. `heads_before`: [query, kv]
@@ -334,8 +334,7 @@ def layer_report(model, widths_before: list[int], params_before_total: int, mode
         rows.append({"layer": i, "module": name, "neurons_before": wb, "neurons_after": after,
                      "params_before": pb, "params_after": pa,
                      "pct_removed": round(100.0 * (pb - pa) / pb, 2) if pb else 0.0,
-                     "heads_before": hb[0], "heads_after": ha[0], "kv_heads_before": hb[1], "kv_heads_after": ha[1],
-                     "hidden_before": hidden_b, "hidden_after": 0 if i in dropped else hidden_now,
+                     "heads_before": hb[0], "heads_after": ha[0], "kv_before": hb[1], "kv_after": ha[1],
                      "dropped": i in dropped})
     total_after = count_nonzero(model) if mode == "mask" else count_params(model)
     totals = {"params_before": params_before_total, "params_after": total_after,
@@ -343,9 +342,9 @@ def layer_report(model, widths_before: list[int], params_before_total: int, mode
               "neurons_before": sum(widths_before), "neurons_after": sum(r["neurons_after"] for r in rows),
               "heads_before": sum(r["heads_before"] or 0 for r in rows),
               "heads_after": sum(r["heads_after"] or 0 for r in rows),
-              "kv_heads_before": sum(r["kv_heads_before"] or 0 for r in rows),
-              "kv_heads_after": sum(r["kv_heads_after"] or 0 for r in rows),
-              "hidden_before": hidden_b, "hidden_after": hidden_now, "dropped": dropped}
+              "kv_before": sum(r["kv_before"] or 0 for r in rows),
+              "kv_after": sum(r["kv_after"] or 0 for r in rows),
+              "hidden_before": hidden_b, "hidden_after": hidden_now, "dropped_blocks": dropped}
     if mode == "mask":
         totals["nonzero_params_after"] = total_after
         totals["stored_params"] = count_params(model)
