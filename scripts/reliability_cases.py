@@ -8,7 +8,9 @@ Builds a workspace in a temp folder: a tiny random GPT-2 saved from a config
 Nothing is downloaded (HF_HUB_OFFLINE=1). Almost every case fails before a model loads
 (config checks and preflight), so the whole table takes about a minute; the two cases
 that reach the detached runner load the tiny model. Read-only cases use a read-only bind
-mount when run as root, else chmod.
+mount when run as root, else chmod. Download cases (B88-B93) fetch from an HTTP server this
+script runs on a local socket (a 404, a server that always answers 503, a refused
+connection, a checksum mismatch).
 
 A case passes when the command exits non-zero (2: config/CLI, 1: found by the run) with
 exactly one `error:` line that says a fix (" — "), and no traceback; informational cases
@@ -127,9 +129,44 @@ def read_only(folder: Path):
             p.chmod(m)
 
 
+def serve(folder: Path) -> str:
+    """An HTTP server on 127.0.0.1 for `folder`'s files; /busy/* always answers 503. Its base URL."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            p = folder / self.path.lstrip("/")
+            code, body = (503, b"busy") if self.path.startswith("/busy/") else \
+                (200, p.read_bytes()) if p.is_file() and ".." not in self.path else (404, b"not found")
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
+
+
 def cases(work: Path) -> list[Case]:
     w = work
     d = w / "data"
+    web = serve(d)
+    import hashlib
+
+    wrong = hashlib.sha256(b"not the corpus").hexdigest()
     (d / "garbage.txt").write_bytes(os.urandom(4096))
     (d / "garbage.jsonl").write_bytes(os.urandom(4096))
     (d / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me, na\u00efve\n".encode("latin-1") * 50)
@@ -306,6 +343,21 @@ def cases(work: Path) -> list[Case]:
                                                     "--set", "prune.activation_threshold=1e9"], 1,
           "would leave layer 0"),
         C("B87", "empty data file", ["run", small, "--set", "data.source=data/empty.txt"], 1, "is empty"),
+        # ---- downloads (a local HTTP server): found by the detached run, or by grid's prefetch
+        C("B88", "data URL that is not there (404)", ["run", small, "--set", f"data.source={web}/nope.jsonl"], 1,
+          "(HTTP 404)"),
+        C("B89", "data URL whose server answers 503 (5 attempts, backoff 1+2+4+8 s)",
+          ["run", small, "--set", f"data.source={web}/busy/corpus.jsonl"], 1, "after 5 attempts (HTTP 503)"),
+        C("B90", "data URL, connection refused", ["run", small, "--set",
+                                                  f"data.source=http://127.0.0.1:{closed_port()}/corpus.jsonl"], 1,
+          "after 5 attempts (ConnectionError"),
+        C("B91", "data URL with a sha256 pin it does not match",
+          ["run", small, "--set", f"data.source={web}/corpus.jsonl#sha256={wrong}"], 1, "does not match its pin"),
+        C("B92", "data URL with a malformed pin", ["run", small, "--set", f"data.source={web}/corpus.jsonl#sha256=12"],
+          1, "bad pin"),
+        C("B93", "grid whose MCQ URL is not there",
+          ["grid", raw(w, "g-mcq.toml", f'models = ["{w / "model"}"]\n' + dom + 'thresholds = [{activation = 0.1}]\n'
+                       + grid_ok + f'mcq_files = ["{web}/q.json"]\n'), "--out", "grids/m"], 2, "(HTTP 404)"),
     ]
 
 
@@ -348,6 +400,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=None, help="write the table here (default: stdout)")
     ap.add_argument("--keep", type=Path, default=None, help="build the workspace here and keep it")
+    ap.add_argument("--only", default="", help="comma list of case IDs to run (default: all)")
     args = ap.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="minigpt-cases-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -357,9 +410,11 @@ def main() -> int:
     info = build(work)
     (work / "base.json").write_text(json.dumps(info["base"]))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MINIGPT_SESSIONS": str(work / "sessions"), "OMP_NUM_THREADS": "1",
-           "MINIGPT_CACHE": str(work / "cache"), "COLUMNS": "200",
+           "MINIGPT_CACHE": str(work / "cache"), "COLUMNS": "200", "NO_PROXY": "127.0.0.1,localhost",
            "PYTHONPATH": str(ROOT) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
     cs = cases(work)
+    if args.only:
+        cs = [c for c in cs if c.id in args.only.split(",")]
     for c in cs:
         run_case(c, work, env)
         print(f"{c.id} rc={c.result['rc']} {c.result['secs']:5.1f}s {'ok ' if c.result['ok'] else 'BAD'} "

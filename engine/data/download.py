@@ -82,14 +82,15 @@ def split_pin(url: str) -> tuple[str, str]:
     return (base, f"{m[1]}:{m[2].lower()}") if m else (url, "")
 
 
-def _norm_pin(pin: str) -> str:
+def _norm_pin(pin: str, url: str = "", setting: str = "data.source") -> str:
     pin = (pin or "").strip().lower()
     if not pin:
         return ""
     algo, _, hexd = pin.rpartition(":")
     algo = algo or "sha256"
     if algo not in _PIN_ALGOS or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", hexd):
-        raise MinigptError(f"bad pin {pin!r}", "give sha256:<64 hex digits> (or git-sha1:<40 hex digits>)")
+        raise MinigptError(f"bad pin {pin!r}" + (f" for {url}" if url else ""),
+                           f"write {setting} = URL#sha256=<64 hex digits> (or git-sha1:<40 hex digits>)")
     return f"{algo}:{hexd}"
 
 
@@ -135,7 +136,7 @@ def fetch(url: str, setting: str = "data.source", progress=None, timeout: float 
     fetched again). Failures are retried `retries` times with exponential backoff, each retry
     resuming the partial file; a mismatch leaves no file behind."""
     url, frag_pin = split_pin(url.strip())
-    pin = _norm_pin(pin or frag_pin or presets.pin(url))
+    pin = _norm_pin(pin or frag_pin or presets.pin(url), url, setting)
     dest = cache_path(url)
     if dest.is_file() and (not pin or matches(dest, pin)):
         return dest
