@@ -123,9 +123,9 @@ def overlay_grid(series: list[tuple[str, str, list[tuple[float, float]]]], width
                  empty: str = "no curves") -> list[list[tuple[str, str]]]:
     """Several (name, style, [(x, y)]) series on one pair of shared axes, as rows of
     (character, style) cells: y labels on the left, x from 0 to the largest x at the bottom.
-    Each series is drawn with its own glyph (its style's first character after the colour,
-    see `series`), interpolated across columns; `refs` are horizontal reference lines
-    (label, style, y), drawn first so the runs stay on top."""
+    Each series is drawn with its own glyph (a style is "GLYPH colour"), interpolated across
+    columns, the first series on top; `refs` are horizontal reference lines (label, style, y),
+    drawn first so the runs stay on top of them."""
     plot_w, plot_h = width - label_width - 1, height - 1
     if plot_w < 4 or plot_h < 2:
         return []
@@ -148,7 +148,7 @@ def overlay_grid(series: list[tuple[str, str, list[tuple[float, float]]]], width
             if math.isfinite(y):
                 r = row_of(y)
                 grid[r] = [("─", style) if c == " " else (c, s) for c, s in grid[r]]
-        for _name, style, ser in series:
+        for _name, style, ser in reversed(series):  # the first series is drawn last: on top
             glyph, colour = style.split(" ", 1) if " " in style else ("•", style)
             good = sorted((x, y) for x, y in ser if math.isfinite(y))
             if not good:
