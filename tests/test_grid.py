@@ -182,6 +182,30 @@ def test_max_parallel_runs_cells_in_runner_processes_at_most_n_at_once(tmp_path,
 
 
 @pytest.mark.process
+def test_a_stop_reaches_the_running_cells_of_a_parallel_grid_and_starts_no_other(tmp_path, monkeypatch):
+    """Ctrl-C (SIGINT) while the first runner is starting: its stop request is honoured at its
+    first safe point, no other cell starts, and the grid reports "stopped"."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec, raw = _tiny_grid(tmp_path)
+    raw["run"]["finetune"]["enabled"] = False
+    raw["domains"].append({"name": "toy2", "source": str(tmp_path / "corpus.jsonl"), "max_documents": 20})
+    raw["methods"] = ["structural"]  # two groups: without the stop, a cell of the second would start at once
+    spec = grid.spec_from_dict(raw, folder=spec.folder)
+    assert len({c.group for c in spec.cells}) == 2
+    lines: list[str] = []
+
+    def echo(m: str) -> None:
+        lines.append(m)
+        if " in runner " in m and len([x for x in lines if " in runner " in x]) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    out = gridrun.run_grid(spec, echo=echo, max_parallel=2, poll=0.1)
+    assert out["status"] == "stopped", lines
+    assert sorted(r["status"] for r in grid.load_grid(spec.folder)) == ["new", "new", "new", "stopped"], lines
+    assert len([x for x in lines if " in runner " in x]) == 1
+
+
+@pytest.mark.process
 def test_changed_config_makes_new_cells_and_load_grid_is_torch_free(tmp_path):
     spec = grid.spec_from_dict({"thresholds": [{"activation": 0.1}], "methods": ["mask"]}, folder=tmp_path / "g")
     rows = grid.refresh(spec)  # writes grid.json with no session yet

@@ -261,7 +261,7 @@ def _run_pool(spec: GridSpec, todo: list[Cell], sessions: dict, limit: int, stop
                     stopper.stopped = True
         if stopper.stopped:
             pending = []
-        while pending and len(running) < limit:
+        while pending and len(running) < limit and not stopper.stopped:
             pick = next((x for x in pending if not calibrating(x[1].group)), None)
             if pick is None:
                 break  # every cell left waits for its group's calibration
