@@ -83,6 +83,7 @@ class RunView:
     last_t: float | None = None
     n_events: int = 0
     runs: int = 0
+    left_off: set = field(default_factory=set)  # optional stages a run skipped as off (a resume skips them again)
     # Bumped when the matching part changes, so the UI redraws only what changed.
     layers_version: int = 0
     metrics_version: int = 0
@@ -157,13 +158,17 @@ class RunView:
             self.ces = [self.ces[i] for i in keep]
             self.eval_ppl = [(step, p) for step, p in self.eval_ppl if step <= done]
         st.status, st.done, st.rate, st.eta_s, st.note = "running", done, None, None, ""
+        self.left_off.discard(st.name)
         self.current = st.name
         self._log(ev, "info", f"stage {st.name} started")
 
     def _on_stage_skip(self, ev: dict) -> None:
         st = self.stage(ev.get("stage"))
         reason = str(ev.get("reason", ""))
-        if st.status != "done":
+        if st.name in record.OPTIONAL_STAGES and (reason.startswith(record.SKIP_OFF) or st.name in self.left_off):
+            st.status = "off"  # teacher correction / the control, left off by the config
+            self.left_off.add(st.name)
+        elif st.status != "done":
             st.status = "done" if reason == record.SKIP_COMPLETED else "skipped"
         st.note = reason
         self._log(ev, "info", f"stage {st.name} skipped: {reason}")
@@ -212,6 +217,8 @@ class RunView:
         st.tokens_per_s = _num(ev.get("tokens_per_s"))
 
     def _on_eval(self, ev: dict) -> None:
+        if (ev.get("stage") or "finetune") != "finetune":
+            return  # the curve is the pruned model's recovery
         ppl = _num(ev.get("ppl"))
         if ppl is not None:
             self.eval_ppl.append((int(ev.get("step", 0)), ppl))
@@ -235,7 +242,8 @@ class RunView:
         self.metrics_version += 1
 
     def _on_checkpoint(self, ev: dict) -> None:
-        self.last_checkpoint = ev.get("step")
+        if (ev.get("stage") or "finetune") == "finetune":
+            self.last_checkpoint = ev.get("step")
         self._log(ev, "info", f"checkpoint at step {ev.get('step')}")
 
     def _on_stage_end(self, ev: dict) -> None:
@@ -290,7 +298,9 @@ class RunView:
         """The record's stages in its order, then any other a log named. Before any run started
         all are shown (pending); after, a stage no run planned and no event named is left out (a
         session older than a stage the record gained, or a run of some stages only)."""
-        known = [self.stages[n] for n in record.STAGES if n in self.stages]
+        # an optional stage (teacher correction, the control) shows once a run plans it and it is not off
+        known = [self.stages[n] for n in record.STAGES if n in self.stages
+                 and not (n in record.OPTIONAL_STAGES and self.stages[n].status == "off")]
         extra = [s for n, s in self.stages.items() if n not in record.STAGES]
         if self.runs:
             known = [s for s in known if s.name in self.planned]

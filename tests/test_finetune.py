@@ -226,7 +226,7 @@ def test_graceful_stop_then_resume_equals_uninterrupted(uninterrupted, tmp_path)
             (s.path / "stop.request").write_text("stop\n")  # what `minigpt stop` writes
 
     pipeline.run(s, display=stop_at_step_5)
-    assert s.status() == "stopped" and s.state()["completed_stages"] == ["baseline", "calibrate", "prune"]
+    assert s.status() == "stopped" and s.state()["completed_stages"] == ["baseline", "teacher", "calibrate", "prune"]
     assert checkpoint.complete(s.checkpoints_dir)[-1][0] == 5  # checkpointed where it stopped
 
     # a changed training setup must not silently continue from these checkpoints

@@ -120,7 +120,9 @@ def test_the_reducer_handles_every_emitted_kind_and_each_changes_the_view(runs):
             changed[e["type"]] = changed.get(e["type"], False) or _state(view) != before
         assert not [line.message for line in view.logs if line.message.startswith("unreadable")]
         if s.status() == "done":
-            assert [st.status for st in view.ordered_stages()] == ["done"] * len(record.STAGES)
+            # teacher correction and the control are off here: left out of the view
+            assert [st.status for st in view.ordered_stages()] == ["done"] * (len(record.STAGES)
+                                                                              - len(record.OPTIONAL_STAGES))
             assert view.end_status == "done" and view.error is None
             # the monitor (events) and the tables (results.json) read one value per metric
             assert view.metrics == data.results_metrics(_results(s))
@@ -225,7 +227,7 @@ def test_compare_and_grid_rows_show_what_results_json_holds(runs, mode):
     s = session_mod.Session(runs[mode].path)
     res = _results(s)
     models = res["models"]
-    assert set(models) == set(record.MODELS)
+    assert set(models) == set(record.MODELS) - {"teacher", "control"}  # their stages are off here
     row = data.compare_row(s)
     meta = {"key": mode, "model": "tiny-gpt2", "domain": "corpus", "method": mode, "linear": -1.0,
             "activation": -1.0, "embedding": 0.0 if mode == "structural" else -1.0, "session": s.id}
@@ -242,9 +244,9 @@ def test_compare_and_grid_rows_show_what_results_json_holds(runs, mode):
     assert cell["ft_steps"] == res["finetune"]["steps"] == 4 and cell["vocab_pruned"] == (mode == "structural")
     # and the tables written from the rows carry the same numbers
     for writer in (data.to_csv([row]), grid.to_csv([cell])):
-        assert all(str(models[m]["ppl"]) in writer for m in record.MODELS)
+        assert all(str(models[m]["ppl"]) in writer for m in models)
     md = grid.to_markdown([cell])
-    assert all(f"{models[m]['ppl']:.2f}" in md for m in record.MODELS)
+    assert all(f"{models[m]['ppl']:.2f}" in md for m in models)
 
 
 @pytest.mark.parametrize("mode", ["structural", "mask"])

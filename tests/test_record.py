@@ -17,7 +17,7 @@ def _valid(kind: str) -> dict:
     sample = {"int": 1, "int|null": None, "bool": False, "number": 1.5, "number|null": None, "str": "x", "str|null": None,
               "list[str]": ["baseline"], "list[dict]": [], "dict": {}}
     fields = {f.name: sample[f.type] for f in record.KINDS[kind].fields}
-    for (k, name), allowed in record.CHOICES.items():
+    for (k, name), allowed in (*record.CHOICES.items(), *record.OPTIONAL_CHOICES.items()):
         if k == kind:
             fields[name] = allowed[0]
     if kind == "metric":
@@ -74,6 +74,8 @@ def test_event_rejects_values_outside_the_closed_sets():
         record.event("progress", {**_valid("progress"), "unit": "blocks"})
     with pytest.raises(ValueError, match="status = 'running'"):
         record.event("run_end", {"status": "running"})
+    with pytest.raises(ValueError, match="stage = 'evaluate'"):  # an optional field with a closed set
+        record.event("train", {**_valid("train"), "stage": "evaluate"})
 
 
 def test_the_record_is_consistent_with_itself():

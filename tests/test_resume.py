@@ -109,8 +109,8 @@ def test_sigkill_during_finetune_then_resume_matches_uninterrupted(case, reaper)
     assert seen["ckpt"] <= step < seen["step"] + 5  # resumed from a checkpoint, replaying steps already done
     starts = [e for e in ft_case.events(sess) if e["type"] == "run_start"]
     assert [e["resumed"] for e in starts] == [False, True]
-    skipped = [e["stage"] for e in ft_case.events(sess) if e["type"] == "stage_skip"]
-    assert skipped == ["baseline", "calibrate", "prune"]  # completed stages are not redone
+    skipped = [e["stage"] for e in ft_case.events(sess) if e["type"] == "stage_skip" and e["reason"] == "completed"]
+    assert skipped == ["baseline", "teacher", "calibrate", "prune"]  # completed (teacher: off) stages are not redone
     _assert_same_finish(sess, ref, ref_results)
     # at most keep_checkpoints complete checkpoints remain, the last one is the end of the stage
     from engine.train import checkpoint
@@ -135,3 +135,78 @@ def test_sigkill_during_calibration_then_resume_matches_uninterrupted(case, reap
     assert len(resumed) == 1 and int(resumed[0].rsplit(" ", 1)[1]) >= 40
     assert not partial.exists()
     _assert_same_finish(sess, ref, ref_results)
+
+
+# ---- distillation -------------------------------------------------------------------------------------
+KD_SECTIONS = dict(
+    calibrate={"block_size": 32, "max_tokens": 4096, "batch_size": 2},
+    prune={"embedding_threshold": 0.0},  # a cut vocabulary: the teacher reads mapped ids, renormalised
+    finetune={"max_steps": 40, "eval_every": 10, "checkpoint_every": 5, "loss": "kd", "kd_temperature": 2.0,
+              "kd_ce_weight": 0.2},
+)
+
+
+@pytest.fixture(scope="module")
+def kd_case(tmp_path_factory):
+    from engine.run import pipeline
+
+    tmp = tmp_path_factory.mktemp("resume-kd")
+    ft_case.corpus(tmp / "data", docs=150)
+    cfg = ft_case.config(tmp, "gpt2", **KD_SECTIONS)  # GPT-2 with dropout 0.1: the student's RNG stream matters
+    ref = ft_case.session(tmp, "reference", cfg)
+    with ft_case.single_thread():
+        results = pipeline.run(ref)
+    assert ref.status() == "done"
+    return tmp, cfg, ref, results
+
+
+def _weights(sess) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(sess.model_dir.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_sigkill_during_kd_then_resume_matches_uninterrupted(kd_case, reaper):
+    tmp, cfg, ref, ref_results = kd_case
+    sess = ft_case.session(tmp, "killed-in-kd", cfg)
+    proc = ft_case.start_runner(sess, reaper)
+    seen, tail = {}, ft_case.Tail(sess)
+
+    def past_checkpoint():
+        ev = tail()
+        ck = [e["step"] for e in ev if e["type"] == "checkpoint"]
+        tr = [e["step"] for e in ev if e["type"] == "train"]
+        if ck and ck[-1] >= 10 and tr and tr[-1] >= ck[-1] + 2:
+            seen.update(ckpt=ck[-1], step=tr[-1])
+            return True
+        return False
+
+    ft_case.wait_for(past_checkpoint, proc, what="two KD steps past a checkpoint at step >= 10")
+    ft_case.freeze_and_kill(proc, lambda: not any(e["type"] == "stage_end" and e["stage"] == "finetune"
+                                                  for e in ft_case.events(sess)))
+    proc = ft_case.start_runner(sess, reaper)
+    assert proc.wait(timeout=600) == 0, (sess.path / "test-runner.log").read_text()[-3000:]
+    assert sess.status() == "done"
+    resumed = [m for m in _logs(sess) if m.startswith("resuming fine-tuning from checkpoint at step")]
+    assert len(resumed) == 1
+    assert seen["ckpt"] <= int(resumed[0].split("step ")[1].split()[0]) < seen["step"] + 5
+    res = json.loads((sess.path / "results.json").read_text())
+    ft, rft = res["finetune"], ref_results["finetune"]
+    assert ft["loss"] == rft["loss"] == "kd" and ft["steps"] == rft["steps"] == 40
+    for key in ("final_loss", "final_kl", "final_ce"):
+        assert ft[key] == rft[key], key
+    assert ft["curve"] == rft["curve"]
+    # every train event (steps replayed after the kill included) carries the reference's loss, KL and CE
+    ref_steps = {e["step"]: (e["loss"], e["kl"], e["ce"]) for e in ft_case.events(ref) if e["type"] == "train"}
+    for e in ft_case.events(sess):
+        if e["type"] == "train":
+            assert (e["loss"], e["kl"], e["ce"]) == ref_steps[e["step"]], e["step"]
+    # the same weights, bit for bit
+    a, b = _weights(sess), _weights(ref)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert res["models"]["finetuned"]["ppl"] == ref_results["models"]["finetuned"]["ppl"]

@@ -24,6 +24,9 @@ from engine.errors import MinigptError
 WIDTHS_KEY = "minigpt_mlp_widths"
 MASKS_FILE = "minigpt_masks.safetensors"
 HEADS_KEY = "minigpt_heads"  # [query heads, key/value heads] per layer (engine/prune/heads.py)
+# structural vocabulary pruning: the kept ids of the model it was pruned from, in new-id order
+# (new id i is old id keep[i]); distillation maps the student's ids to its teacher's with it
+VOCAB_KEEP_FILE = "minigpt_vocab_keep.safetensors"
 
 
 def is_minigpt_model(source: str) -> bool:
@@ -37,9 +40,10 @@ def is_minigpt_model(source: str) -> bool:
 
 
 def save_model(model, tokenizer, folder: str | os.PathLike, meta: dict | None = None,
-               masks: dict | None = None) -> Path:
-    """Write model + tokenizer (+ mask-mode keep-masks) as one folder, atomically (temp folder,
-    fsync, rename; a dead writer's temp is removed). An existing folder is replaced whole."""
+               masks: dict | None = None, vocab_keep=None) -> Path:
+    """Write model + tokenizer (+ mask-mode keep-masks, + the kept-vocabulary map of a pruned
+    vocabulary) as one folder, atomically (temp folder, fsync, rename; a dead writer's temp is
+    removed). An existing folder is replaced whole."""
     folder = Path(folder)
     adapter = adapters_mod.for_model(model)
     widths = adapter.widths()
@@ -59,8 +63,26 @@ def save_model(model, tokenizer, folder: str | os.PathLike, meta: dict | None = 
             tokenizer.save_pretrained(tmp)
         if masks:
             save_masks(masks, tmp)
+        if vocab_keep is not None:
+            save_vocab_keep(vocab_keep, tmp)
 
     return atomic.write_dir(folder, write)
+
+
+def save_vocab_keep(keep, folder: str | os.PathLike) -> Path:
+    """Write the kept-vocabulary map (new id i = old id keep[i]) into `folder`, atomically."""
+    from safetensors.torch import save_file
+
+    t = torch.as_tensor(keep, dtype=torch.int64).to("cpu").contiguous()
+    return atomic.write_with(Path(folder) / VOCAB_KEEP_FILE, lambda tmp: save_file({"keep": t}, str(tmp)))
+
+
+def load_vocab_keep(folder: str | os.PathLike) -> torch.Tensor | None:
+    """The kept-vocabulary map saved in `folder` (None: the vocabulary was not pruned)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / VOCAB_KEEP_FILE
+    return load_file(str(path))["keep"] if path.exists() else None
 
 
 def save_masks(masks: dict, folder: str | os.PathLike) -> Path:

@@ -1,4 +1,9 @@
-"""The run: baseline → calibrate → prune → finetune → evaluate, as resumable stages.
+"""The run: baseline → teacher → calibrate → prune → finetune → evaluate → control, as resumable stages.
+
+`teacher` (teacher correction) and `control` (the unpruned model after the same recovery)
+are optional: a config that leaves one off gets a `stage_skip` whose reason starts with
+`record.SKIP_OFF`, and the stage counts as completed (a redo from an earlier stage
+reconsiders it).
 
 Each stage's outputs land in the session folder before the stage is marked complete in
 `state.json`, so a resumed run skips finished stages and reuses their artefacts (the
@@ -15,7 +20,12 @@ from engine.errors import MinigptError
 from engine.run import record
 from engine.run import session as session_mod
 from engine.run.reporter import Reporter, StopRequested, clear_stop
-from engine.run.stages import STAGE_FUNCS, Context
+from engine.run import control
+from engine.run import teacher as teacher_mod
+from engine.run.stages import STAGE_FUNCS as _CORE_FUNCS
+from engine.run.stages import Context
+
+STAGE_FUNCS = {**_CORE_FUNCS, "teacher": control.stage_teacher, "control": control.stage_control}
 
 
 # ---- driver ------------------------------------------------------------------------------
@@ -51,7 +61,13 @@ def run(session: session_mod.Session, stages: list[str] | None = None, display=N
                 if stage in completed:
                     rep.emit("stage_skip", stage=stage, reason=record.SKIP_COMPLETED)
                     continue
-                _check_order(stage, completed, wanted)
+                off = control.off_reason(cfg, stage)
+                if off:
+                    rep.emit("stage_skip", stage=stage, reason=off)
+                    completed.append(stage)
+                    session.update_state(completed_stages=completed)
+                    continue
+                _check_order(stage, completed, wanted, cfg)
                 session.update_state(stage=stage)
                 rep.emit("stage_start", stage=stage)
                 t0 = time.perf_counter()
@@ -92,8 +108,9 @@ def _fail(session: session_mod.Session, rep: Reporter, stage: str | None, msg: s
 
 
 # what each stage adds to results.json besides the base model's entry: sections, model labels
-_RESULTS_OF = {"calibrate": (("calibration",), ()), "prune": (("prune", "vocab"), ("pruned",)),
-               "finetune": (("finetune",), ("finetuned",)), "evaluate": ((), ())}
+_RESULTS_OF = {"teacher": (("teacher",), ("teacher",)), "calibrate": (("calibration",), ()),
+               "prune": (("prune", "search", "vocab"), ("pruned",)), "finetune": (("finetune",), ("finetuned",)),
+               "evaluate": ((), ()), "control": (("control",), ("control",))}
 _BASE_METRICS_OF = {"calibrate": ("calibration_seconds", "calibration_tokens"),
                     "prune": ("params", "vocab_size", "vocab_bpb", "vocab_bpb_protocol")}
 
@@ -124,16 +141,23 @@ def _forget_from(session: session_mod.Session, completed: list[str], stage: str,
         session.update_state(model_is="base")
     if cut <= order.index("finetune") and session.checkpoints_dir.exists():
         shutil.rmtree(session.checkpoints_dir)
+    # the control matches the pruned model's recovery, so any redo before it starts it again
+    shutil.rmtree(session.path / control.CONTROL_CHECKPOINTS, ignore_errors=True)
+    if cut <= order.index("teacher"):
+        shutil.rmtree(teacher_mod.checkpoints(session), ignore_errors=True)
+        shutil.rmtree(teacher_mod.folder(session), ignore_errors=True)
     _forget_results(results, order[cut:])
     session.write_results(results)
     session.update_state(completed_stages=kept)
     return kept
 
 
-_NEEDS = {"prune": "calibrate", "finetune": "prune", "evaluate": "prune"}
+_NEEDS = {"prune": "calibrate", "finetune": "prune", "evaluate": "prune", "control": "finetune"}
 
 
-def _check_order(stage: str, completed: list[str], wanted: list[str]) -> None:
+def _check_order(stage: str, completed: list[str], wanted: list[str], cfg=None) -> None:
     need = _NEEDS.get(stage)
+    if stage == "calibrate" and cfg is not None and teacher_mod.on(cfg):
+        need = "teacher"  # calibration starts from the corrected teacher
     if need and need not in completed and need not in wanted:
         raise MinigptError(f"stage {stage} needs {need} first", f"run: minigpt {need} SESSION")

@@ -13,9 +13,14 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-STAGES = ("baseline", "calibrate", "prune", "finetune", "evaluate")
-# the model a figure was measured on: the unpruned model, after pruning, after recovery
-MODELS = ("base", "pruned", "finetuned")
+STAGES = ("baseline", "teacher", "calibrate", "prune", "finetune", "evaluate", "control")
+# stages a config can leave off (teacher correction, the control): a run skips them with a
+# stage_skip whose reason starts with SKIP_OFF, and they count as completed
+OPTIONAL_STAGES = ("teacher", "control")
+# the model a figure was measured on: the unpruned model, after pruning, after recovery; the
+# corrected teacher (the unpruned model fine-tuned on the domain first: finetune.teacher_steps)
+# and the control (the unpruned model, or the corrected teacher, after the same recovery)
+MODELS = ("base", "pruned", "finetuned", "teacher", "control")
 # state.json's status (`starting`: launched, the runner still importing); readers derive two more:
 # `disconnected` (running, but no one holds the lock) and `corrupt` (the session's files are unreadable)
 STATUSES = ("new", "starting", "running", "stopped", "failed", "done")
@@ -25,6 +30,10 @@ END_STATUSES = ("done", "stopped", "failed")
 LIVE_STATUSES = ("starting", "running")
 # stage_skip's reason for a stage a previous run completed (resume)
 SKIP_COMPLETED = "completed"
+# stage_skip's reason for a stage the config leaves off starts with this (then why)
+SKIP_OFF = "off"
+# the stages that train (the `train`, `eval` and `checkpoint` events' optional `stage`; absent: finetune)
+TRAINING_STAGES = ("teacher", "finetune", "control")
 UNITS = ("tokens", "steps", "items", "bytes")
 LEVELS = ("info", "warning", "error")
 
@@ -75,17 +84,24 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
           _f("lr", "number", "the learning rate the step used"), _f("grad_norm", "number", "before clipping"),
           _f("tokens_per_s", "number", "this process's training steps only"),
           _f("eta_s", "number", "seconds left, held-out evaluations included"),
-          _f("epoch", "number", "epochs of the fine-tune split done"))),
-    Kind("eval", "held-out perplexity during fine-tuning; step 0 is the pruned model",
+          _f("epoch", "number", "epochs of the fine-tune split done"),
+          _f("kl", "number", "loss = kd: the distillation term, KL(teacher || student) x T^2, mean over tokens",
+             optional=True),
+          _f("ce", "number", "loss = kd: the cross-entropy term (before kd_ce_weight), mean over tokens",
+             optional=True),
+          _f("stage", "str", "one of TRAINING_STAGES; absent: finetune", optional=True))),
+    Kind("eval", "held-out perplexity during fine-tuning; step 0 is the model before it (pruned, for finetune)",
          (_f("step", "int", "steps done"), _f("ppl", "number", "held-out perplexity"),
-          _f("target_ppl", "number|null", "fine-tuning stops once ppl <= target_ppl (null: no target)"))),
+          _f("target_ppl", "number|null", "fine-tuning stops once ppl <= target_ppl (null: no target)"),
+          _f("stage", "str", "one of TRAINING_STAGES; absent: finetune", optional=True))),
     Kind("layer_report", "the per-layer pruning report",
          (_f("mode", "str", "`structural` or `mask`"),
           _f("rows", "list[dict]", "per MLP: layer, module, neurons_before/after, params_before/after, pct_removed"),
           _f("totals", "dict", "params_before/after (stored; mask mode: nonzero), pct_removed, "
                                "neurons_before/after; mask mode also nonzero_params_after and stored_params"))),
     Kind("checkpoint", "a complete checkpoint was written (periodic, on a graceful stop, at the end)",
-         (_f("step", "int", "the step it holds"), _f("path", "str", "its folder"))),
+         (_f("step", "int", "the step it holds"), _f("path", "str", "its folder"),
+          _f("stage", "str", "one of TRAINING_STAGES; absent: finetune", optional=True))),
     Kind("stage_end", "the stage completed", (_f("stage", "str", "one of STAGES"),
                                               _f("seconds", "number", "wall time of the stage"))),
     Kind("log", "a human-readable line", (_f("level", "str", "one of LEVELS"), _f("message", "str", "the line"))),
@@ -129,6 +145,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("mcq_acc_paper", "fraction", "MCQ accuracy, lowest perplexity of the whole sequence (the paper)", False),
     Metric("vocab_size", "rows", "embedding rows (structural vocabulary pruning)"),
     Metric("vocab_coverage", "fraction", "share of held-out tokens kept as single tokens", False),
+    Metric("bpb", "bits/byte", "held-out bits per UTF-8 byte: compares across vocabularies (the same bytes for "
+                               "every model of a run)", True),
     Metric("vocab_bpb", "bits/byte", "held-out bits per byte before and after the vocabulary step alone", True),
     Metric("tokens_per_s", "tokens/s", "fine-tuning throughput of this process", False),
 )}
@@ -140,6 +158,9 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("progress", "unit"): UNITS, ("log", "level"): LEVELS, ("run_end", "status"): END_STATUSES,
     ("layer_report", "mode"): ("structural", "mask"), ("metric", "model"): MODELS,
 }
+# optional fields with a closed set: checked when present
+OPTIONAL_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    (k, "stage"): TRAINING_STAGES for k in ("train", "eval", "checkpoint")}
 
 
 # ---- results.json ------------------------------------------------------------------------
@@ -157,6 +178,9 @@ RESULTS: dict[str, Section] = {s.name: s for s in (
     Section("prune", "the pruning step: the layer report's totals", (
         "mode", "widths", "params_before", "params_after", "pct_removed", "neurons_before", "neurons_after",
         "nonzero_params_after", "stored_params")),
+    Section("search", "the parameter-budget search (prune.target_params): every candidate mix ranked by held-out "
+                      "bits per byte after a short distillation, and the chosen one", (
+        "target_params", "total_params", "tolerance", "axes", "steps", "vocab_rows_cut", "candidates", "chosen")),
     Section("vocab", "structural vocabulary pruning", (
         "threshold", "tokenizer_before", "tokenizer_after", "rows_before", "rows_after", "kept_because",
         "params_before", "params_after", "params_saved", "coverage", "bpb_before", "bpb_after",
@@ -164,7 +188,17 @@ RESULTS: dict[str, Section] = {s.name: s for s in (
     Section("finetune", "recovery fine-tuning", (
         "steps", "total_steps", "tokens", "tokens_per_s", "train_seconds", "stopped_because", "final_loss",
         "base_ppl", "target_ppl", "curve", "epochs", "block_size", "batch_size", "grad_accum", "lr", "schedule",
-        "lora_rank", "resumed_from_step")),
+        "lora_rank", "resumed_from_step", "loss", "kd_temperature", "kd_ce_weight", "teacher", "final_kl",
+        "final_ce")),
+    Section("teacher", "teacher correction (finetune.teacher_steps > 0): the unpruned model fine-tuned on the "
+                       "domain by cross-entropy before calibration; saved in teacher/", ("steps", "tokens",
+        "tokens_per_s", "train_seconds", "stopped_because", "final_loss", "curve", "epochs", "block_size",
+        "batch_size", "grad_accum", "lr", "schedule", "lora_rank", "resumed_from_step", "loss", "path")),
+    Section("control", "the control (finetune.control = true): the unpruned model (the corrected teacher, if "
+                       "any) recovered with the pruned model's token budget and loss", ("steps", "tokens",
+        "tokens_per_s", "train_seconds", "stopped_because", "final_loss", "curve", "epochs", "block_size",
+        "batch_size", "grad_accum", "lr", "schedule", "lora_rank", "resumed_from_step", "loss", "kd_temperature",
+        "kd_ce_weight", "teacher", "final_kl", "final_ce", "start")),
 )}
 
 
@@ -183,6 +217,9 @@ def event(kind: str, fields: dict) -> dict:
     for (k, name), allowed in CHOICES.items():
         if k == kind and fields.get(name) not in allowed:
             raise ValueError(f"{kind} event: {name} = {fields.get(name)!r} is not one of {allowed}")
+    for (k, name), allowed in OPTIONAL_CHOICES.items():
+        if k == kind and name in fields and fields[name] not in allowed:
+            raise ValueError(f"{kind} event: {name} = {fields[name]!r} is not one of {allowed}")
     return fields
 
 

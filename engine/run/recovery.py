@@ -18,51 +18,122 @@ from engine.errors import MinigptError
 from engine.run.reporter import StopRequested
 
 
+@dataclasses.dataclass
+class Job:
+    """One recovery run: which model, on what, against which teacher, and where it goes.
+
+    The finetune stage recovers the pruned model (`student_job`); teacher correction
+    (`engine.run.teacher`) and the control (`engine.run.control`) train the unpruned model
+    through the same loop, each with its own checkpoints folder and results section."""
+
+    stage: str  # "finetune" | "teacher" | "control": the events' stage and the results section
+    model: object
+    tokenizer: object
+    data: object  # DomainData: its finetune split is trained on, its evaluate split measured
+    cfg: object  # the FinetuneConfig this run uses (teacher correction: CE, teacher_steps)
+    ckdir: Path
+    before: str | None  # the model label of step 0's ppl metric (None: measured elsewhere already)
+    after: str  # the model label of the result
+    masks: dict = dataclasses.field(default_factory=dict)
+    teacher: object = None  # distill.Teacher when cfg.loss = "kd"
+    teacher_name: str | None = None  # what the teacher is ("base", "teacher": the corrected one)
+    target: float | None = None
+    base_ppl: float | None = None
+    total_steps: int | None = None  # None: from the config's limits
+    vocab_keep: object = None  # the student's kept-vocabulary map, saved with it again
+
+
 def run(ctx) -> None:
+    """The finetune stage: recover the pruned model (CE, or KD from the unpruned teacher)."""
+    job = student_job(ctx)
+    final = train(ctx, job)
+    if final is not None:
+        _save(ctx, job, final)
+
+
+def student_job(ctx) -> Job:
+    from engine.models import export
+
+    model = ctx.current_model()  # before domain(): it would otherwise load the base model
+    f = ctx.cfg.finetune
+    target, base_ppl = _target(ctx)
+    keep = export.load_vocab_keep(ctx.session.model_dir) if ctx.session.state().get("model_is") else None
+    teacher, name = (load_teacher(ctx, model, keep) if f.loss == "kd" else (None, None))
+    return Job("finetune", model, ctx.tokenizer, ctx.domain(), f, ctx.session.checkpoints_dir, "pruned", "finetuned",
+               masks=ctx.masks, teacher=teacher, teacher_name=name, target=target, base_ppl=base_ppl,
+               vocab_keep=keep)
+
+
+def load_teacher(ctx, student, keep=None):
+    """(distill.Teacher, its name): the unpruned model, or the corrected teacher when teacher
+    correction is on, loaded fresh (ctx.model, the student, is left alone) on the student's device."""
+    from engine.run import teacher as teacher_mod
+    from engine.train import distill
+
+    model, _, name = teacher_mod.load_unpruned(ctx)
+    model = model.to(next(student.parameters()).device)
+    ctx.rep.log(f"distilling from the {'corrected teacher' if name == 'teacher' else 'unpruned model'} "
+                f"(KL at T = {ctx.cfg.finetune.kd_temperature:g}"
+                + (f" + {ctx.cfg.finetune.kd_ce_weight:g} x CE" if ctx.cfg.finetune.kd_ce_weight > 0 else "")
+                + (f"; its distribution restricted to the {keep.numel():,} kept ids" if keep is not None else "") + ")")
+    return distill.Teacher(model, keep=keep, student_vocab=student.get_input_embeddings().weight.shape[0],
+                           owned=True), name
+
+
+def train(ctx, job: Job):
+    """Run a job's recovery loop (resuming from its checkpoints); the finished model, or None on
+    ranks > 0. Raises StopRequested after a graceful stop (checkpoint written first)."""
     from engine.train import checkpoint as ckpt_mod
     from engine.train import finetune
 
-    dist = finetune.Dist()
-    finetune.start_followers(dist)
-    model = ctx.current_model()  # before domain(): it would otherwise load the base model
-    data, block = _train_blocks(ctx, model)
-    target, base_ppl = _target(ctx)
+    dist = finetune.Dist(solo=job.stage != "finetune")  # teacher correction and the control: rank 0 alone
+    if job.stage == "finetune":
+        finetune.start_followers(dist)
+    data, block = _train_blocks(job.cfg, job.data, job.model)
     ckpt_mod.seed_everything(ctx.cfg.seed + dist.rank)  # dropout differs per rank; data order comes from Batches
-    ft = finetune.Finetuner(model, data, ctx.cfg.finetune, seed=ctx.cfg.seed, masks=ctx.masks, dist=dist)
-    fp = _fingerprint(ctx, block, data.shape[0])
-    last = dist.bcast(ckpt_mod.latest(ctx.session.checkpoints_dir) if dist.rank == 0 else None)
+    ft = finetune.Finetuner(job.model, data, job.cfg, seed=ctx.cfg.seed, masks=job.masks, dist=dist,
+                            total_steps=job.total_steps, teacher=job.teacher)
+    fp = _fingerprint(ctx, job, block, data.shape[0])
+    last = dist.bcast(ckpt_mod.latest(job.ckdir) if dist.rank == 0 else None)
     last = Path(last) if last else None
-    prog = _resume(ctx, ft, last, fp)
+    prog = _resume(ctx, job, ft, last, fp)
     resumed_from = ft.step if last is not None else None
     if dist.rank > 0:
         finetune.follow_orders(ft)
-        return
+        return None
 
-    checkpoint = _checkpointer(ctx, ft, prog, fp)
-    hooks = finetune.Hooks(held_out=_held_out(ctx, ft, prog, target), on_step=_on_step(ctx, ft),
+    checkpoint = _checkpointer(ctx, job, ft, prog, fp)
+    hooks = finetune.Hooks(held_out=_held_out(ctx, job, ft, prog), on_step=_on_step(ctx, job, ft),
                            checkpoint=checkpoint, stop_requested=ctx.rep.stop_requested)
-    _announce(ctx, ft, data, block, target, base_ppl)
-    if not prog.curve:  # the pruned model's held-out ppl: the start of the recovery curve
+    _announce(ctx, job, ft, data, block)
+    if not prog.curve:  # the model's held-out ppl before training: the start of the recovery curve
         ppl = hooks.held_out()
-        if target is not None and ppl <= target:
+        if job.target is not None and ppl <= job.target:
             prog.stopped_because = "target_ppl"
-    ctx.rep.model_entry("pruned").update(prog.pruned or {})
-    if finetune.recover(ft, prog, target, hooks):
+    if job.before:
+        ctx.rep.model_entry(job.before).update(prog.pruned or {})
+    if finetune.recover(ft, prog, job.target, hooks):
         dist.bcast("done")
         ctx.rep.log(f"stopped at step {ft.step}; continue with: minigpt resume {ctx.session.id}")
         raise StopRequested()
     if resumed_from != ft.step or last is None:  # the end-of-stage checkpoint
         checkpoint()
     dist.bcast("done")
-    _save(ctx, ft, prog)
-    _record(ctx, ft, prog, block, base_ppl, target, resumed_from)
+    ctx.rep.log(f"{_what(job)} stopped after {ft.step} steps ({prog.stopped_because}); "
+                f"held-out ppl {prog.curve[-1][1]:.4f}")
+    final = ft.finished_model()
+    _record(ctx, job, ft, prog, block, resumed_from, final)
+    return final
 
 
-def _train_blocks(ctx, model):
+def _what(job: Job) -> str:
+    return {"finetune": "fine-tuning", "teacher": "teacher correction", "control": "the control's recovery"}[job.stage]
+
+
+def _train_blocks(f, d, model):
     from engine.data.domain import blocks
     from engine.models.adapters import model_context
 
-    f, d = ctx.cfg.finetune, ctx.domain()
     block = max(2, min(f.block_size, model_context(model)))
     data = blocks(d.finetune, block)
     if data.shape[0] < f.batch_size:
@@ -82,24 +153,31 @@ def _target(ctx) -> tuple[float | None, float | None]:
     return target, base_ppl
 
 
-def _fingerprint(ctx, block_size: int, n_blocks: int) -> dict:
+def _fingerprint(ctx, job: Job, block_size: int, n_blocks: int) -> dict:
+    """What a checkpoint must have been written under to be resumed: every fine-tuning key but
+    RESUMABLE_KEYS (the loss, its temperature and CE weight, teacher_steps included), the
+    seed, model, data and pruning settings, the blocks, and for a job other than finetune
+    its stage, step budget and teacher."""
     from engine.train.finetune import RESUMABLE_KEYS
 
     f = {k: v for k, v in dataclasses.asdict(ctx.cfg.finetune).items() if k not in RESUMABLE_KEYS}
     fp = {"finetune": f, "seed": ctx.cfg.seed, "model": ctx.cfg.model.source,
           "data": dataclasses.asdict(ctx.cfg.data), "prune": dataclasses.asdict(ctx.cfg.prune),
           "widths": ctx.results.get("prune", {}).get("widths"), "block_size": block_size, "blocks": n_blocks}
+    if job.stage != "finetune":
+        fp["prune"] = fp["widths"] = None  # the unpruned model: pruning does not touch it
+        fp.update(stage=job.stage, total_steps=job.total_steps, teacher=job.teacher_name)
     return json.loads(json.dumps(fp))
 
 
-def _resume(ctx, ft, last: Path | None, fp: dict):
+def _resume(ctx, job: Job, ft, last: Path | None, fp: dict):
     """The loop's state from the newest checkpoint (a fresh `Progress` without one)."""
     from engine.train import checkpoint as ckpt_mod
     from engine.train.finetune import Progress
 
-    ckdir = ctx.session.checkpoints_dir
+    ckdir = job.ckdir
     if last is None:
-        if ctx.session.state().get("model_is") == "finetuned":
+        if job.stage == "finetune" and ctx.session.state().get("model_is") == "finetuned":
             # model/ holds the fine-tuned model (the pruned one was replaced): never fine-tune it twice by accident
             raise MinigptError(f"session {ctx.session.id} is already fine-tuned and has no checkpoint to resume from",
                                f"to fine-tune again from the pruned model, redo pruning: minigpt prune {ctx.session.id}")
@@ -109,91 +187,119 @@ def _resume(ctx, ft, last: Path | None, fp: dict):
         key = next((k for k in fp if fp[k] != meta.get("fingerprint", {}).get(k)), "?")
         raise MinigptError(f"the fine-tuning checkpoints in {ckdir} were written with a different "
                            f"configuration ({key} differs)",
-                           f"restore the previous settings, or delete {ckdir} to fine-tune from the pruned model again")
+                           f"restore the previous settings, or delete {ckdir} to start {_what(job)} again")
     ft.load_state_dict(state)
-    ctx.rep.log(f"resuming fine-tuning from checkpoint at step {ft.step} ({last.name})")
+    ctx.rep.log(f"resuming {_what(job)} from checkpoint at step {ft.step} ({last.name})")
     if len(state["rng"] if isinstance(state["rng"], list) else [1]) != ft.dist.world:
         ctx.rep.log("the checkpoint was written by another number of processes: RNG streams (dropout) "
                     "restart, so this resume is valid but not bit-identical", level="warning")
     return Progress(**state["progress"])
 
 
-def _checkpointer(ctx, ft, prog, fp: dict):
+def _stage_field(job: Job) -> dict:
+    """The `stage` field of train/eval/checkpoint events: absent for finetune (as before)."""
+    return {} if job.stage == "finetune" else {"stage": job.stage}
+
+
+def _checkpointer(ctx, job: Job, ft, prog, fp: dict):
     from engine.train import checkpoint as ckpt_mod
 
     def save() -> None:
         ft.dist.bcast("checkpoint")  # every rank adds its RNG state
-        path = ckpt_mod.save(ctx.session.checkpoints_dir, ft.step,
+        path = ckpt_mod.save(job.ckdir, ft.step,
                              {**ft.state_dict(), "progress": dataclasses.asdict(prog)},
                              meta={"fingerprint": fp, "stopped_because": prog.stopped_because},
                              keep=ctx.cfg.finetune.keep_checkpoints)
-        ctx.rep.emit("checkpoint", step=ft.step, path=str(path))
+        ctx.rep.emit("checkpoint", step=ft.step, path=str(path), **_stage_field(job))
 
     return save
 
 
-def _held_out(ctx, ft, prog, target):
-    e, d = ctx.cfg.evaluate, ctx.domain()
+def _held_out(ctx, job: Job, ft, prog):
+    e, d = ctx.cfg.evaluate, job.data
 
     def measure() -> float:
         res = ft.perplexity(d.evaluate, e.block_size, e.stride, e.batch_size)
-        res["protocol"]["vocab_size"] = len(ctx.tokenizer)
+        res["protocol"]["vocab_size"] = len(job.tokenizer)
         prog.curve.append([ft.step, res["ppl"]])
-        ctx.rep.emit("eval", step=ft.step, ppl=round(res["ppl"], 6), target_ppl=target)
-        if ft.step == 0 and prog.pruned is None:
+        ctx.rep.emit("eval", step=ft.step, ppl=round(res["ppl"], 6), target_ppl=job.target, **_stage_field(job))
+        if ft.step == 0 and prog.pruned is None and job.before:
             prog.pruned = {"ppl": res["ppl"], "ppl_protocol": res["protocol"]}
-            ctx.rep.metric("finetune", "pruned", "ppl", res["ppl"], protocol=res["protocol"])
+            ctx.rep.metric(job.stage, job.before, "ppl", res["ppl"], protocol=res["protocol"])
         return res["ppl"]
 
     return measure
 
 
-def _on_step(ctx, ft):
+def _on_step(ctx, job: Job, ft):
     total = ft.total_steps
+    prog_stage = job.stage
 
     def report(m: dict) -> None:
+        extra = {}
+        if m.get("kl") is not None:
+            extra["kl"] = round(m["kl"], 6)
+        if m.get("ce") is not None:
+            extra["ce"] = round(m["ce"], 6)
         ctx.rep.emit("train", step=ft.step, total_steps=total, loss=round(m["loss"], 6), lr=m["lr"],
                      grad_norm=round(m["grad_norm"], 6), tokens_per_s=round(m["tokens_per_s"], 1),
-                     eta_s=round(m["eta_s"], 1), epoch=ft.epoch())
-        ctx.rep.progress("finetune", ft.step, total, "steps", rate=m["steps_per_s"])
+                     eta_s=round(m["eta_s"], 1), epoch=ft.epoch(), **extra, **_stage_field(job))
+        ctx.rep.progress(prog_stage, ft.step, total, "steps", rate=m["steps_per_s"])
 
     return report
 
 
-def _announce(ctx, ft, data, block, target, base_ppl) -> None:
-    f = ctx.cfg.finetune
-    ctx.rep.log(f"fine-tuning up to {ft.total_steps} steps ({ft.limit}) of {f.batch_size}×{f.grad_accum}×{block} "
-                f"tokens on {data.shape[0]} blocks ({ft.batches.per_epoch} batches/epoch); lr {f.lr:g} {f.schedule}, "
-                + (f"LoRA r={f.lora_rank}, " if f.lora_rank > 0 else "")
+def _announce(ctx, job: Job, ft, data, block) -> None:
+    f, target, base_ppl = job.cfg, job.target, job.base_ppl
+    loss = (f"KD (KL at T = {f.kd_temperature:g}" + (f" + {f.kd_ce_weight:g} x CE" if f.kd_ce_weight > 0 else "")
+            + ")" if f.loss == "kd" else "CE")
+    ctx.rep.log(f"{_what(job)}: up to {ft.total_steps} steps ({ft.limit}) of {f.batch_size}×{f.grad_accum}×{block} "
+                f"tokens on {data.shape[0]} blocks ({ft.batches.per_epoch} batches/epoch); {loss}, lr {f.lr:g} "
+                f"{f.schedule}, " + (f"LoRA r={f.lora_rank}, " if f.lora_rank > 0 else "")
                 + (f"stop at held-out ppl <= {target:.4f} ({f.target_ppl_ratio:g} x base {base_ppl:.4f})" if target
                    else "no ppl target"))
 
 
-def _save(ctx, ft, prog) -> None:
-    """The recovered model replaces the pruned one in model/ (whole, atomically)."""
+def _save(ctx, job: Job, final) -> None:
+    """The recovered model replaces the pruned one in model/ (whole, atomically), with its masks
+    and kept-vocabulary map."""
     from engine.models import export
 
-    ctx.rep.log(f"fine-tuning stopped after {ft.step} steps ({prog.stopped_because}); "
-                f"held-out ppl {prog.curve[-1][1]:.4f}")
-    final = ft.finished_model()
     export.save_model(final, ctx.tokenizer, ctx.session.model_dir,
                       meta={"stage": "finetuned", "mode": ctx.cfg.prune.mode, "base": ctx.cfg.model.source,
-                            "steps": ft.step}, masks=ctx.masks)
+                            "steps": ctx.results.get("finetune", {}).get("steps")}, masks=ctx.masks,
+                      vocab_keep=job.vocab_keep)
     ctx.session.update_state(model_is="finetuned")
     ctx.model, ctx.model_is = final, "finetuned"
 
 
-def _record(ctx, ft, prog, block, base_ppl, target, resumed_from) -> None:
+def _record(ctx, job: Job, ft, prog, block, resumed_from, final) -> None:
     from engine.models import size
 
-    f = ctx.cfg.finetune
+    f = job.cfg
     tps = prog.tokens / prog.train_seconds if prog.train_seconds else 0.0
-    ctx.rep.metric("finetune", "finetuned", "tokens_per_s", round(tps, 1))
-    params = size.count_nonzero(ctx.model) if ctx.masks else size.count_params(ctx.model)
-    ctx.rep.metric("finetune", "finetuned", "params", params)
-    ctx.rep.section("finetune", {
+    ctx.rep.metric(job.stage, job.after, "tokens_per_s", round(tps, 1))
+    params = size.count_nonzero(final) if job.masks else size.count_params(final)
+    ctx.rep.metric(job.stage, job.after, "params", params)
+    values = {
         "steps": ft.step, "total_steps": ft.total_steps, "tokens": prog.tokens, "tokens_per_s": round(tps, 2),
         "train_seconds": round(prog.train_seconds, 2), "stopped_because": prog.stopped_because,
-        "final_loss": prog.last_loss, "base_ppl": base_ppl, "target_ppl": target, "curve": prog.curve,
+        "final_loss": prog.last_loss, "base_ppl": job.base_ppl, "target_ppl": job.target, "curve": prog.curve,
         "epochs": ft.epoch(), "block_size": block, "batch_size": f.batch_size, "grad_accum": f.grad_accum,
-        "lr": f.lr, "schedule": f.schedule, "lora_rank": f.lora_rank, "resumed_from_step": resumed_from})
+        "lr": f.lr, "schedule": f.schedule, "lora_rank": f.lora_rank, "resumed_from_step": resumed_from,
+        "loss": f.loss}
+    if f.loss == "kd":
+        values.update(kd_temperature=f.kd_temperature, kd_ce_weight=f.kd_ce_weight, teacher=job.teacher_name,
+                      final_kl=prog.last_kl, final_ce=prog.last_ce)
+    if job.stage != "finetune":
+        values = {k: v for k, v in values.items() if k in _SECTION_KEYS[job.stage]}
+    ctx.rep.section(job.stage, values)
+
+
+def _section_keys() -> dict:
+    from engine.run import record
+
+    return {name: set(record.RESULTS[name].keys) for name in ("teacher", "control")}
+
+
+_SECTION_KEYS = _section_keys()

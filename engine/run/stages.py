@@ -36,20 +36,28 @@ class Context:
     model: object = None
     tokenizer: object = None
     data: object = None
-    model_is: str = ""  # "base" | "pruned" | "finetuned"
+    model_is: str = ""  # "base" | "teacher" (corrected, engine.run.teacher) | "pruned" | "finetuned"
     masks: dict = field(default_factory=dict)
+    vocab_keep: object = None  # a pruned vocabulary's kept ids (new id i = old id keep[i]), saved with the model
 
     @property
     def results(self) -> dict:
         return self.rep.results
 
     def base_model(self):
-        if self.model_is != "base":
+        """The unpruned model: the base model, or the corrected teacher once its stage is done."""
+        from engine.run import teacher
+
+        want = teacher.unpruned_label(self.cfg, self.session)
+        if self.model_is != want:
             from engine.models import load as models
 
-            self.rep.log(f"loading model {self.cfg.model.source}")
-            self.model, self.tokenizer, _ = models.load(self.cfg.model, progress=self.rep.log)
-            self.model_is = "base"
+            if want == "teacher":
+                self.model, self.tokenizer = teacher.load_corrected(self.cfg, self.session, log=self.rep.log)
+            else:
+                self.rep.log(f"loading model {self.cfg.model.source}")
+                self.model, self.tokenizer, _ = models.load(self.cfg.model, progress=self.rep.log)
+            self.model_is = want
         return self.model
 
     def current_model(self):
@@ -181,6 +189,7 @@ def stage_calibrate(ctx: Context) -> None:
     from engine.data.domain import blocks
     from engine.prune import calibrate as cal_mod
     from engine.prune import compensate
+    from engine.run import teacher
 
     model = ctx.base_model()
     d = ctx.domain()
@@ -192,7 +201,8 @@ def stage_calibrate(ctx: Context) -> None:
                            "use a larger corpus, raise data.calibrate_fraction, or lower calibrate.block_size")
     gram = compensate.needs_gram(ctx.cfg.prune)
     partial = ctx.session.stats_dir / "partial.pt"
-    key = calibration_key(ctx.cfg, ctx.cfg.data, calib, ctx.cfg.calibrate.batch_size) + f"-gram{int(gram)}"
+    ccfg = teacher.calibration_config(ctx.cfg, ctx.session)  # a corrected teacher is keyed as its own model
+    key = calibration_key(ccfg, ctx.cfg.data, calib, ctx.cfg.calibrate.batch_size) + f"-gram{int(gram)}"
     resume = _load_partial(partial, key, ctx.rep)
     every = ctx.cfg.calibrate.checkpoint_every
     t0 = time.perf_counter()
@@ -205,7 +215,7 @@ def stage_calibrate(ctx: Context) -> None:
         if every and done_batches % every == 0:
             _save_partial(partial, done_batches, state, key, before + time.perf_counter() - t0)
 
-    stats, _, cached = calibration(model, calib, ctx.cfg, ctx.cfg.data, linears=True, gram=gram,
+    stats, _, cached = calibration(model, calib, ccfg, ctx.cfg.data, linears=True, gram=gram,
                                    progress=ctx.rep.progress_fn("calibrate", "tokens"), resume=resume,
                                    on_batch=on_batch, log=ctx.rep.log)
     vocab = max(model.get_input_embeddings().weight.shape[0], len(ctx.tokenizer))
@@ -313,7 +323,8 @@ def stage_prune(ctx: Context) -> None:
     ctx.rep.metric("prune", "pruned", "params", t["params_after"])
     ctx.rep.section("prune", {"mode": p.mode, "widths": plan.widths_after, **t})
     export.save_model(model, ctx.tokenizer, ctx.session.model_dir,
-                      meta={"stage": "pruned", "mode": p.mode, "base": ctx.cfg.model.source}, masks=masks)
+                      meta={"stage": "pruned", "mode": p.mode, "base": ctx.cfg.model.source}, masks=masks,
+                      vocab_keep=ctx.vocab_keep)
     ctx.masks, ctx.model_is = masks, "pruned"
     ctx.session.update_state(model_is="pruned")
 
@@ -321,6 +332,8 @@ def stage_prune(ctx: Context) -> None:
 def _prune_vocabulary(ctx: Context, model, stats, threshold: float):
     from engine.prune import vocab
 
+    # the kept ids (the same plan prune_vocabulary makes): distillation maps the student's ids to the teacher's
+    ctx.vocab_keep = vocab.plan(ctx.tokenizer, stats.token_counts, threshold, model).keep
     model, ctx.tokenizer, info = vocab.prune_vocabulary(model, ctx.tokenizer, stats.token_counts, threshold,
                                                         held_out=ctx.domain().eval_texts, eval_cfg=ctx.cfg.evaluate)
     ctx.data = None  # the splits hold old ids: rebuilt with the new tokenizer on next use

@@ -29,7 +29,8 @@ from engine.errors import MinigptError
 
 _SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 # changing these between a stop and a resume does not invalidate the checkpoints
-RESUMABLE_KEYS = ("enabled", "eval_every", "checkpoint_every", "keep_checkpoints")
+# (`control` adds a later stage; the pruned model's recovery is the same with or without it)
+RESUMABLE_KEYS = ("enabled", "eval_every", "checkpoint_every", "keep_checkpoints", "control")
 
 
 # ---- data order ---------------------------------------------------------------------------
@@ -127,10 +128,11 @@ class Dist:
     evaluation, checkpoints, saving); all ranks train, each on its share of every batch.
     """
 
-    def __init__(self):
+    def __init__(self, solo: bool = False):
+        """`solo`: this process alone, even under torchrun (a job only rank 0 runs)."""
         import torch.distributed as dist
 
-        self.on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.on = not solo and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.on else 0
         self.world = dist.get_world_size() if self.on else 1
         self.device = torch.device("cuda", torch.cuda.current_device()) \
@@ -202,8 +204,21 @@ class Finetuner:
     """One model's fine-tuning state; `train_step()` does one optimiser step."""
 
     def __init__(self, model, blocks: torch.Tensor, cfg: FinetuneConfig, seed: int = 0,
-                 masks: dict | None = None, total_steps: int | None = None, dist: Dist | None = None):
+                 masks: dict | None = None, total_steps: int | None = None, dist: Dist | None = None,
+                 teacher=None, teacher_ids=None):
+        """`teacher`: required when cfg.loss = "kd", the frozen model whose logits the student
+        learns (a `distill.Teacher`, or a model, borrowed as it is, with `teacher_ids`: the
+        student's vocabulary as teacher ids when it was pruned). Replicated on every rank: only
+        the student is DDP."""
+        from engine.train import distill
+
         self.cfg = cfg
+        if cfg.loss == "kd" and teacher is None:
+            raise MinigptError("finetune.loss = \"kd\" needs a teacher model", "this is a bug: report it")
+        if cfg.loss == "kd" and not isinstance(teacher, distill.Teacher):
+            teacher = distill.Teacher(teacher, keep=teacher_ids,
+                                      student_vocab=model.get_input_embeddings().weight.shape[0])
+        self.teacher = teacher if cfg.loss == "kd" else None
         self.dist = dist or Dist()
         if cfg.batch_size % self.dist.world:
             raise MinigptError(f"finetune.batch_size = {cfg.batch_size} does not split over {self.dist.world} processes",
@@ -259,14 +274,19 @@ class Finetuner:
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
-        loss_sum = 0.0
+        loss_sum = kl_sum = ce_sum = 0.0
         d = self.dist
         for k in range(cfg.grad_accum):
             batch = self.batches[self.micro + k][d.rank::d.world].to(self.device)
             sync = contextlib.nullcontext() if not d.on or k == cfg.grad_accum - 1 else self.forward.no_sync()
             with sync:
-                with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                    loss = self.forward(input_ids=batch, labels=batch, use_cache=False).loss / cfg.grad_accum
+                if self.teacher is None:
+                    with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                        loss = self.forward(input_ids=batch, labels=batch, use_cache=False).loss / cfg.grad_accum
+                else:
+                    loss, kl, ce = self._kd_loss(batch)
+                    kl_sum += float(kl) / cfg.grad_accum
+                    ce_sum += float(ce) / cfg.grad_accum
                 loss.backward()
             loss_sum += float(loss.detach())
         loss_sum = d.mean(loss_sum)
@@ -279,7 +299,24 @@ class Finetuner:
         self.scheduler.step()
         self.masks.apply()
         self.step += 1
-        return {"loss": loss_sum, "lr": lr, "grad_norm": float(norm)}
+        out = {"loss": loss_sum, "lr": lr, "grad_norm": float(norm)}
+        if self.teacher is not None:
+            out.update(kl=d.mean(kl_sum), ce=d.mean(ce_sum) if cfg.kd_ce_weight > 0 else None)
+        return out
+
+    def _kd_loss(self, batch: torch.Tensor):
+        """This micro-batch's distillation loss (÷ grad_accum): the teacher's logits on the fly, then
+        the chunked KL (`distill.kd_loss`); neither model's logits outlive the call."""
+        from engine.train import distill
+
+        cfg = self.cfg
+        t_logits = self.teacher.logits(batch)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            s_logits = self.forward(input_ids=batch, use_cache=False).logits
+        loss, kl, ce = distill.kd_loss(s_logits, t_logits, batch, cfg.kd_temperature, cfg.kd_ce_weight,
+                                       keep=self.teacher.keep)
+        del t_logits, s_logits
+        return loss / cfg.grad_accum, kl, ce
 
     @torch.no_grad()
     def perplexity(self, ids: torch.Tensor, block_size: int, stride: int, batch_size: int) -> dict:
@@ -353,6 +390,8 @@ class Progress:
     tokens: int = 0
     train_seconds: float = 0.0
     last_loss: float | None = None
+    last_kl: float | None = None  # loss = kd: the last step's KL and CE terms
+    last_ce: float | None = None
     stopped_because: str | None = None
     pruned: dict | None = None  # the pruned model's held-out ppl and protocol (step 0)
 
@@ -395,6 +434,7 @@ def recover(ft: Finetuner, prog: Progress, target: float | None, hooks: Hooks) -
         prog.tokens += ft.tokens_per_step
         prog.train_seconds += dt
         prog.last_loss = m["loss"]
+        prog.last_kl, prog.last_ce = m.get("kl"), m.get("ce")
         evals_left = (total - ft.step) // max(f.eval_every, 1)
         eta = (total - ft.step) * t_proc / steps_proc + evals_left * (sum(eval_seconds) / max(len(eval_seconds), 1))
         hooks.on_step({**m, "tokens_per_s": ft.tokens_per_step * steps_proc / t_proc, "eta_s": eta,
