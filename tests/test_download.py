@@ -222,7 +222,7 @@ def test_every_preset_url_has_a_pin():
     assert all(presets.pin(m.url).startswith("sha256:") for m in presets.MCQ_SETS)
 
 
-def test_the_real_pinned_file_passes_and_one_changed_byte_fails(monkeypatch):
+def test_the_real_pinned_file_passes_and_one_changed_byte_fails():
     """A served copy of the paper's economics question set (its bytes at PAPER_COMMIT) passes
     the preset pin; the same file with one byte changed is refused and nothing is kept."""
     real = PAPER_FILE.read_bytes()
@@ -230,13 +230,43 @@ def test_the_real_pinned_file_passes_and_one_changed_byte_fails(monkeypatch):
     assert presets.pin(url) == _sha(real)
     assert download.file_digest(PAPER_FILE, "git-sha1") == "0b51ba420ffa8b53bae318dbe4defdb088d00fd3"  # git's id
     with Server(real) as srv:
-        monkeypatch.setattr(presets, "pin", lambda u: presets.pins().get(url) if u == srv.url else "")
-        path = download.fetch(srv.url, retries=0)
+        pin = presets.pin(url)  # the preset's own pin, checked on the copy served here
+        path = download.fetch(srv.url, pin=pin, retries=0)
         assert path.read_bytes() == real
         path.unlink()
         bad = bytearray(real)
         bad[len(bad) // 2] ^= 1
         srv.body = bytes(bad)
         with pytest.raises(MinigptError, match="does not match its pin"):
-            download.fetch(srv.url, retries=0)
+            download.fetch(srv.url, pin=pin, retries=0)
         assert _leftovers(srv.url) == []
+    assert download.presets.pin(srv.url) == ""  # an unpinned URL is fetched as it comes
+
+
+def test_a_full_disk_while_downloading_is_one_line_and_the_partial_is_resumed(tmp_path, monkeypatch):
+    """A real 256 KiB tmpfs as the cache, a 600 KB file: DiskFull names the partial, the bytes
+    still to come and what is free; with room again, the next fetch resumes the partial."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()[:120]}): needs root in a container that allows it")
+    body = _body(600_000)
+    try:
+        monkeypatch.setenv("MINIGPT_CACHE", str(disk))
+        with Server(body) as srv:
+            with pytest.raises(download.atomic.DiskFull) as e:
+                download.fetch(srv.url, pin=_sha(body), retries=2, backoff=0.01)
+            assert len(srv.log) == 1  # a full disk is not retried
+            part = download.partial_path(download.cache_path(srv.url))
+            kept = part.stat().st_size
+            line = e.value.line()
+            assert "\n" not in line and line.startswith(f"disk full writing {part}: it needs at least ")
+            assert f"({len(body) - kept:,} bytes)" in line and 0 < kept < len(body)
+            subprocess.run(["mount", "-o", "remount,size=2m", str(disk)], check=True)  # room again
+            path = download.fetch(srv.url, pin=_sha(body), retries=0)
+            assert path.read_bytes() == body and srv.log[-1] == (f"bytes={kept}-", 206)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)

@@ -162,8 +162,9 @@ def _download(url: str, dest: Path, pin: str, setting: str, fix: str, progress, 
         if attempt:
             time.sleep(min(backoff * 2 ** (attempt - 1), BACKOFF_MAX))
         resumed = part.stat().st_size if part.is_file() else 0
+        expect: dict = {}
         try:
-            _attempt(url, part, progress, timeout)
+            _attempt(url, part, progress, timeout, expect)
         except _Transient as e:
             last = str(e)
             continue
@@ -180,8 +181,10 @@ def _download(url: str, dest: Path, pin: str, setting: str, fix: str, progress, 
             last = _reason(e)
             continue
         except OSError as e:
-            if atomic.is_disk_full(e):
-                raise atomic.DiskFull(part, part.stat().st_size + (1 << 16) if part.is_file() else 1 << 16,
+            if atomic.is_disk_full(e):  # the partial stays: the next try resumes it
+                have = part.stat().st_size if part.is_file() else 0
+                total = expect.get("total")
+                raise atomic.DiskFull(part, total - have if total and total > have else CHUNK,
                                       atomic.free_bytes(part.parent)) from None
             raise MinigptError(f"cannot write {part} ({str(e).splitlines()[0][:160]})",
                                "check that the cache folder ($MINIGPT_CACHE) is writable") from None
@@ -219,13 +222,12 @@ def _discard(path: Path) -> None:
         pass
 
 
-def _attempt(url: str, part: Path, progress, timeout: float) -> None:
+def _attempt(url: str, part: Path, progress, timeout: float, expect: dict) -> None:
     """One request with pooch's HTTP downloader, appending to `part` from its current size
     (`Range: bytes=N-`); a server that ignores the range sends it all and the partial restarts."""
     from pooch import HTTPDownloader
 
     start = part.stat().st_size if part.is_file() else 0
-    expect: dict = {}
     with open(part, "ab") as f:
         sink = _Sink(f, start, progress, expect)
 
