@@ -25,6 +25,7 @@ def _logits(m, ids):
 # (family, builder) — llama with GQA (8 q heads, 2 kv groups), and the head-per-group families
 BUILDERS = {
     "llama_gqa": lambda dtype=torch.float64: tiny.gqa_llama(dtype=dtype),
+    "qwen2": lambda dtype=torch.float64: tiny.model_with("qwen2", dtype=dtype),  # GQA with q/k/v biases
     "opt": lambda dtype=torch.float64: tiny.model_with("opt", dtype=dtype),
     "phi": lambda dtype=torch.float64: tiny.model_with("phi", dtype=dtype),
     "gpt2": lambda dtype=torch.float64: tiny.model_with("gpt2", dtype=dtype),
@@ -202,6 +203,20 @@ def test_uniform_count_the_config_refuses_loads_through_the_engine(tmp_path):
     export.save_model(m, tiny.tokenizer(), tmp_path / "u")
     m2 = export.load_model(tmp_path / "u")
     assert adapters.for_model(m2).head_counts() == [[6, 2]] * 3
+    ids = _ids(seed=4)
+    assert torch.equal(_logits(m, ids), _logits(m2, ids))
+
+
+@pytest.mark.parametrize("name", ["qwen2", "phi"])
+def test_uniform_heads_of_other_config_families_load_stock(name, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    m = BUILDERS[name](torch.float32)
+    plan, st = _plan(m, 0.5, "uniform")
+    heads.apply(m, plan, st, "lstsq")
+    assert m.config.num_attention_heads == 2
+    export.save_model(m, tiny.tokenizer(), tmp_path / "u")
+    m2 = AutoModelForCausalLM.from_pretrained(tmp_path / "u").eval()
     ids = _ids(seed=4)
     assert torch.equal(_logits(m, ids), _logits(m2, ids))
 
