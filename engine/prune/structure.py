@@ -64,14 +64,14 @@ def collect(model, blocks: torch.Tensor, batch_size: int, progress=None, gram: b
     def o_hook(a):
         pre = f"attn.{a.layer}."
 
-        def hook(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(f64).cpu()
-            acc[pre + "abs"].add_(x.abs().sum(0))
-            acc[pre + "sum"].add_(x.sum(0))
-            acc[pre + "sq"].add_((x * x).sum(0))
-            acc[pre + "head_norm"].add_(x.view(x.shape[0], -1, a.head_dim).norm(dim=-1).sum(0))
+        def hook(module, args):  # reduced on the model's device, in float64, then summed on the CPU
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(f64)
+            acc[pre + "abs"].add_(x.abs().sum(0).cpu())
+            acc[pre + "sum"].add_(x.sum(0).cpu())
+            acc[pre + "sq"].add_((x * x).sum(0).cpu())
+            acc[pre + "head_norm"].add_(x.view(x.shape[0], -1, a.head_dim).norm(dim=-1).sum(0).cpu())
             if gram:
-                acc[pre + "gram"].add_(x.t() @ x)
+                acc[pre + "gram"].add_((x.t() @ x).cpu())
 
         return hook
 
