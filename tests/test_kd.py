@@ -275,3 +275,28 @@ def test_the_monitor_shows_the_optional_stages_when_on_and_hides_them_when_off(k
     view = RunView()
     view.apply(ft_case.events(off))
     assert [s.name for s in view.ordered_stages()] == ["baseline", "calibrate", "prune", "finetune", "evaluate"]
+
+
+@pytest.mark.process
+def test_torchrun_two_processes_distil_like_one(kd_run):
+    """Under torchrun (gloo, CPU) the student is DDP over both ranks and each rank holds its own
+    replica of the teacher; teacher correction and the control run on rank 0 alone. The same
+    numbers as the single process."""
+    import subprocess
+    import sys
+
+    tmp, cfg, _, ref = kd_run
+    s = ft_case.session(tmp, "kd-ddp", cfg)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "engine.run.runner", str(s.path)], cwd=ft_case.ROOT, env=ft_case.env(),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert s.status() == "done"
+    res = json.loads((s.path / "results.json").read_text())
+    for key in ("final_loss", "final_kl", "final_ce"):
+        assert res["finetune"][key] == pytest.approx(ref["finetune"][key], rel=1e-5), key
+    assert [v for _, v in res["finetune"]["curve"]] == pytest.approx([v for _, v in ref["finetune"]["curve"]], rel=1e-5)
+    for label in ("teacher", "finetuned", "control"):
+        assert res["models"][label]["ppl"] == pytest.approx(ref["models"][label]["ppl"], rel=1e-5), label
+    trains = [e for e in s.events() if e["type"] == "train" and "stage" not in e]
+    assert [e["step"] for e in trains] == list(range(1, res["finetune"]["steps"] + 1))  # rank 0 writes, once
