@@ -88,8 +88,13 @@ class MonitorScreen(Screen):
         self._metrics_drawn = -1
         self.system: SystemSample | None = None
         self._alerted: set[str] = set()
+        self.config_off: set[str] = set()  # optional stages this session's config leaves off
         try:
             cfg = session.config()
+            ft = cfg.finetune
+            self.config_off = {name for name, on in (("teacher", getattr(ft, "teacher_steps", 0) > 0),
+                                                     ("control", bool(getattr(ft, "control", False))))
+                               if not on}
             p = cfg.prune
             method = (f"{p.criterion} eps={p.activation_threshold:g}" if p.rule == "threshold"
                       else f"{p.criterion} {p.ratio:.0%} {p.allocation}")
@@ -263,6 +268,8 @@ class MonitorScreen(Screen):
         rows = []
         width = 20 if self.app.size.width >= 110 else 10
         for st in self.view.ordered_stages():
+            if st.name in self.config_off and st.status in ("pending", "off"):
+                continue  # a teacher correction / control the config leaves off: before its skip event arrives
             frac = st.fraction
             if st.status in ("off", "skipped"):
                 frac_txt, done = "", st.note if st.status == "skipped" else "disabled"

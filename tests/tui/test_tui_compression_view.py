@@ -6,6 +6,7 @@ checks every one) where the producers do not write them yet: the layer report's 
 
 from __future__ import annotations
 
+import pytest
 from textual.widgets import DataTable
 
 from engine.run import record
@@ -13,6 +14,13 @@ from minigpt_tui.runview import RunView
 from minigpt_tui.screens.monitor import MonitorScreen, layer_pairs
 from minigpt_tui.widgets import OverlayPlot, TextPlot
 from tui_helpers import T0, finished_events, layer_report_event, make_session, screen_text, wait_for
+
+
+# the record's distillation fields and optional stages (engine/run/record.py: kl, ce and stage on train
+# events; teacher and control stages)
+needs_kd_record = pytest.mark.skipif(
+    "teacher" not in record.STAGES or "kl" not in {f.name for f in record.KINDS["train"].fields},
+    reason="engine/run/record.py has no teacher stage or kl field yet")
 
 
 def kd_events(steps: int = 12) -> list[dict]:
@@ -39,6 +47,7 @@ def kd_events(steps: int = 12) -> list[dict]:
     return ev
 
 
+@needs_kd_record
 def test_the_loss_parts_stay_aligned_and_other_stages_keep_their_own_steps():
     v = RunView()
     v.apply(kd_events())
@@ -54,6 +63,7 @@ def test_the_loss_parts_stay_aligned_and_other_stages_keep_their_own_steps():
         "baseline", "calibrate", "prune", "finetune", "evaluate"]
 
 
+@needs_kd_record
 async def test_monitor_plots_kl_and_ce_and_lists_the_teacher(root, make_app):
     make_session(root, "kd-run", kd_events(), status="done")
     app = make_app(attach="kd-run")
@@ -135,3 +145,20 @@ def plain_report() -> dict:
         r.update(heads_before=9, heads_after=9, kv_before=3, kv_after=3, dropped=False)
     rep["totals"].update(heads_before=54, heads_after=54, hidden_before=576, hidden_after=576, dropped_blocks=[])
     return rep
+
+
+@needs_kd_record
+async def test_a_new_run_does_not_list_the_stages_its_config_leaves_off(root, make_app):
+    """The runner plans every record stage and skips teacher/control as off later: until then the
+    monitor reads the config (teacher_steps = 0, control = false) and does not list them."""
+    ev = [{"t": T0, "type": "run_start", "pid": 4242, "resumed": False, "stages": list(record.STAGES)},
+          {"t": T0 + 0.1, "type": "stage_start", "stage": "baseline"}]
+    make_session(root, "fresh", ev, status="done", completed=[])
+    make_session(root, "with-teacher", ev, status="done", completed=[],
+                 overrides={"finetune": {"enabled": True, "teacher_steps": 5}})
+    for name, expected in (("fresh", []), ("with-teacher", ["teacher"])):
+        app = make_app(attach=name)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_for(pilot, lambda: isinstance(app.screen, MonitorScreen) and app.screen.settled)
+            rows = [k.value for k in app.screen.query_one("#timeline", DataTable).rows]
+            assert [r for r in rows if r in record.STAGES and r in ("teacher", "control")] == expected, rows
