@@ -300,3 +300,57 @@ def test_torchrun_two_processes_distil_like_one(kd_run):
         assert res["models"][label]["ppl"] == pytest.approx(ref["models"][label]["ppl"], rel=1e-5), label
     trains = [e for e in s.events() if e["type"] == "train" and "stage" not in e]
     assert [e["step"] for e in trains] == list(range(1, res["finetune"]["steps"] + 1))  # rank 0 writes, once
+
+
+def test_calibration_is_keyed_by_the_corrected_teacher(kd_run):
+    from engine.prune.calibrate import Stats
+
+    _, cfg, sess, _ = kd_run
+    meta = Stats.load(sess.stats_dir).meta
+    assert meta["model"].startswith(cfg.model.source + "#teacher-")  # never the base model's cache entry
+
+
+def test_a_stop_in_teacher_correction_and_in_the_control_resumes_to_the_same_numbers(kd_run, tmp_path):
+    from engine.run import pipeline
+
+    tmp, cfg, _, ref = kd_run
+    s = ft_case.session(tmp, "kd-stopped", cfg)
+    where = {"teacher": 2, "control": 5}
+
+    def stop(e):  # what `minigpt stop` writes, at a step of each stage
+        if e["type"] == "train" and where.get(e.get("stage")) == e["step"]:
+            where.pop(e["stage"])
+            (s.path / "stop.request").write_text("stop\n")
+
+    runs = 0
+    with ft_case.single_thread():
+        while s.status() != "done":
+            pipeline.run(s, display=stop)
+            runs += 1
+            assert runs <= 3
+    assert runs == 3 and not where
+    logs = [e["message"] for e in ft_case.events(s) if e["type"] == "log"]
+    assert any(m.startswith("resuming teacher correction from checkpoint at step 2") for m in logs)
+    assert any(m.startswith("resuming the control's recovery from checkpoint at step 5") for m in logs)
+    res = json.loads((s.path / "results.json").read_text())
+    for label in ("teacher", "pruned", "finetuned", "control"):
+        assert res["models"][label]["ppl"] == pytest.approx(ref["models"][label]["ppl"], rel=1e-6), label
+    assert [st for st, _ in res["control"]["curve"]] == [st for st, _ in ref["control"]["curve"]]
+    assert [v for _, v in res["control"]["curve"]] == pytest.approx([v for _, v in ref["control"]["curve"]], rel=1e-6)
+
+
+def test_switching_the_control_on_later_runs_it_on_a_redo_of_evaluate(tmp_path):
+    from engine import atomic
+    from engine.run import pipeline
+
+    cfg = ft_case.config(tmp_path, "llama", finetune={"max_steps": 3, "eval_every": 3})
+    s = ft_case.session(tmp_path, "later", cfg)
+    with ft_case.single_thread():
+        pipeline.run(s)
+        assert "control" not in s.results()["models"]
+        on = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, control=True))
+        atomic.write_text(s.path / "config.toml", on.to_toml())  # what `minigpt eval SESSION --set ...` does
+        pipeline.run(s, redo_from="evaluate")
+    res = s.results()
+    assert s.status() == "done" and res["control"]["steps"] == res["finetune"]["steps"] == 3
+    assert res["control"]["loss"] == "ce" and res["models"]["control"]["ppl"] > 0
