@@ -88,7 +88,7 @@ def costs(model, adapter, vocab_rows_cut: int = 0) -> Costs:
     n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_q)
     head_dim = int(getattr(cfg, "head_dim", None) or hidden // n_q)
     emb = adapter.embeddings().weight
-    head = adapter.lm_head()
+    head = model.get_output_embeddings()
     tied = head is None or head.weight is emb
     c = Costs(hidden=hidden, vocab_rows=int(emb.shape[0]), vocab_rows_cut=int(vocab_rows_cut), tied=tied,
               head_bias=not tied and head.bias is not None, q_heads=n_q, kv_heads=n_kv, head_dim=head_dim, widths=list(adapter.widths()))

@@ -22,16 +22,14 @@ def other_axes(p) -> bool:
 
 
 # ---- statistics --------------------------------------------------------------------------------
-def structure_stats(ctx, model, blocks) -> dict:
+def structure_stats(ctx, model, blocks, folder) -> dict:
     """Heads, hidden-channel and block statistics of the unpruned model on the calibration
-    blocks; kept in the shared calibration cache next to the MLP statistics."""
+    blocks; kept in `folder` of the shared calibration cache, next to the MLP statistics."""
     import torch
 
     from engine.prune import structure
-    from engine.run import stages
 
     bs = ctx.cfg.calibrate.batch_size
-    folder = stages.calibration_root() / (stages.calibration_key(ctx.cfg, ctx.cfg.data, blocks, bs) + "-structure")
     path = folder / "structure.pt"
     if path.is_file():
         ctx.rep.log(f"structure statistics from the cache ({folder})")
@@ -86,9 +84,11 @@ def chosen_config(p, mix):
 
 
 # ---- the search ------------------------------------------------------------------------------------
-def search(ctx, model, stats, struct, sensitivities=None):
+def search(ctx, model, stats, struct, calib, retokenize, sensitivities=None):
     """Candidates within the budget, each pruned on a copy, distilled for `search_steps` and
-    measured in held-out bits per byte; returns the best `budget.Mix`. Writes the table."""
+    measured in held-out bits per byte; returns the best `budget.Mix`. Writes the table.
+    `calib()`: the calibration blocks; `retokenize(tokenizer)`: the fine-tune split's ids under
+    a pruned tokenizer."""
     from engine.models import adapters, size
     from engine.prune import budget, vocab
 
@@ -109,7 +109,7 @@ def search(ctx, model, stats, struct, sensitivities=None):
     if len(cands) == 1:
         trials = [budget.Trial(cands[0][0], cands[0][1])]
     else:
-        trial = _trial(ctx, model, stats, struct, sensitivities)
+        trial = _trial(ctx, model, stats, struct, calib, retokenize, sensitivities)
         trials = budget.search(cands, trial,
                                progress=lambda d, n, r: ctx.rep.progress("prune", d, n, "items", r, phase="search"),
                                stop=ctx.rep.check_stop)
@@ -136,7 +136,7 @@ def _write_csv(path, rows: list[dict]) -> None:
     atomic.write_text(path, buf.getvalue())
 
 
-def _trial(ctx, model, stats, struct, sensitivities):
+def _trial(ctx, model, stats, struct, calib, retokenize, sensitivities):
     """The candidate's score: prune a copy, distil it from the unpruned model for
     `search_steps` steps on the fine-tune split, then held-out bits per byte."""
     from engine.data.domain import blocks as to_blocks
@@ -144,7 +144,6 @@ def _trial(ctx, model, stats, struct, sensitivities):
     from engine.models import size
     from engine.prune import mlp as prune_mlp
     from engine.prune import vocab
-    from engine.run import stages
     from engine.train import finetune
 
     p, f, e = ctx.cfg.prune, ctx.cfg.finetune, ctx.cfg.evaluate
@@ -162,15 +161,14 @@ def _trial(ctx, model, stats, struct, sensitivities):
             keep_ids = vocab.plan(ctx.tokenizer, stats.token_counts, pc.embedding_threshold, model).keep
             student, tok, _ = vocab.prune_vocabulary(student, ctx.tokenizer, stats.token_counts, pc.embedding_threshold)
         if pc.ratio > 0:
-            plan = prune_mlp.select_and_compensate(student, stats, pc, lambda: stages._calib_blocks(ctx),
+            plan = prune_mlp.select_and_compensate(student, stats, pc, calib,
                                                    ctx.cfg.calibrate.batch_size, ctx.cfg.seed,
                                                    sensitivities=sensitivities)
             prune_mlp.apply_structural(student, plan)
-        apply_axes(student, pc, struct, lambda: stages._calib_blocks(ctx), ctx.cfg.calibrate.batch_size)
+        apply_axes(student, pc, struct, calib, ctx.cfg.calibrate.batch_size)
         params = size.count_params(student)
         if p.search_steps > 0:
-            ids = d.finetune if tok is ctx.tokenizer else stages.load_domain(
-                ctx.cfg, ctx.cfg.data, tok, ctx.calib_block_size()).finetune
+            ids = d.finetune if tok is ctx.tokenizer else retokenize(tok)
             block = max(2, min(f.block_size, 512))
             train = to_blocks(ids, block)[: fcfg.batch_size * fcfg.grad_accum * fcfg.max_steps]
             ft = finetune.Finetuner(student, train, fcfg, seed=ctx.cfg.seed, teacher=model, teacher_ids=keep_ids)

@@ -281,14 +281,18 @@ def stage_prune(ctx: Context) -> None:
     stats = Stats.load(ctx.session.stats_dir)
     struct = None
     if p.target_params > 0 or compress.other_axes(p):
-        struct = compress.structure_stats(ctx, model, _calib_blocks(ctx))
+        b = _calib_blocks(ctx)
+        key = calibration_key(ctx.cfg, ctx.cfg.data, b, ctx.cfg.calibrate.batch_size)
+        struct = compress.structure_stats(ctx, model, b, calibration_root() / (key + "-structure"))
     sens = None
     if p.target_params > 0:  # a budget: the search picks the per-axis keys
         sens = prune.sensitivities_for(model, stats, dataclasses.replace(p, rule="ratio"), lambda: _calib_blocks(ctx),
                                        ctx.cfg.calibrate.batch_size,
                                        ctx.cfg.seed, progress=lambda what, d, n: ctx.rep.progress(
                                            "prune", d, n, "items", phase=what)) if "mlp" in p.search_axes else None
-        p = compress.chosen_config(p, compress.search(ctx, model, stats, struct, sens))
+        retokenize = lambda tok: load_domain(ctx.cfg, ctx.cfg.data, tok, ctx.calib_block_size()).finetune  # noqa: E731
+        p = compress.chosen_config(p, compress.search(ctx, model, stats, struct, lambda: _calib_blocks(ctx),
+                                                      retokenize, sens))
     widths_before = adapters.for_model(model).widths()
     # mask mode counts nonzero parameters before and after: a base model may hold exact zeros
     # already (a dequantised GGUF: 325k in SmolLM2), which no pruning removed
