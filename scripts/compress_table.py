@@ -32,17 +32,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def base_config(corpus: str, steps: int, name: str) -> dict:
+def base_config(corpus: str, steps: int, name: str, model: str = "embedded:smollm2") -> dict:
     return {
         "name": name, "seed": 0,
-        "model": {"source": "embedded:smollm2"},
+        "model": {"source": model},
         "data": {"source": corpus},
         "calibrate": {"block_size": 512, "max_tokens": 16384, "batch_size": 4},
         "prune": {"mode": "structural", "criterion": "wanda", "compensation": "lstsq", "rule": "ratio",
                   "allocation": "per_layer"},
         "finetune": {"enabled": True, "lr": 2e-4, "schedule": "cosine", "warmup_steps": 4, "batch_size": 4,
-                     "block_size": 256, "max_steps": steps, "eval_every": max(steps // 4, 1),
-                     "checkpoint_every": max(steps // 4, 1), "keep_checkpoints": 1, "target_ppl_ratio": 0.0},
+                     "block_size": 256, "max_steps": steps, "eval_every": steps,
+                     "checkpoint_every": max(steps // 2, 1), "keep_checkpoints": 1, "target_ppl_ratio": 0.0},
         "evaluate": {"block_size": 512, "max_tokens": 8192, "batch_size": 4, "mcq_generate": 100},
     }
 
@@ -52,7 +52,7 @@ def variants(budget: float) -> dict[str, dict]:
         "mlp": {"target_params": budget, "search_axes": ["mlp", "vocab"], "search_candidates": 1,
                 "sequential": True},
         "mix": {"target_params": budget, "search_axes": ["mlp", "heads", "hidden", "depth", "vocab"],
-                "search_candidates": 6, "search_steps": 8},
+                "search_candidates": 4, "search_steps": 6},
     }
 
 
@@ -76,7 +76,7 @@ def done(session, stage: str) -> bool:
     return stage in session.state().get("completed_stages", [])
 
 
-def pruned_pair(root: Path, name: str, cfg_dict: dict, control: bool):
+def pruned_pair(root: Path, name: str, cfg_dict: dict, control: bool, kd_only: bool = False):
     """Prune once and evaluate the pruned model; then a CE copy and a KD copy, both recovered."""
     from engine import atomic
     from engine import config as config_mod
@@ -91,7 +91,7 @@ def pruned_pair(root: Path, name: str, cfg_dict: dict, control: bool):
         kd_cfg = {**cfg_dict, "name": name + "-kd", "finetune": {**cfg_dict["finetune"], "loss": "kd"}}
         atomic.write_text(kd_path / session_mod.CONFIG_FILE, config_mod.from_dict(kd_cfg).to_toml())
     kd = session_mod.open_session(kd_path)
-    for s in (ce, kd):
+    for s in ((kd,) if kd_only else (ce, kd)):
         if not done(s, "finetune"):
             run_stages(s, ["finetune"])
             run_stages(s, ["evaluate"], redo_from="evaluate")
@@ -120,6 +120,8 @@ def main() -> None:
     ap.add_argument("--corpus", default="builtin:licenses")
     ap.add_argument("--steps", type=int, default=48, help="recovery steps (x 4 x 256 tokens)")
     ap.add_argument("--only", choices=["mlp", "mix"], default=None, help="one variant only")
+    ap.add_argument("--kd-only", action="store_true", help="recover by KD only (no CE copy, no control)")
+    ap.add_argument("--model", default="embedded:smollm2", help="model source (a tiny folder for a smoke run)")
     args = ap.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
     tag = args.corpus.split(":")[-1]
@@ -129,9 +131,10 @@ def main() -> None:
         for var, keys in variants(b).items():
             if args.only and var != args.only:
                 continue
-            cfg = base_config(args.corpus, args.steps, f"{tag}-{var}-{int(round(100 * b))}")
+            cfg = base_config(args.corpus, args.steps, f"{tag}-{var}-{int(round(100 * b))}", args.model)
             cfg["prune"].update(keys)
-            ce, kd = pruned_pair(args.root, cfg["name"], cfg, control=(i == 0 and var == "mlp"))
+            ce, kd = pruned_pair(args.root, cfg["name"], cfg, control=(i == 0 and var == "mlp" and not args.kd_only),
+                                 kd_only=args.kd_only)
             rce, rkd = ce.results(), kd.results()
             if not rows:
                 rows.append({"row": "(a) unpruned", "budget": 1.0, **figures(rce, "base")})
@@ -142,7 +145,9 @@ def main() -> None:
             chosen = (rce.get("search") or {}).get("chosen", {}).get("label", "")
             rows.append({"row": f"{name}, before recovery", "budget": b, "mix": chosen, **figures(rce, "pruned")})
             size = figures(rce, "pruned")["params"]
-            rows.append({"row": f"{name}, CE", "budget": b, "mix": chosen, **figures(rce, "finetuned"), "params": size})
+            if not args.kd_only:
+                rows.append({"row": f"{name}, CE", "budget": b, "mix": chosen, **figures(rce, "finetuned"),
+                             "params": size})
             rows.append({"row": f"{name}, KD", "budget": b, "mix": chosen, **figures(rkd, "finetuned"), "params": size})
             write(args.out, tag, rows, args, time.time() - t0)
     print(json.dumps(rows, indent=1))

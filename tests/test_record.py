@@ -61,8 +61,8 @@ def test_event_rejects_an_unknown_field():
 
 
 def test_event_rejects_an_unknown_metric_name_and_model():
-    with pytest.raises(ValueError, match="unknown metric 'bpb'"):
-        record.event("metric", {**_valid("metric"), "name": "bpb"})
+    with pytest.raises(ValueError, match="unknown metric 'bits_per_char'"):
+        record.event("metric", {**_valid("metric"), "name": "bits_per_char"})
     with pytest.raises(ValueError, match="model = 'student'"):
         record.event("metric", {**_valid("metric"), "model": "student"})
 

@@ -61,6 +61,7 @@ class Costs:
     kv_heads: int
     head_dim: int
     widths: list  # MLP width per layer
+    hidden_round: int = 1  # kept hidden widths are multiples of this and of the kept head count
     per_q_h: int = 0  # one query head: q rows + o_proj columns (hidden-scaled)
     per_q: int = 0  # ... its q bias entries
     per_kv_h: int = 0  # one KV group's k and v rows
@@ -79,7 +80,7 @@ class Costs:
         return estimate(self, Mix())
 
 
-def costs(model, adapter, vocab_rows_cut: int = 0) -> Costs:
+def costs(model, adapter, vocab_rows_cut: int = 0, hidden_round: int = 1) -> Costs:
     """Read the unit costs from the model, through its adapter (attention projections, MLPs,
     the embedding and LM head). Needs uniform head counts (an unpruned model)."""
     cfg = model.config
@@ -91,9 +92,14 @@ def costs(model, adapter, vocab_rows_cut: int = 0) -> Costs:
     head = model.get_output_embeddings()
     tied = head is None or head.weight is emb
     c = Costs(hidden=hidden, vocab_rows=int(emb.shape[0]), vocab_rows_cut=int(vocab_rows_cut), tied=tied,
-              head_bias=not tied and head.bias is not None, q_heads=n_q, kv_heads=n_kv, head_dim=head_dim, widths=list(adapter.widths()))
+              head_bias=not tied and head.bias is not None, q_heads=n_q, kv_heads=n_kv, head_dim=head_dim, widths=list(adapter.widths()),
+              hidden_round=int(hidden_round))
     accounted = emb.numel() + (0 if tied else head.weight.numel() + (head.bias.numel() if head.bias is not None else 0))
-    q, k, v, o = adapter.attention(0)
+    att = adapter.attentions()[0]
+    if att.q is None:  # a fused q|k|v projection (GPT-2): no per-head split to count here
+        raise MinigptError(f"the parameter budget cannot count {adapter.architecture} attention (fused q/k/v)",
+                           "set the per-axis keys (prune.ratio, head_ratio, depth) instead of prune.target_params")
+    q, k = att.q, att.k
     c.per_q_h = head_dim * hidden * 2
     c.per_q = head_dim if q.bias is not None else 0
     c.per_kv_h = 2 * head_dim * hidden
@@ -119,9 +125,10 @@ def costs(model, adapter, vocab_rows_cut: int = 0) -> Costs:
 
 def estimate(c: Costs, m: Mix) -> int:
     """Parameters of the model after mix `m` (the unit costs times what is kept)."""
-    h = c.hidden - hidden_cut(c, m.hidden)
-    scale = h / c.hidden
     q_kept, kv_kept = heads_kept(c, m.heads)
+    # the kept width is a multiple of the kept head count (transformers 5 checks it), as hidden.apply does
+    h = c.hidden - hidden_cut(c, m.hidden, math.lcm(c.hidden_round, q_kept))
+    scale = h / c.hidden
     keep_layers = c.layers - m.depth
     per_layer_attn = q_kept * (c.per_q_h * scale + c.per_q) + kv_kept * (c.per_kv_h * scale + c.per_kv)
     # MLP neurons: the same share of every layer's width, rounded per layer as the per_layer

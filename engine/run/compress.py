@@ -51,7 +51,9 @@ def apply_axes(model, p, struct, calib=None, batch_size: int = 4, progress=None)
     info: dict = {}
     if p.head_ratio > 0:
         plan = heads.select(model, heads.scores(model, struct, p.head_criterion), p.head_ratio, p.head_mode)
-        heads.apply(model, plan, struct, compensation=p.compensation, damping=p.damping)
+        # o_proj is refit by least squares unless compensation is off (Llama's o_proj has no bias)
+        heads.apply(model, plan, struct, compensation="none" if p.compensation == "none" else "lstsq",
+                    damping=p.damping)
         info["heads"] = plan
     if p.depth > 0:
         if p.depth_criterion == "loss":
@@ -68,7 +70,7 @@ def apply_axes(model, p, struct, calib=None, batch_size: int = 4, progress=None)
         depth.apply(model, drop)
         info["dropped"] = list(drop)
     if p.hidden_ratio > 0:
-        keep = hidden.select(hidden.scores(model, struct), p.hidden_ratio, p.round_to)
+        keep = hidden.select(hidden.scores(model, struct), p.hidden_ratio, hidden.round_to(model))
         hidden.apply(model, keep)
         info["hidden"] = int(len(keep))
     return info

@@ -177,7 +177,8 @@ RESULTS: dict[str, Section] = {s.name: s for s in (
     Section("calibration", "the calibration pass", ("tokens", "seconds", "block_size", "cached")),
     Section("prune", "the pruning step: the layer report's totals", (
         "mode", "widths", "params_before", "params_after", "pct_removed", "neurons_before", "neurons_after",
-        "nonzero_params_after", "stored_params")),
+        "nonzero_params_after", "stored_params", "heads_before", "heads_after", "kv_before", "kv_after",
+        "hidden_before", "hidden_after", "dropped_blocks")),
     Section("search", "the parameter-budget search (prune.target_params): every candidate mix ranked by held-out "
                       "bits per byte after a short distillation, and the chosen one", (
         "target_params", "total_params", "tolerance", "axes", "steps", "vocab_rows_cut", "candidates", "chosen")),
