@@ -100,6 +100,15 @@ def pruned_pair(root: Path, name: str, cfg_dict: dict, control: bool, kd_only: b
     return ce, kd
 
 
+def _has_control(root: Path, name: str) -> bool:
+    """Another session of this root already ran the control (same model, corpus and budget of
+    steps): it is not run twice."""
+    for res in root.glob("*/results.json"):
+        if res.parent.name != name + "-ce" and "control" in json.loads(res.read_text()).get("models", {}):
+            return True
+    return False
+
+
 def figures(results: dict, label: str) -> dict:
     m = results.get("models", {}).get(label, {})
     return {"params": m.get("params"), "bpb": m.get("bpb"), "ppl": m.get("ppl"), "mcq": m.get("mcq_acc"),
@@ -133,7 +142,8 @@ def main() -> None:
                 continue
             cfg = base_config(args.corpus, args.steps, f"{tag}-{var}-{int(round(100 * b))}", args.model)
             cfg["prune"].update(keys)
-            ce, kd = pruned_pair(args.root, cfg["name"], cfg, control=(i == 0 and var == "mlp" and not args.kd_only),
+            control = i == 0 and var == "mlp" and not args.kd_only and not _has_control(args.root, cfg["name"])
+            ce, kd = pruned_pair(args.root, cfg["name"], cfg, control=control,
                                  kd_only=args.kd_only)
             rce, rkd = ce.results(), kd.results()
             if not rows:
