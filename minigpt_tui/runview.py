@@ -190,8 +190,10 @@ class RunView:
     def _on_train(self, ev: dict) -> None:
         loss = _num(ev.get("loss"))
         step = int(ev.get("step", len(self.losses)))
-        owner = self.current if self.current in self.stages and self.current != "finetune" and \
-            self.stages[self.current].status == "running" and self.current in _TRAINING else "finetune"
+        # the record's `stage` field names the training stage (absent: finetune, or an older log,
+        # where the running teacher/control stage owns it)
+        owner = ev.get("stage") or (self.current if self.current in _TRAINING and self.current in self.stages
+                                    and self.stages[self.current].status == "running" else "finetune")
         if owner != "finetune":  # a teacher correction or the control: its own curve and count
             if loss is not None:
                 self.other_losses.setdefault(owner, []).append((step, loss))
@@ -333,7 +335,7 @@ class RunView:
 # stages whose `train` events are not fine-tuning's: every record stage that trains besides
 # finetune (a teacher correction before calibrate, the control after evaluate, where the record has
 # them); the names are the record's, so an older record simply has none
-_TRAINING = frozenset(n for n in record.STAGES if n in ("teacher", "control"))
+_TRAINING = frozenset(n for n in getattr(record, "TRAINING_STAGES", ()) if n != "finetune")
 
 
 def _num(v: Any) -> float | None:
