@@ -282,7 +282,10 @@ def stage_prune(ctx: Context) -> None:
     struct = None
     if p.target_params > 0 or compress.other_axes(p):
         b = _calib_blocks(ctx)
-        key = calibration_key(ctx.cfg, ctx.cfg.data, b, ctx.cfg.calibrate.batch_size)
+        from engine.run import teacher
+
+        key = calibration_key(teacher.calibration_config(ctx.cfg, ctx.session), ctx.cfg.data, b,
+                              ctx.cfg.calibrate.batch_size)  # a corrected teacher is its own model
         struct = compress.structure_stats(ctx, model, b, calibration_root() / (key + "-structure"))
     sens = None
     if p.target_params > 0:  # a budget: the search picks the per-axis keys
