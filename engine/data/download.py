@@ -20,6 +20,7 @@ up as events in a run and as a rich bar in the CLI.
 from __future__ import annotations
 
 import hashlib
+import contextlib
 import os
 import re
 import shlex
@@ -112,8 +113,8 @@ class _Lock:
     """One downloader per cached file (flock, released if the process dies): a second waits,
     then finds the file there."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, done: Path | None = None):
+        self.path, self.done = path, done
 
     def __enter__(self):
         import fcntl
@@ -123,6 +124,12 @@ class _Lock:
         return self
 
     def __exit__(self, *exc):
+        # once the file is in place (or nothing is left to resume) the lock has no more use: a waiter
+        # holding the old one finds the file or starts afresh. It stays with a partial it guards.
+        partial = self.done and self.done.parent / f".{self.done.name}.part"
+        if self.done is not None and (self.done.is_file() or not partial.exists()):
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
         os.close(self.fd)
 
 
@@ -143,7 +150,7 @@ def fetch(url: str, setting: str = "data.source", progress=None, timeout: float 
     fix = (f"download it yourself with `curl -L -o {shlex.quote(str(dest))} {shlex.quote(url)}` "
            f"(that path is the cache, used from then on), or set {setting} = PATH to a local copy")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with _Lock(dest.parent / f".{dest.name}.lock"):
+    with _Lock(dest.parent / f".{dest.name}.lock", done=dest):
         if dest.is_file():
             if not pin or matches(dest, pin):
                 return dest
