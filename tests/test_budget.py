@@ -105,3 +105,12 @@ def test_other_axes_count_exactly(mix):
         prune.apply_structural(m, prune.select(m, stats, p))
     compress.apply_axes(m, p, struct)
     assert budget.estimate(c, mix) == size.count_params(m)
+
+
+def test_mlp_only_is_always_a_candidate_where_it_reaches_the_budget():
+    m = tiny.model("llama")
+    c = budget.costs(m, adapters.for_model(m), vocab_rows_cut=240)
+    target = budget.target_count(c.total(), 0.8)
+    cands = budget.choose(c, target, 0.05, ["mlp", "heads", "hidden", "depth", "vocab"], 4)
+    assert len(cands) == 4
+    assert any(not (mix.heads or mix.hidden or mix.depth) and mix.mlp > 0 for mix, _ in cands)

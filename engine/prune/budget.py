@@ -229,7 +229,13 @@ def choose(c: Costs, target: int, tolerance: float, axes, n: int) -> list[tuple[
                            "widen prune.search_tolerance, add axes to prune.search_axes, or move prune.target_params")
     # the vocabulary cut takes only tokens the domain never used: it does not count against balance
     pool.sort(key=lambda mn: (max(_vector(mn[0], c)[:4]), abs(mn[1] - target)))
+    # MLP neurons (+ the vocabulary) alone, where they reach the budget: the strongest one-shot
+    # axis here (least squares, sequential refits), measured as a candidate rather than left out
+    # for being unbalanced (docs/results/compress_smollm2.md: it beat the searched mix)
+    mlp_only = next((mn for mn in pool if not (mn[0].heads or mn[0].hidden or mn[0].depth)), None)
     pool = pool[: BALANCED * n]
+    if mlp_only is not None and mlp_only not in pool and n > 1:
+        pool.append(mlp_only)
     chosen = [pool[0]]
     vecs = {id(mn): _vector(mn[0], c) for mn in pool}
 
@@ -239,6 +245,8 @@ def choose(c: Costs, target: int, tolerance: float, axes, n: int) -> list[tuple[
     while len(chosen) < min(n, len(pool)):
         best = max((mn for mn in pool if mn not in chosen), key=lambda mn: min(dist(mn, ch) for ch in chosen))
         chosen.append(best)
+    if mlp_only is not None and mlp_only not in chosen and n > 1:
+        chosen[-1] = mlp_only
     return chosen
 
 
