@@ -12,14 +12,7 @@ from engine.models import adapters, export, size
 from engine.prune import heads, mlp, structure
 
 
-def _ids(n=3, L=20, vocab=300, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (n, L), generator=g)
-
-
-def _logits(m, ids):
-    with torch.no_grad():
-        return m(ids, use_cache=False).logits
+_ids, _logits = tiny.ids, tiny.logits  # shared with the other structural tests
 
 
 # (family, builder) — llama with GQA (8 q heads, 2 kv groups), and the head-per-group families

@@ -11,14 +11,7 @@ from engine.models import adapters, export, size
 from engine.prune import depth, heads, hidden, mlp, structure
 
 
-def _ids(n=3, L=20, vocab=300, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (n, L), generator=g)
-
-
-def _logits(m, ids):
-    with torch.no_grad():
-        return m(ids, use_cache=False).logits
+_ids, _logits = tiny.ids, tiny.logits  # shared with the other structural tests
 
 
 def _zero_channels(m, chans):

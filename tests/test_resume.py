@@ -79,10 +79,8 @@ def _logs(sess) -> list[str]:
     return [e["message"] for e in ft_case.events(sess) if e["type"] == "log"]
 
 
-def test_sigkill_during_finetune_then_resume_matches_uninterrupted(case, reaper):
-    tmp, cfg, ref, ref_results = case
-    sess = ft_case.session(tmp, "killed-in-finetune", cfg)
-    proc = ft_case.start_runner(sess, reaper)
+def _wait_past_checkpoint(sess, proc, what: str) -> dict:
+    """Wait until the runner is two steps past a checkpoint at step >= 10; returns {ckpt, step}."""
     seen, tail = {}, ft_case.Tail(sess)
 
     def past_checkpoint():
@@ -94,7 +92,15 @@ def test_sigkill_during_finetune_then_resume_matches_uninterrupted(case, reaper)
             return True
         return False
 
-    ft_case.wait_for(past_checkpoint, proc, what="two steps past a fine-tuning checkpoint at step >= 10")
+    ft_case.wait_for(past_checkpoint, proc, what=what)
+    return seen
+
+
+def test_sigkill_during_finetune_then_resume_matches_uninterrupted(case, reaper):
+    tmp, cfg, ref, ref_results = case
+    sess = ft_case.session(tmp, "killed-in-finetune", cfg)
+    proc = ft_case.start_runner(sess, reaper)
+    seen = _wait_past_checkpoint(sess, proc, "two steps past a fine-tuning checkpoint at step >= 10")
     ft_case.freeze_and_kill(proc, lambda: sess.state().get("model_is") == "pruned"
                             and not any(e["type"] == "stage_end" and e["stage"] == "finetune"
                                         for e in ft_case.events(sess)))
@@ -173,18 +179,7 @@ def test_sigkill_during_kd_then_resume_matches_uninterrupted(kd_case, reaper):
     tmp, cfg, ref, ref_results = kd_case
     sess = ft_case.session(tmp, "killed-in-kd", cfg)
     proc = ft_case.start_runner(sess, reaper)
-    seen, tail = {}, ft_case.Tail(sess)
-
-    def past_checkpoint():
-        ev = tail()
-        ck = [e["step"] for e in ev if e["type"] == "checkpoint"]
-        tr = [e["step"] for e in ev if e["type"] == "train"]
-        if ck and ck[-1] >= 10 and tr and tr[-1] >= ck[-1] + 2:
-            seen.update(ckpt=ck[-1], step=tr[-1])
-            return True
-        return False
-
-    ft_case.wait_for(past_checkpoint, proc, what="two KD steps past a checkpoint at step >= 10")
+    seen = _wait_past_checkpoint(sess, proc, "two KD steps past a checkpoint at step >= 10")
     ft_case.freeze_and_kill(proc, lambda: not any(e["type"] == "stage_end" and e["stage"] == "finetune"
                                                   for e in ft_case.events(sess)))
     proc = ft_case.start_runner(sess, reaper)

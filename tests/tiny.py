@@ -98,3 +98,14 @@ def gqa_llama(seed: int = 0, dtype=torch.float32, layers: int = 3):
     """Llama with 8 query heads in 2 key/value groups (head_dim 8), `layers` blocks."""
     return model_with("llama", seed, dtype, hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
                       head_dim=8, num_hidden_layers=layers)
+
+
+def ids(n=3, L=20, vocab=300, seed=1):
+    """Seeded random token ids [n, L] for logit comparisons."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, L), generator=g)
+
+
+def logits(m, ids_):
+    with torch.no_grad():
+        return m(ids_, use_cache=False).logits
