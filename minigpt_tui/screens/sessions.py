@@ -81,6 +81,16 @@ class SessionsScreen(Screen):
 
     def on_screen_resume(self) -> None:
         self.action_reload()
+        self.call_after_refresh(self._refocus)
+
+    def _refocus(self) -> None:
+        """Back from another screen, keys go to the table again. In tmux, after a run launched
+        from the form had ended on the monitor, space/Home/Down once reached no widget until Tab
+        (not reproduced headless), so the table takes the focus back unless the filter is open."""
+        if self.is_current and not self.query_one("#filter", Input).display:
+            focused = self.app.focused
+            if focused is None or not focused.is_attached or focused.screen is not self:
+                self.query_one(DataTable).focus()
 
     def on_resize(self) -> None:
         if self._setup_columns():
