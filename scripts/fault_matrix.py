@@ -249,7 +249,7 @@ def export_matrix(work: Path, ref_s, trials: int, rng: random.Random) -> list[di
         rows.append({"stage": "export", "trial": n, "at": ("temp file exists" if mid_write else
                                                           f"{delay:.2f} s of {duration:.2f} s"),
                      "delay_ms": round(delay * 1000, 1) if mid_write else 0.0,
-                     "after_kill": "no file" if not export_file(path).exists() or temps else "?",
+                     "after_kill": "no file" + (" (temp left)" if temps else ""),
                      "temps_at_kill": temps, "temps_after": export_temps(path),
                      "resumed": "done" if again.returncode == 0 else f"exit {again.returncode}",
                      "identical": got == want and again.returncode == 0,
