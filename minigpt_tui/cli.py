@@ -411,14 +411,16 @@ def export_cmd(session: str = typer.Argument(..., help="session id or path"), ro
                pad_uniform: bool = typer.Option(False, "--pad-uniform", help="pad every MLP and attention to the "
                                                 "widest with zeros (exact): a plain llama file every runtime loads"),
                out: Optional[Path] = typer.Option(None, "--out", help="file to write (default: SESSION/export/...)"),
+               imatrix: int = typer.Option(0, "--imatrix", help="quantise with an importance matrix from this many "
+                                           "tokens of the session's calibration split (0: none)"),
                progress: bool = typer.Option(False, "--progress", help="a line per block written (the workbench "
                                                                       "reads them)")):
     """Export a session's model as one GGUF file for llama.cpp (quantised by llama.cpp's own quantizer)."""
     from engine.run import export as export_mod
 
     s = _open(session, root)
-    export_mod.check(s, fmt, quant)  # bad input fails here, before any model is loaded
-    res = export_mod.export(s, fmt, quant, pad_uniform=pad_uniform, out=out,
+    export_mod.check(s, fmt, quant, imatrix)  # bad input fails here, before any model is loaded
+    res = export_mod.export(s, fmt, quant, pad_uniform=pad_uniform, out=out, imatrix_tokens=imatrix,
                             log=lambda m: typer.echo(m, err=True),
                             progress=lambda done, total: typer.echo(f"  blocks {done}/{total}", err=True)
                             if progress or done == total else None)
