@@ -109,7 +109,8 @@ def run(session: session_mod.Session, stages: list[str] | None = None, display=N
             _fail(session, rep, stage, e.line() if hasattr(e, "line") else f"{type(e).__name__}: {e}")
             raise
         finally:
-            writer.close()
+            if writer is not None:
+                writer.close()
 
 
 def _fail(session: session_mod.Session, rep: Reporter, stage: str | None, msg: str) -> None:
