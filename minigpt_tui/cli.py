@@ -139,11 +139,11 @@ def run(config: Path = typer.Argument(..., help="run config (TOML)"),
     from engine.run import session as session_mod
 
     cfg = config_mod.apply_overrides(config_mod.load(config), overrides)
-    _preflight([cfg], _root(root))  # every problem at once, before a session exists or a model loads
     if nproc < 1:
         typer.echo(f"error: --nproc {nproc} is not a number of processes — use --nproc 1 or more (one per GPU)",
                    err=True)
         raise typer.Exit(2)
+    _preflight([cfg], _root(root))  # every problem at once, before a session exists or a model loads
     s = session_mod.create(cfg, _root(root), name=name)
     typer.echo(f"session {s.id} → {s.path}")
     _start(s, foreground, follow, nproc=nproc)

@@ -123,9 +123,19 @@ def killed_and_whole(request, tmp_path_factory):
     cfg = ft_case.config(tmp, "llama", distributed={"strategy": strategy},
                          finetune={"max_steps": 40, "eval_every": 20, "checkpoint_every": 3},
                          evaluate={"bpb": False, "evaluate_base": False})
+    # the uninterrupted run goes the way `minigpt run --nproc 2` starts one: detached, under torchrun
+    from engine.run import launch
+
     whole = ft_case.session(tmp, "whole", cfg)
-    p = _torchrun(whole, tmp)
-    assert p.wait(timeout=600) == 0, (whole.path / "torchrun.log").read_text()[-3000:]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINIGPT_CALIBRATION_CACHE", str(tmp / "calibration-cache"))
+        mp.setenv("OMP_NUM_THREADS", "1")
+        pid = launch.launch_detached(whole.path, nproc=2)
+    ok, why = launch.wait_started(whole, pid, timeout=300)
+    assert ok, why
+    ft_case.wait_for(lambda: launch.exit_status(pid) is not None, timeout=600, what="the detached 2-process run")
+    assert launch.exit_status(pid) == 0 and whole.status() == "done", (whole.path / "runner.log").read_text()[-3000:]
+    assert launch.runner_pid(whole) != pid  # rank 0, torchrun's child, held the lock
 
     killed = ft_case.session(tmp, "killed", cfg)
     p = _torchrun(killed, tmp)
@@ -164,3 +174,61 @@ def test_a_kill_of_rank_1_mid_recovery_resumes_to_the_same_weights(killed_and_wh
     assert len(state["rng"]) == 2
     trains = [e["step"] for e in ft_case.events(whole) if e["type"] == "train"]
     assert trains == list(range(1, 41))  # rank 0 alone writes events
+
+
+# ---- launch, config, the device script ---------------------------------------------------------
+def test_the_runner_command_is_torchrun_for_more_than_one_process(tmp_path):
+    from engine.errors import MinigptError
+    from engine.run import launch
+
+    one = launch.runner_command(tmp_path, 1)
+    assert one[1:3] == ["-m", "engine.run.runner"] and one[-1] == "--keep-stop"
+    four = launch.runner_command(tmp_path, 4)
+    assert four[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+    assert four[5:8] == ["-m", "engine.run.runner", str(tmp_path.resolve())]
+    with pytest.raises(MinigptError, match="--nproc 0"):
+        launch.runner_command(tmp_path, 0)
+
+
+@pytest.mark.parametrize("section, problem", [
+    ({"strategy": "zero3"}, "distributed.strategy = 'zero3' is not valid"),
+    ({"shard_teacher": True}, "shard_teacher = true needs distributed.strategy"),
+])
+def test_bad_distributed_settings_are_one_line_errors(section, problem):
+    from engine import config
+    from engine.errors import MinigptError
+
+    with pytest.raises(MinigptError, match=problem) as e:
+        config.from_dict({"distributed": section})
+    assert "\n" not in e.value.line() and " — " in e.value.line()
+    with pytest.raises(MinigptError, match="fsdp.*LoRA"):
+        config.from_dict({"distributed": {"strategy": "fsdp"}, "finetune": {"lora_rank": 4}})
+
+
+@pytest.mark.process
+def test_cli_refuses_a_bad_process_count_in_one_line(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[model]\nsource = "embedded:smollm2"\n')
+    e = ft_case.env()
+    p = subprocess.run([sys.executable, "-m", "minigpt_tui.cli", "run", str(cfg), "--nproc", "0",
+                        "--root", str(tmp_path / "s")], cwd=ft_case.ROOT, env=e, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2
+    assert "--nproc 0 is not a number of processes" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "s").exists() or not any((tmp_path / "s").iterdir())  # no session was made
+
+
+@pytest.mark.process
+def test_gpu_scale_dry_run_reports_ce_and_kd_throughput_and_memory(tmp_path):
+    out = tmp_path / "rows.json"
+    e = dict(ft_case.env(), PYTHON=sys.executable)
+    p = subprocess.run(["bash", str(ft_case.ROOT / "benchmarks" / "gpu_scale.sh"), "--dry-run", "--json", str(out)],
+                       cwd=ft_case.ROOT, env=e, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "tiny single CE" in p.stdout and "tiny single KD" in p.stdout and "peak" in p.stdout
+    rows = json.loads(out.read_text())
+    assert [(r["loss"], r["strategy"]) for r in rows] == [("ce", "single"), ("kd", "single")]
+    assert all(r["tokens_per_s"] > 0 and r["peak_mem_gib"] > 0 and r["mfu"] is None for r in rows)
+    bad = subprocess.run(["bash", str(ft_case.ROOT / "benchmarks" / "gpu_scale.sh"), "--nproc", "x"],
+                         cwd=ft_case.ROOT, env=e, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--nproc x" in bad.stderr
