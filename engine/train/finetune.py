@@ -225,6 +225,9 @@ class Finetuner:
         if strategy not in STRATEGIES:
             raise MinigptError(f"distributed.strategy = {strategy!r} is not valid", f"use one of: {', '.join(STRATEGIES)}")
         self.fsdp = self.dist.on and strategy == "fsdp"
+        # "fsdp" checkpoints are torch.distributed.checkpoint folders at every world size (one process
+        # included), so they resume across world sizes: DCP reshards them on load
+        self.sharded_checkpoints = strategy == "fsdp"
         if self.fsdp and (cfg.lora_rank > 0 or masks):
             raise MinigptError("distributed.strategy = \"fsdp\" trains neither LoRA adapters nor mask-mode models",
                                "use distributed.strategy = \"ddp\", or prune.mode = \"structural\" and lora_rank = 0")
@@ -353,13 +356,14 @@ class Finetuner:
         `sharded_state()`, written by every rank through torch.distributed.checkpoint."""
         rng = self.dist.gather(ckpt_mod.rng_state())
         out = {"scheduler": self.scheduler.state_dict(), "step": self.step, "micro": self.micro, "rng": rng}
-        if not self.fsdp:
+        if not self.sharded_checkpoints:
             out.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
         return out
 
     def sharded_state(self) -> dict | None:
-        """FSDP: the model's and optimiser's sharded state dicts (DTensors), else None."""
-        if not self.fsdp:
+        """strategy "fsdp": the model's and optimiser's state dicts for torch.distributed.checkpoint
+        (DTensors when sharded), else None."""
+        if not self.sharded_checkpoints:
             return None
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -368,13 +372,17 @@ class Finetuner:
 
     def load_state_dict(self, state: dict, sharded_dir=None) -> None:
         """`sharded_dir`: FSDP's torch.distributed.checkpoint folder (every rank reads its shards)."""
-        if self.fsdp:
+        if self.sharded_checkpoints:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import set_state_dict
 
             if sharded_dir is None:
                 raise MinigptError("this checkpoint holds no sharded (FSDP) state",
                                    "resume with the distributed.strategy it was written with")
+        elif "model" not in state:
+            raise MinigptError("this checkpoint holds sharded (FSDP) state only",
+                               "resume with distributed.strategy = \"fsdp\", as it was written")
+        if self.sharded_checkpoints:
             sd = self.sharded_state()
             dcp.load(sd, checkpoint_id=str(sharded_dir))
             set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
