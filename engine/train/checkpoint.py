@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 from engine import atomic
@@ -81,7 +82,9 @@ def save(root: str | os.PathLike, step: int, state: dict, meta: dict | None = No
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / SHARDED_DIR).mkdir(parents=True)
         dist.barrier()
-        dcp.save(sharded, checkpoint_id=str(tmp / SHARDED_DIR))  # each rank its shards, rank 0 the metadata
+        with warnings.catch_warnings():  # one process: DCP says it assumes so, at every save
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(sharded, checkpoint_id=str(tmp / SHARDED_DIR), no_dist=not dist.on)  # each rank its shards
         dist.barrier()
         if dist.main:
             torch.save(state, tmp / STATE_FILE)
