@@ -384,7 +384,11 @@ class Finetuner:
                                "resume with distributed.strategy = \"fsdp\", as it was written")
         if self.sharded_checkpoints:
             sd = self.sharded_state()
-            dcp.load(sd, checkpoint_id=str(sharded_dir), no_dist=not self.dist.on)
+            import warnings
+
+            with warnings.catch_warnings():  # one process: DCP says it assumes so, at every load
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(sd, checkpoint_id=str(sharded_dir), no_dist=not self.dist.on)
             set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
         else:
             self.model.load_state_dict(state["model"])
