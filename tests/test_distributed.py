@@ -232,3 +232,23 @@ def test_gpu_scale_dry_run_reports_ce_and_kd_throughput_and_memory(tmp_path):
     bad = subprocess.run(["bash", str(ft_case.ROOT / "benchmarks" / "gpu_scale.sh"), "--nproc", "x"],
                          cwd=ft_case.ROOT, env=e, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--nproc x" in bad.stderr
+
+
+def test_every_ranks_gpu_sample_reaches_the_monitor_through_rank_0(monkeypatch):
+    """Under torchrun rank 0 writes one `gpu` event per rank (a gather); the monitor keeps each rank's."""
+    from engine.run import gpu, reporter
+    from minigpt_tui.runview import RunView
+
+    class TwoRanks:  # what Dist.gather returns on rank 0 of two
+        on = True
+
+        def gather(self, obj):
+            return [obj, {**obj, "rank": 1, "device": 1, "mem_used_mb": 7.0}]
+
+    monkeypatch.setattr(gpu, "sample", lambda: {"device": 0, "rank": 0, "mem_used_mb": 5.0, "mem_peak_mb": 4.0,
+                                                "mem_total_mb": 80.0, "util_pct": None})
+    seen: list = []
+    reporter.Reporter(None, display=seen.append, dist=TwoRanks()).gpu_all()
+    view = RunView()
+    view.apply(seen)
+    assert [(s["rank"], s["mem_used_mb"]) for s in view.gpu_samples()] == [(0, 5.0), (1, 7.0)]

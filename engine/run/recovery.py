@@ -18,6 +18,8 @@ from pathlib import Path
 from engine.errors import MinigptError
 from engine.run.reporter import StopRequested
 
+GPU_EVERY_STEPS = 10  # under torchrun: every rank's GPU memory sampled (a collective) every this many steps
+
 
 @dataclasses.dataclass
 class Job:
@@ -242,6 +244,8 @@ def _on_step(ctx, job: Job, ft):
                      grad_norm=round(m["grad_norm"], 6), tokens_per_s=round(m["tokens_per_s"], 1),
                      eta_s=round(m["eta_s"], 1), epoch=ft.epoch(), **extra, **_stage_field(job))
         ctx.rep.progress(prog_stage, ft.step, total, "steps", rate=m["steps_per_s"])
+        if ctx.dist.on and (ft.step == 1 or ft.step % GPU_EVERY_STEPS == 0):  # every rank's memory, per rank
+            ctx.rep.gpu_all()
 
     return report
 

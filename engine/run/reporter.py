@@ -96,6 +96,16 @@ class Reporter:
         if sample is not None:
             self.emit("gpu", **sample)
 
+    def gpu_all(self) -> None:
+        """Every rank's GPU sample as one `gpu` event each (written by rank 0; the monitor shows
+        them per rank). Under torchrun a collective: call it where every rank does."""
+        from engine.run import gpu
+
+        mine = gpu.sample()
+        for sample in (self.dist.gather(mine) if self.dist is not None and self.dist.on else [mine]):
+            if sample is not None:
+                self.emit("gpu", **sample)
+
     # ---- graceful stop -------------------------------------------------------------
     def install_signal_handlers(self) -> None:
         def on_term(signum, frame):
