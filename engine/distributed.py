@@ -104,6 +104,21 @@ class Dist:
             dist.barrier()
 
 
+def peer_lost(e: BaseException, world: int) -> str | None:
+    """The one-line account of a collective that failed because another rank died or hung (a
+    kill -9, the OOM killer, a crash), or None for any other error."""
+    import torch.distributed as dist
+
+    text = str(e)
+    if world <= 1 or not (isinstance(e, getattr(dist, "DistError", ())) or
+                          (isinstance(e, RuntimeError) and ("gloo" in text or "NCCL" in text))):
+        return None
+    why = next((p for p in ("Connection reset by peer", "Connection closed by peer", "timed out", "Timeout")
+                if p in text), type(e).__name__)
+    return (f"another of the {world} torchrun processes died or stopped answering ({why}) — "
+            "see runner.log for which; resume with: minigpt resume SESSION --nproc N (the last checkpoint holds)")
+
+
 def current() -> Dist:
     """The process group as it is now (a no-op `Dist` outside torchrun)."""
     return Dist()

@@ -158,6 +158,8 @@ def test_a_kill_of_rank_1_mid_recovery_resumes_to_the_same_weights(killed_and_wh
 
     strategy, whole, killed, code, steps_before, resumed = killed_and_whole
     assert code != 0 and steps_before < 40  # the first run died in recovery
+    died = [e for e in ft_case.events(killed) if e["type"] == "error"]
+    assert died and died[0]["message"].startswith("another of the 2 torchrun processes died")  # one line
     assert resumed == 0, (killed.path / "torchrun.log").read_text()[-3000:]
     res = json.loads((killed.path / "results.json").read_text())
     ref = json.loads((whole.path / "results.json").read_text())

@@ -106,7 +106,10 @@ def run(session: session_mod.Session, stages: list[str] | None = None, display=N
             _fail(session, rep, stage, e.line())
             raise
         except BaseException as e:  # atomic.DiskFull (an OSError) reads as one line of its own
-            _fail(session, rep, stage, e.line() if hasattr(e, "line") else f"{type(e).__name__}: {e}")
+            from engine.distributed import peer_lost
+
+            _fail(session, rep, stage, e.line() if hasattr(e, "line") else
+                  peer_lost(e, dist.world) or f"{type(e).__name__}: {e}")
             raise
         finally:
             if writer is not None:

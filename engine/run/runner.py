@@ -49,6 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full disk (atomic.DiskFull reads as one line), a read-only folder
         _report(e.line() if hasattr(e, "line") else f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
         return 1
+    except Exception as e:  # under torchrun: a collective cut short by another rank's death is one line
+        from engine.distributed import peer_lost
+
+        line = peer_lost(e, int(os.environ.get("WORLD_SIZE", "1")))
+        if line is None:
+            raise
+        _report(line)
+        return 1
     finally:
         if rank is not None:
             import torch.distributed as dist
