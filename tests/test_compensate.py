@@ -248,3 +248,14 @@ def test_prune_stage_compensates_and_the_saved_model_is_what_was_evaluated(tmp_p
     pipeline.run(plain, stages=["calibrate"])
     with safe_open(str(plain.stats_dir / calibrate.STATS_FILE), "pt") as f:
         assert "mlp.0.gram" not in f.keys()  # the default calibration stays lean
+
+
+def test_a_per_layer_model_with_its_vocabulary_keep_map_loads(tmp_path):
+    """minigpt_vocab_keep.safetensors sits next to the weights: it is not a weight file."""
+    model = tiny.model("llama")
+    ids = _ids()
+    prune.apply_structural(model, prune.plan_from_masks([torch.arange(0, 64, 2), torch.arange(40)], [64, 64]))
+    export.save_model(model, tiny.tokenizer(), tmp_path / "m", vocab_keep=torch.arange(300))
+    assert (tmp_path / "m" / export.VOCAB_KEEP_FILE).is_file()
+    loaded = export.load_model(tmp_path / "m")
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))

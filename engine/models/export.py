@@ -126,7 +126,7 @@ def load_model(folder: str | os.PathLike, dtype=torch.float32, device="cpu"):
     if not stock_heads:
         for att, (n, kv) in zip(adapter.attentions(), heads):
             _resize_heads(adapter, att, int(n), int(kv), dtype)
-    files = sorted(folder.glob("*.safetensors"))
+    files = sorted(f for f in folder.glob("*.safetensors") if f.name not in (MASKS_FILE, VOCAB_KEEP_FILE))
     if not files:
         raise MinigptError(f"no safetensors weights in {folder}", "re-export the model")
     state = {}
