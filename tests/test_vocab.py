@@ -203,7 +203,8 @@ def test_tokenizer_classes_that_rebuild_themselves(kind, cls, tmp_path):
 
 
 # ---- 3. the sliced model ------------------------------------------------------------------------
-CASES = [("byte_level", f) for f in tiny.FAMILIES] + [("byte_fallback", "llama"), ("byte_fallback", "phi")]
+CASES = [("byte_level", f) for f in tiny.FAMILIES] + [("byte_fallback", "llama"), ("byte_fallback", "phi"),
+                                                   ("byte_fallback", "gemma3")]  # Gemma 3: BPE with byte fallback
 
 
 @pytest.mark.parametrize("kind,family", CASES)
