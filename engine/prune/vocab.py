@@ -112,8 +112,9 @@ def tokenizer_json(tokenizer) -> dict:
     return tj
 
 
-def plan(tokenizer, counts: torch.Tensor, threshold: float, model) -> VocabPlan:
-    """Which ids stay: frequent, special, needed to encode any text, and their merge ancestors."""
+def plan(tokenizer, counts: torch.Tensor, threshold: float, model, chosen: torch.Tensor | None = None) -> VocabPlan:
+    """Which ids stay: frequent (or `chosen`, a bool mask over ids, when given: the held-out rule's
+    top tokens), special, needed to encode any text, and their merge ancestors."""
     tj = tokenizer_json(tokenizer)
     bpe = tj["model"]
     vocab: dict[str, int] = bpe["vocab"]
@@ -124,8 +125,12 @@ def plan(tokenizer, counts: torch.Tensor, threshold: float, model) -> VocabPlan:
     is_token = torch.zeros(max(n_ids, rows), dtype=torch.bool)
     is_token[sorted(token_ids)] = True
     keep = torch.zeros_like(is_token)
-    keep[:n_ids] = _frequent(counts, threshold, n_ids) & is_token[:n_ids]
-    reasons = {"frequent": int(keep.sum())}
+    if chosen is None:
+        keep[:n_ids] = _frequent(counts, threshold, n_ids) & is_token[:n_ids]
+    else:
+        m = min(n_ids, chosen.numel())
+        keep[:m] = chosen[:m].bool() & is_token[:m]
+    reasons = {"frequent" if chosen is None else "ranked": int(keep.sum())}
 
     special = protected_ids(tokenizer, model) | _post_processor_ids(tj.get("post_processor"))
     outside = sorted(i for i in special if rows <= i < n_ids and is_token[i])
@@ -215,6 +220,123 @@ def _post_processor_ids(node) -> set[int]:
     if t in ("BertProcessing", "RobertaProcessing"):
         return {int(node["sep"][1]), int(node["cls"][1])}
     return set()
+
+
+# ---- the held-out keep rule: the domain's tokens, smoothed by the tokenizer's general ones --------
+RULES = ("seen", "heldout")
+PRIOR_WEIGHT = 0.5  # the ranking's unigram = (1 - w)·domain frequency + w·the tokenizer's Zipf prior
+ZIPF_OFFSET = 10.0  # z(r) ∝ 1 / (r + offset) over merge ranks
+SIZE_FACTORS = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # candidate cuts, × the tokens the domain used
+
+
+def general_rank(tokenizer) -> torch.Tensor:
+    """Per id, the rank of the merge that creates the token (BPE learns merges in order of corpus
+    frequency, so a low rank is a general, frequent token); single symbols rank 0; ids that are
+    not BPE tokens (added tokens) +inf."""
+    tj = tokenizer_json(tokenizer)
+    bpe = tj["model"]
+    vocab: dict[str, int] = bpe["vocab"]
+    n = max(len(tokenizer), max(vocab.values()) + 1)
+    rank = torch.full((n,), float("inf"), dtype=torch.float64)
+    for r, mg in enumerate(bpe["merges"]):
+        a, b = _pair(mg)
+        i = vocab.get(a + b)
+        if i is not None and rank[i] == float("inf"):
+            rank[i] = r + 1
+    for t, i in vocab.items():
+        if rank[i] == float("inf") and len(t) == 1 or t.startswith("<0x"):
+            rank[i] = 0
+    return rank
+
+
+def ranking(tokenizer, counts: torch.Tensor, prior_weight: float = PRIOR_WEIGHT) -> torch.Tensor:
+    """Ids in keep order (best first): by (1 − w)·count/total + w·z(rank), z a Zipf law over the
+    tokenizer's merge ranks (`general_rank`). w = 0 is the domain's frequency alone (ε_emb's order);
+    w > 0 lets the tokenizer's most general tokens in ahead of tokens the counted text used once,
+    and orders the never-seen tokens, so a cut can cover what the domain will say next."""
+    rank = general_rank(tokenizer)
+    n = rank.numel()
+    c = torch.zeros(n, dtype=torch.float64)
+    m = min(n, counts.numel())
+    c[:m] = counts.flatten()[:m].double()
+    freq = c / c.sum().clamp_min(1)
+    z = torch.where(torch.isfinite(rank), 1.0 / (rank + ZIPF_OFFSET), torch.zeros_like(rank))
+    z = z / z.sum().clamp_min(1e-300)
+    score = (1 - prior_weight) * freq + prior_weight * z
+    score[~torch.isfinite(rank)] = -1.0  # added tokens: kept only when special
+    return torch.argsort(score, descending=True, stable=True)
+
+
+def ranked_plan(tokenizer, counts: torch.Tensor, n_ranked: int, model, order: torch.Tensor | None = None) -> VocabPlan:
+    """The plan keeping the `n_ranked` best ids of `ranking` (then special, encoding, ancestors)."""
+    order = ranking(tokenizer, counts) if order is None else order
+    chosen = torch.zeros(order.numel(), dtype=torch.bool)
+    chosen[order[:max(0, int(n_ranked))]] = True
+    return plan(tokenizer, counts, 0.0, model, chosen=chosen)
+
+
+def plan_of_size(tokenizer, counts: torch.Tensor, rows: int, model, order: torch.Tensor | None = None) -> VocabPlan:
+    """The ranked plan whose kept rows are closest to `rows` from below (the closure of ancestors
+    makes the size a step function of the ranked count; found by bisection)."""
+    order = ranking(tokenizer, counts) if order is None else order
+    lo, hi = 0, int(order.numel())
+    best = ranked_plan(tokenizer, counts, 0, model, order)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        p = ranked_plan(tokenizer, counts, mid, model, order)
+        if p.keep.numel() <= rows:
+            lo, best = mid, p
+        else:
+            hi = mid - 1
+    return best
+
+
+def choose_cut(model, tokenizer, counts: torch.Tensor, validation: list[str], eval_cfg, tolerance: float,
+               progress=None) -> tuple[VocabPlan, dict]:
+    """The held-out rule: the smallest ranked cut whose bits per byte on `validation` (documents the
+    counts did not see) is within `tolerance` (relative) of the unpruned model's; the cut sizes tried
+    are SIZE_FACTORS × the number of distinct tokens the counted text used. Each candidate is sliced
+    on a copy and scored in full. Returns the plan and a table of every candidate tried."""
+    import copy
+
+    if not validation:
+        raise MinigptError("the held-out vocabulary rule has no validation documents",
+                           "use a corpus with more documents, or prune.vocab_rule = \"seen\"")
+    order = ranking(tokenizer, counts)
+    seen = int((counts > 0).sum())
+    base = _bpb(model, tokenizer, validation, eval_cfg)
+    table = {"validation_bytes": base["bytes"], "validation_documents": len(validation), "tolerance": tolerance,
+             "seen_tokens": seen, "bpb_base": base["bpb"], "candidates": []}
+    rows_total = model.get_input_embeddings().weight.shape[0]
+    chosen, done = None, set()
+    for f in SIZE_FACTORS:
+        n = min(int(round(f * seen)), int(order.numel()))
+        if n in done:
+            continue
+        done.add(n)
+        p = ranked_plan(tokenizer, counts, n, model, order)
+        if p.keep.numel() >= rows_total:
+            break
+        m = copy.deepcopy(model)
+        tok = prune_tokenizer(tokenizer, p)
+        slice_model(m, p)
+        got = _bpb(m, tok, validation, eval_cfg)
+        del m
+        rise = got["bpb"] / base["bpb"] - 1
+        table["candidates"].append({"ranked": n, "rows": int(p.keep.numel()), "bpb": got["bpb"], "rise": rise})
+        if progress:
+            progress(len(table["candidates"]), len(SIZE_FACTORS), 0.0)
+        if rise <= tolerance:
+            chosen = p
+            break
+    if chosen is None:  # no candidate within tolerance: the one that cost least
+        best = min(table["candidates"], key=lambda c: c["rise"]) if table["candidates"] else None
+        chosen = ranked_plan(tokenizer, counts, best["ranked"] if best else int(order.numel()), model, order)
+        table["within_tolerance"] = False
+    else:
+        table["within_tolerance"] = True
+    table["chosen_rows"] = int(chosen.keep.numel())
+    return chosen, table
 
 
 # ---- the rebuilt tokenizer --------------------------------------------------------------------
@@ -337,7 +459,7 @@ def _remap_ids(value, o2n: dict[int, int], rows: int):
 
 # ---- the whole step ---------------------------------------------------------------------------
 def prune_vocabulary(model, tokenizer, counts: torch.Tensor | None, threshold: float,
-                     held_out: list[str] | None = None, eval_cfg=None):
+                     held_out: list[str] | None = None, eval_cfg=None, the_plan: VocabPlan | None = None):
     """Structural vocabulary pruning: returns (model sliced in place, new tokenizer, info).
 
     Given the held-out documents and the evaluation settings (`EvaluateConfig`: block size,
