@@ -465,12 +465,13 @@ def prune_vocabulary(model, tokenizer, counts: torch.Tensor | None, threshold: f
     Given the held-out documents and the evaluation settings (`EvaluateConfig`: block size,
     stride, batch size, and `max_tokens`, which caps the documents), it also measures the
     coverage (share of their original tokens that are kept) and bits per byte before and
-    after. Token ids change: the caller re-tokenizes whatever it holds.
+    after. Token ids change: the caller re-tokenizes whatever it holds. `the_plan` (the held-out
+    rule's `choose_cut`) replaces the ε_emb threshold's plan.
     """
     if counts is None:
         raise MinigptError("the calibration statistics hold no token counts",
                            "rerun the calibrate stage: minigpt calibrate SESSION --redo")
-    p = plan(tokenizer, counts, threshold, model)
+    p = the_plan if the_plan is not None else plan(tokenizer, counts, threshold, model)
     info = {"threshold": threshold, "tokenizer_before": p.tokenizer_size, "tokenizer_after": p.new_tokenizer_size,
             "rows_before": p.rows, "rows_after": int(p.keep.numel()), "kept_because": p.reasons,
             "params_before": size.count_params(model)}
