@@ -75,6 +75,18 @@ def _files(dist, suffix: str) -> list[Path]:
     return out
 
 
+def locate(source: str = EMBEDDED_DEFAULT) -> tuple[Path, int]:
+    """(a file that starts with the GGUF header, the model's size in bytes), without joining any
+    chunks: for preflight checks. One-line errors as `gguf_path`'s."""
+    m = get(source)
+    if not m.parts:
+        p = gguf_path(source)
+        return p, p.stat().st_size
+    expected_sha256(m)
+    chunks = chunk_paths(m)
+    return chunks[0], sum(c.stat().st_size for c in chunks)
+
+
 def gguf_path(source: str = EMBEDDED_DEFAULT, progress=None) -> Path:
     """The embedded model's GGUF file (joined from its chunks and checked, once, if it has any)."""
     m = get(source)
