@@ -440,6 +440,22 @@ def test_the_prior_brings_general_tokens_and_sizes_are_met_from_below(kind):
             tok.decode(tok(text, add_special_tokens=False)["input_ids"])
 
 
+def test_a_special_token_past_the_embedding_rows_is_dropped():
+    """Like Gemma 3's <image_soft_token> (id 262,144 beside 262,144 text rows): the model can never
+    embed it, so the pruned tokenizer leaves it out instead of refusing."""
+    import copy
+
+    tok = copy.deepcopy(byte_fallback())
+    rows = len(tok)
+    tok.add_special_tokens({"additional_special_tokens": ["<image_soft_token>"]})
+    assert len(tok) == rows + 1
+    m = tiny.model("llama", vocab=rows)
+    p = vocab.plan(tok, counts_for(tok, rows), 0.0, m)
+    assert p.reasons["special_past_rows_dropped"] == 1 and int(p.keep.max()) < rows
+    new = vocab.prune_tokenizer(tok, p)
+    assert "<image_soft_token>" not in new.get_vocab() and len(new) == p.keep.numel()
+
+
 def test_a_bad_vocab_rule_is_a_one_line_error():
     from engine import config as config_mod
 

@@ -132,11 +132,14 @@ def plan(tokenizer, counts: torch.Tensor, threshold: float, model, chosen: torch
         keep[:m] = chosen[:m].bool() & is_token[:m]
     reasons = {"frequent" if chosen is None else "ranked": int(keep.sum())}
 
-    special = protected_ids(tokenizer, model) | _post_processor_ids(tj.get("post_processor"))
+    post = _post_processor_ids(tj.get("post_processor"))
+    special = protected_ids(tokenizer, model) | post
     outside = sorted(i for i in special if rows <= i < n_ids and is_token[i])
-    if outside:
-        raise MinigptError(f"special token id {outside[0]} is outside the model's {rows} embedding rows",
-                           "fix the tokenizer/model pair, or set prune.embedding_threshold = -1")
+    if any(i in post for i in outside):  # the tokenizer itself inserts it: every encoding would break
+        raise MinigptError(f"special token id {min(i for i in outside if i in post)} is outside the model's "
+                           f"{rows} embedding rows", "fix the tokenizer/model pair, or set prune.embedding_threshold = -1")
+    # others (Gemma 3's <image_soft_token>, id 262,144 beside 262,144 text rows) the model could
+    # never embed: they leave the pruned tokenizer with the other ids past the rows
     reasons["special"] = _add(keep, {i for i in special if i < rows})
 
     needed = set()
@@ -159,7 +162,9 @@ def plan(tokenizer, counts: torch.Tensor, threshold: float, model, chosen: torch
             ancestors |= {vocab[s] for s in derivation(tok, ranks, vocab)}
     reasons["ancestors"] = _add(keep, ancestors)
 
-    keep[rows:] = False  # ids the model cannot embed (never special: checked above)
+    keep[rows:] = False  # ids the model cannot embed (never the post-processor's: checked above)
+    if outside:
+        reasons["special_past_rows_dropped"] = len(outside)
     kept = torch.nonzero(keep).flatten()
     return VocabPlan(kept, len(tokenizer), rows, int(is_token[kept].sum()), reasons)
 
@@ -362,13 +367,19 @@ def prune_tokenizer(tokenizer, p: VocabPlan):
     with tempfile.TemporaryDirectory(prefix="minigpt-vocab-") as d:
         tokenizer.save_pretrained(d)
         Path(d, "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
-        cfg_path = Path(d, "tokenizer_config.json")
-        if cfg_path.exists():
+        kept_text = set(kept) | {t["content"] for t in tj["added_tokens"]}
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            cfg_path = Path(d, name)
+            if not cfg_path.exists():
+                continue
             tc = json.loads(cfg_path.read_text(encoding="utf-8"))
             if isinstance(tc.get("added_tokens_decoder"), dict):
                 tc["added_tokens_decoder"] = {str(o2n[int(k)]): v for k, v in tc["added_tokens_decoder"].items()
                                               if int(k) in o2n}
-                cfg_path.write_text(json.dumps(tc, ensure_ascii=False, indent=2), encoding="utf-8")
+            for key in ("additional_special_tokens", "extra_special_tokens"):  # lists the loader would re-add
+                if isinstance(tc.get(key), list):
+                    tc[key] = [t for t in tc[key] if (t.get("content") if isinstance(t, dict) else t) in kept_text]
+            cfg_path.write_text(json.dumps(tc, ensure_ascii=False, indent=2), encoding="utf-8")
         new = AutoTokenizer.from_pretrained(d)
     new.name_or_path = tokenizer.name_or_path
     expected = {**kept, **{t["content"]: t["id"] for t in tj["added_tokens"]}}
