@@ -412,13 +412,13 @@ def test_the_heldout_rule_runs_in_the_prune_stage_on_gemma3(tmp_path):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_ranking_without_prior_is_the_frequency_rule(kind):
-    """w = 0 ranks by domain frequency alone: its top (seen-count) ids are ε_emb = 0's set."""
+    """No prior ranks by domain frequency alone: its top (seen-count) ids are ε_emb = 0's set."""
     tok = KINDS[kind]()
     rows = len(tok) + PAD_ROWS
     c = counts_for(tok, rows)
     m = tiny.model("llama", vocab=rows)
     seen = int((c > 0).sum())
-    assert torch.equal(vocab.ranked_plan(tok, c, seen, m, vocab.ranking(tok, c, 0.0)).keep, vocab.plan(tok, c, 0.0, m).keep)
+    assert torch.equal(vocab.ranked_plan(tok, c, seen, m, vocab.ranking(tok, c, prior=0.0)).keep, vocab.plan(tok, c, 0.0, m).keep)
 
 
 @pytest.mark.parametrize("kind", KINDS)
