@@ -51,6 +51,7 @@ def main() -> None:
         t = docs.pop()
         held.insert(0, t)
         n += len(tok(t, add_special_tokens=False)["input_ids"])
+    held = vocab.held_out_texts(tok, held, a.validation_tokens)  # the last document may be long: cut it
     rows0 = max(model.get_input_embeddings().weight.shape[0], len(tok))
     counted = torch.cat([d.calibrate, data_mod.tokenize(tok, docs)])
     counts = cal_mod.token_counts(counted, rows0)

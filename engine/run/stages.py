@@ -379,6 +379,7 @@ def heldout_counts(ctx: Context, model, validation_tokens: int):
 
     from engine.data import domain as data_mod
     from engine.prune import calibrate as cal_mod
+    from engine.prune import vocab as vocab_mod
 
     d = ctx.domain()
     docs = list(d.finetune_texts or [])
@@ -390,6 +391,7 @@ def heldout_counts(ctx: Context, model, validation_tokens: int):
     if not docs and not d.calibrate.numel():
         raise MinigptError("the held-out vocabulary rule leaves no text to count",
                            "lower prune.vocab_validation_tokens or use a larger corpus")
+    held = vocab_mod.held_out_texts(ctx.tokenizer, held, validation_tokens)  # a long last document is cut
     ids = torch.cat([d.calibrate, data_mod.tokenize(ctx.tokenizer, docs)])
     rows = max(model.get_input_embeddings().weight.shape[0], len(ctx.tokenizer))
     return cal_mod.token_counts(ids, rows), held
