@@ -121,7 +121,11 @@ def test_gemma3_prune_mlp_and_vocabulary_beats_a_random_prune_of_the_same_size(t
     from engine.prune import mlp as prune
     from engine.prune import vocab
 
+    import sys
+
     model, tok, _ = models.load(config_mod.ModelConfig(source="embedded:gemma3-270m", device="cpu", dtype="float32"))
+    assert not [m for m in sys.modules if m.startswith("gemma3_270m")]  # found through metadata, never imported
+    assert embedded.gguf_path("embedded:gemma3-270m").stat().st_size == 253_113_024  # joined, sha256-checked
     ad = adapters.for_model(model)
     assert type(ad).__name__ == "GemmaAdapter" and ad.head_counts()[0] == [4, 1] and len(ad.layers()) == 18
     assert model.get_input_embeddings().weight.shape == (262_144, 640)
