@@ -12,7 +12,10 @@ then measures in llama.cpp (llama-cpp-python, 2 threads):
   64-token prompt), base and pruned interleaved round by round; each ratio is the median
   of the per-round ratios.
 
-    .venv/bin/python benchmarks/llamacpp_speed.py sessions/gguf-smollm2 [--quants f16,q8_0,q4_k_m]
+    .venv/bin/python benchmarks/llamacpp_speed.py sessions/gguf-smollm2 [--quants f16,q8_0,q4_k_m,q4_k_m+im]
+
+`QUANT+im` quantises both models with an importance matrix (`minigpt export --imatrix N`)
+measured on N tokens of the session's calibration split, never on the held-out tokens.
 """
 
 from __future__ import annotations
@@ -35,6 +38,20 @@ def held_out(cfg, tok):
 
     d = domain.DomainData.build(cfg.data, tok, max_eval=cfg.evaluate.max_tokens)
     return d.evaluate.flatten()
+
+
+def base_importance(cfg, model, tok, n_tokens):
+    """The base model's importance matrix from the same calibration documents (its own tokenizer)."""
+    import dataclasses
+
+    from engine.data.domain import blocks
+    from engine.models import gguf
+    from engine.run import stages
+
+    c = dataclasses.replace(cfg, calibrate=dataclasses.replace(cfg.calibrate, max_tokens=n_tokens))
+    block = min(cfg.calibrate.block_size, n_tokens)
+    return gguf.importance(model, blocks(stages.load_domain(c, cfg.data, tok, block).calibrate, block),
+                           cfg.calibrate.batch_size)
 
 
 def engine_ppl(model, ids, block):
@@ -91,6 +108,8 @@ def main():
     ap.add_argument("--quants", default="f16,q8_0,q4_k_m,f16+pad",
                     help="comma list; QUANT+pad adds the --pad-uniform twin at QUANT")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--imatrix", type=int, default=4096,
+                    help="QUANT+im rows: an importance matrix from this many calibration tokens, for both models")
     ap.add_argument("--out", default="", help="folder for the GGUF files (default: SESSION/export)")
     a = ap.parse_args()
     torch.set_num_threads(2)
@@ -116,9 +135,12 @@ def main():
     gen_ids = {k: v[:64].tolist() for k, v in ids.items()}
     for q in [x.strip() for x in a.quants.split(",") if x.strip()]:
         quant, pad = q.split("+")[0], q.endswith("+pad")  # f16+pad: the --pad-uniform twin
-        files = {"pruned": export_mod.export(s, "gguf", quant, pad_uniform=pad,
-                                             out=out / f"{s.id}-{quant}{'-uniform' if pad else ''}.gguf").path,
-                 "base": gguf.export(base, btok, out / f"base-{quant}.gguf", quant).path}
+        im = a.imatrix if q.endswith("+im") else 0  # q4_k_m+im: both quantised with an importance matrix
+        tag = "-uniform" if pad else "-im" if im else ""
+        files = {"pruned": export_mod.export(s, "gguf", quant, pad_uniform=pad, imatrix_tokens=im,
+                                             out=out / f"{s.id}-{quant}{tag}.gguf").path,
+                 "base": gguf.export(base, btok, out / f"base-{quant}{'-im' if im else ''}.gguf", quant,
+                                     imatrix=base_importance(cfg, base, btok, im) if im else None).path}
         ppl, llms = {}, {}
         for k, f in files.items():
             llm = llama_cpp.Llama(str(f), logits_all=True, n_ctx=block, n_threads=2, n_batch=512, verbose=False)

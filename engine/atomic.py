@@ -25,6 +25,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 _FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+_WRITER = True  # False in a torchrun rank > 0: rank 0 alone writes the session (engine.run.runner)
+
+
+def set_writer(on: bool) -> None:
+    """Whether this process writes files. A torchrun rank > 0 runs the same pipeline as rank 0
+    but writes nothing: every write and clean-up here becomes a no-op that returns its target."""
+    global _WRITER
+    _WRITER = bool(on)
+
+
+def writer() -> bool:
+    """True unless this process is a rank > 0 (see `set_writer`)."""
+    return _WRITER
 
 
 class DiskFull(OSError):
@@ -91,6 +104,8 @@ def _full(target: Path, tmp: Path | None, needed: int = 0) -> DiskFull:
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    if not _WRITER:
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # the pid in the name tells remove_orphans whose it is; the random part keeps threads apart
@@ -156,6 +171,8 @@ def remove_stale(target: str | os.PathLike) -> list[Path]:
 
     Live writers' temps (this process's included) are never touched. Returns what went.
     """
+    if not _WRITER:
+        return []
     target = Path(target)
     folder = target.parent
     if not folder.is_dir():
@@ -186,7 +203,7 @@ def remove_orphans(folder: str | os.PathLike) -> list[Path]:
     and is removed when `<name>` is there. Live writers' temps stay. Returns what was removed
     (or put back). The caller makes sure no live writer swaps folders here (a session's lock)."""
     folder = Path(folder)
-    if not folder.is_dir():
+    if not folder.is_dir() or not _WRITER:
         return []
     done = []
     for p in sorted(folder.iterdir()):
@@ -259,6 +276,8 @@ def _swap_in(target: str | os.PathLike, fill: Callable[[Path], Any], commit: Cal
     """The one path of write_with and write_dir: a dead writer's temps go, `fill` writes this
     process's temp, `commit` puts it in place; on failure the temp goes, and a full disk is
     `DiskFull` (needing at least `needed(target)`, what the old copy holds)."""
+    if not _WRITER:
+        return Path(target)
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(target)

@@ -154,6 +154,14 @@ class EvaluateConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Under torchrun (`torchrun --nproc_per_node N -m engine.run.runner SESSION`); one process ignores it."""
+
+    strategy: str = "ddp"  # ddp (a replica per rank) | fsdp (FSDP2: parameters, gradients, AdamW moments sharded)
+    shard_teacher: bool = False  # fsdp: shard the KD teacher too (else every rank holds a whole bf16 copy)
+
+
+@dataclass
 class RunConfig:
     name: str = ""
     seed: int = 0
@@ -163,6 +171,7 @@ class RunConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self) -> "RunConfig":
         _check_prune(self.prune)
@@ -178,6 +187,7 @@ class RunConfig:
                 raise MinigptError(f"{name} = {v} must be positive", f"set {name} to e.g. 512")
         _check_finetune(self.finetune, self.calibrate)
         _check_budgets(self.calibrate, self.evaluate)
+        _check_distributed(self.distributed, self.finetune, self.prune)
         return self
 
     def to_dict(self) -> dict:
@@ -275,6 +285,16 @@ def _check_finetune(ft: FinetuneConfig, cal: CalibrateConfig) -> None:
     for name, v in (("finetune.max_steps", ft.max_steps), ("finetune.max_epochs", ft.max_epochs)):
         if v < 0:  # a negative limit used to be taken as none
             raise MinigptError(f"{name} = {v} is negative", f"set {name} to e.g. 200, or 0 for no limit of this kind")
+
+def _check_distributed(d: DistributedConfig, ft: FinetuneConfig, p: PruneConfig) -> None:
+    _choice("distributed.strategy", d.strategy, ("ddp", "fsdp"))
+    if d.shard_teacher and d.strategy != "fsdp":
+        raise MinigptError("distributed.shard_teacher = true needs distributed.strategy = \"fsdp\"",
+                           "set distributed.strategy = \"fsdp\", or shard_teacher = false")
+    if d.strategy == "fsdp" and (ft.lora_rank > 0 or p.mode == "mask"):
+        raise MinigptError("distributed.strategy = \"fsdp\" trains neither LoRA adapters nor mask-mode models",
+                           "use distributed.strategy = \"ddp\", or prune.mode = \"structural\" with finetune.lora_rank = 0")
+
 
 def _check_budgets(cal: CalibrateConfig, ev: EvaluateConfig) -> None:
     """Token budgets that cannot be met are refused with the nearest valid value, never rounded

@@ -86,7 +86,15 @@ def _follow(session, stop_on_end: bool = True, since_offset: int = 0, shown: lis
         disp.close()
 
 
-def _start(session, foreground: bool, follow: bool, redo_from: str | None = None) -> None:
+NprocOpt = typer.Option(1, "--nproc", "-n", help="processes (one per GPU): > 1 runs detached under torchrun "
+                                                 "(gloo on CPU, NCCL on CUDA)")
+
+
+def _start(session, foreground: bool, follow: bool, redo_from: str | None = None, nproc: int = 1) -> None:
+    if foreground and nproc > 1:
+        typer.echo("error: --nproc > 1 runs under torchrun, detached — drop --foreground "
+                   "(or run: torchrun --nproc_per_node N -m engine.run.runner SESSION)", err=True)
+        raise typer.Exit(2)
     if foreground:
         from engine.run import pipeline
 
@@ -101,7 +109,7 @@ def _start(session, foreground: bool, follow: bool, redo_from: str | None = None
     from engine.run import launch
 
     offset = session.events_path.stat().st_size if session.events_path.exists() else 0
-    pid = launch.launch_detached(session.path, redo_from=redo_from)
+    pid = launch.launch_detached(session.path, redo_from=redo_from, nproc=nproc)
     ok, refusal = launch.wait_started(session, pid)  # a concurrent resume may have won the lock
     if not ok:
         typer.echo(f"error: {refusal}", err=True)
@@ -124,16 +132,21 @@ def run(config: Path = typer.Argument(..., help="run config (TOML)"),
         root: Optional[Path] = RootOpt, overrides: list[str] = SetOpt,
         name: Optional[str] = typer.Option(None, help="session folder name"),
         foreground: bool = typer.Option(False, "--foreground", "-F", help="run in this process (no detach)"),
-        follow: bool = typer.Option(True, "--follow/--no-follow", help="show live progress after launching")):
+        follow: bool = typer.Option(True, "--follow/--no-follow", help="show live progress after launching"),
+        nproc: int = NprocOpt):
     """Create a session from CONFIG and run calibrate → prune → (finetune) → evaluate."""
     from engine import config as config_mod
     from engine.run import session as session_mod
 
     cfg = config_mod.apply_overrides(config_mod.load(config), overrides)
+    if nproc < 1:
+        typer.echo(f"error: --nproc {nproc} is not a number of processes — use --nproc 1 or more (one per GPU)",
+                   err=True)
+        raise typer.Exit(2)
     _preflight([cfg], _root(root))  # every problem at once, before a session exists or a model loads
     s = session_mod.create(cfg, _root(root), name=name)
     typer.echo(f"session {s.id} → {s.path}")
-    _start(s, foreground, follow)
+    _start(s, foreground, follow, nproc=nproc)
 
 
 def _preflight(cfgs: list, root: Optional[Path], quiet_ok: bool = True) -> int:
@@ -201,14 +214,18 @@ app.command("eval")(_stage_command("evaluate"))
 @app.command()
 def resume(session: str = typer.Argument(...), root: Optional[Path] = RootOpt,
            foreground: bool = typer.Option(False, "--foreground", "-F"),
-           follow: bool = typer.Option(True, "--follow/--no-follow")):
+           follow: bool = typer.Option(True, "--follow/--no-follow"), nproc: int = NprocOpt):
     """Continue a stopped or failed session from its last completed stage or checkpoint."""
     s = _open(session, root)
     if s.status() == "done":
         typer.echo(f"session {s.id} is already done")
         return
     s.check_writable()
-    _start(s, foreground, follow)
+    if nproc < 1:
+        typer.echo(f"error: --nproc {nproc} is not a number of processes — use --nproc 1 or more (one per GPU)",
+                   err=True)
+        raise typer.Exit(2)
+    _start(s, foreground, follow, nproc=nproc)
 
 
 @app.command()
@@ -411,14 +428,16 @@ def export_cmd(session: str = typer.Argument(..., help="session id or path"), ro
                pad_uniform: bool = typer.Option(False, "--pad-uniform", help="pad every MLP and attention to the "
                                                 "widest with zeros (exact): a plain llama file every runtime loads"),
                out: Optional[Path] = typer.Option(None, "--out", help="file to write (default: SESSION/export/...)"),
+               imatrix: int = typer.Option(0, "--imatrix", help="quantise with an importance matrix from this many "
+                                           "tokens of the session's calibration split (0: none)"),
                progress: bool = typer.Option(False, "--progress", help="a line per block written (the workbench "
                                                                       "reads them)")):
     """Export a session's model as one GGUF file for llama.cpp (quantised by llama.cpp's own quantizer)."""
     from engine.run import export as export_mod
 
     s = _open(session, root)
-    export_mod.check(s, fmt, quant)  # bad input fails here, before any model is loaded
-    res = export_mod.export(s, fmt, quant, pad_uniform=pad_uniform, out=out,
+    export_mod.check(s, fmt, quant, imatrix)  # bad input fails here, before any model is loaded
+    res = export_mod.export(s, fmt, quant, pad_uniform=pad_uniform, out=out, imatrix_tokens=imatrix,
                             log=lambda m: typer.echo(m, err=True),
                             progress=lambda done, total: typer.echo(f"  blocks {done}/{total}", err=True)
                             if progress or done == total else None)

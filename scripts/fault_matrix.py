@@ -2,22 +2,27 @@
 
     .venv/bin/python scripts/fault_matrix.py [--trials 3] [--seed 0] [--out FILE]
 
-Fault matrix: for each stage (baseline, calibrate, prune including its model write,
-finetune, evaluate), `--trials` runs are killed with SIGKILL at a random point inside the
-stage, then resumed with `python -m engine.run.runner SESSION`. The random point is a
+Fault matrix: for each stage of the run (baseline, teacher correction, calibrate, prune
+including its model write, finetune by distillation, evaluate, the unpruned control), `--trials`
+runs are killed with SIGKILL at a random point inside the stage, then resumed with
+`python -m engine.run.runner SESSION`. The random point is a
 random event the stage emits in the reference run (prune: the first trial always at "the
 model's temp folder exists", i.e. mid-write) plus a random delay of 0-30 ms; the runner is frozen (SIGSTOP)
 first, and the kill counts only if the stage had not ended by then (else the trial is
 drawn again). Every resumed run is compared with one uninterrupted run of the same config:
 every metric in results.json exactly (timings excluded), the training loss of every step,
-and the sha256 of model/model.safetensors. `export` is not a stage of a run, so it has no row.
+and the sha256 of model/model.safetensors. Export (`minigpt export SESSION --format gguf
+--quant q8_0`, a command of its own on a finished session) is killed the same way, at a random
+moment of the reference export's duration (the first trial while its temp file exists), then
+run again: the GGUF file's sha256 must equal the uninterrupted export's, and no temp is left.
 
 Load test: 3 sessions that share model, corpus and calibration (so they also race for one
 calibration-cache entry) but prune 20/30/50%, started at once, each with its own runner,
 against the same three run one at a time: results identical, and no session's events
 name another's runner or session.
 
-Tiny model: a random GPT-2 built from a config (tests/tiny.py); corpus: tests/ft_case.py.
+Tiny model: a random Llama built from a config (tests/tiny.py; Llama so that it exports to GGUF);
+corpus: tests/ft_case.py.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,17 +44,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-STAGES = ("baseline", "calibrate", "prune", "finetune", "evaluate")
+FAMILY = "llama"
 _TIMING = ("seconds", "per_s")
 
 
 def make_config(work: Path, ratio: float = 0.3):
     import ft_case
 
-    return ft_case.config(work, "gpt2",
+    return ft_case.config(work, FAMILY,
                           calibrate={"block_size": 32, "max_tokens": 2048, "batch_size": 2, "checkpoint_every": 4},
                           prune={"ratio": ratio},
-                          finetune={"max_steps": 12, "eval_every": 4, "checkpoint_every": 3},
+                          finetune={"max_steps": 12, "eval_every": 4, "checkpoint_every": 3, "loss": "kd",
+                                    "teacher_steps": 6, "control": True},
                           evaluate={"block_size": 32, "max_tokens": 1024, "batch_size": 2})
 
 
@@ -74,11 +81,14 @@ def outcome(sess) -> dict:
                for m, vals in res.get("models", {}).items()}
     losses = {}
     for e in read_events(sess.events_path):
-        if e["type"] == "train":
-            losses[e["step"]] = e["loss"]  # a step redone after a kill must give the same loss
-    model = sess.model_dir / "model.safetensors"
-    digest = hashlib.sha256(model.read_bytes()).hexdigest() if model.exists() else None
-    return {"metrics": metrics, "losses": losses, "model_sha256": digest, "status": sess.status()}
+        if e["type"] == "train":  # teacher, finetune and control steps; one redone after a kill must match
+            losses[f"{e.get('stage', 'finetune')}:{e['step']}"] = e["loss"]
+    return {"metrics": metrics, "losses": losses, "model_sha256": sha256(sess.model_dir / "model.safetensors"),
+            "teacher_sha256": sha256(sess.path / "teacher" / "model.safetensors"), "status": sess.status()}
+
+
+def sha256(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
 def reference(work: Path, name: str, cfg, cache: Path):
@@ -151,7 +161,8 @@ def fault_matrix(work: Path, trials: int, rng: random.Random, cache: Path) -> tu
     ref_events = read_events(ref_s.events_path)
     assert ref["status"] == "done", ref
     rows = []
-    for stage in STAGES:
+    stages = [e["stage"] for e in ref_events if e["type"] == "stage_start"]
+    for stage in dict.fromkeys(stages):
         pats = trigger_events(ref_events, stage)
         pats = [q for q in pats if q["type"] != "stage_end"] + (["model-temp"] * 3 if stage == "prune" else [])
         n = 0
@@ -178,7 +189,74 @@ def fault_matrix(work: Path, trials: int, rng: random.Random, cache: Path) -> tu
                          "diff": "" if same else json.dumps({x: (got[x], ref[x]) for x in got if got[x] != ref[x]})[:300]})
             print(f"{stage} trial {n}: killed at {rows[-1]['at']} +{rows[-1]['delay_ms']} ms → "
                   f"{got['status']}, identical={same}", file=sys.stderr, flush=True)
+    rows += export_matrix(work, ref_s, trials, rng)
     return rows, ref
+
+
+def export_cmd(sess_path: Path) -> list[str]:
+    return [sys.executable, "-m", "minigpt_tui.cli", "export", str(sess_path), "--format", "gguf", "--quant", "q8_0"]
+
+
+def export_file(sess_path: Path) -> Path:
+    return sess_path / "export" / f"{sess_path.name}-q8_0.gguf"
+
+
+def export_temps(sess_path: Path) -> list[str]:
+    d = sess_path / "export"
+    return sorted(q.name for q in d.iterdir() if ".tmp" in q.name) if d.is_dir() else []
+
+
+def run_export(sess_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(export_cmd(sess_path), cwd=ROOT, env=env(sess_path.parent), capture_output=True, text=True,
+                          timeout=900)
+
+
+def export_matrix(work: Path, ref_s, trials: int, rng: random.Random) -> list[dict]:
+    """Kill `minigpt export` at random moments, run it again; the file must equal the uninterrupted export's."""
+    def copy(name: str) -> Path:  # a copy of the finished reference session, under its own id "ref"
+        dst = work / "exports" / name / ref_s.path.name
+        shutil.copytree(ref_s.path, dst, ignore=shutil.ignore_patterns("export", "*checkpoints"))
+        return dst
+
+    ref_path = copy("ref")
+    t0 = time.monotonic()
+    r = run_export(ref_path)
+    duration = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr[-2000:]
+    want = sha256(export_file(ref_path))
+    rows, n, attempts = [], 0, 0
+    while n < trials and attempts < trials * 6:
+        attempts += 1
+        mid_write = n == 0  # the first trial always while the temp file exists
+        delay = rng.uniform(0, 0.03) if mid_write else rng.uniform(0, duration)
+        path = copy(f"export-{n + 1}-a{attempts}")
+        p = subprocess.Popen(export_cmd(path), cwd=ROOT, env=env(path.parent), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+        t0 = time.monotonic()
+        while mid_write and not export_temps(path) and p.poll() is None and time.monotonic() - t0 < 600:
+            time.sleep(0.001)
+        time.sleep(delay)
+        os.killpg(p.pid, signal.SIGSTOP)
+        done = export_file(path).exists()
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        if done:
+            continue
+        temps = export_temps(path)
+        again = run_export(path)
+        got = sha256(export_file(path))
+        n += 1
+        rows.append({"stage": "export", "trial": n, "at": ("temp file exists" if mid_write else
+                                                          f"{delay:.2f} s of {duration:.2f} s"),
+                     "delay_ms": round(delay * 1000, 1) if mid_write else 0.0,
+                     "after_kill": "no file" + (" (temp left)" if temps else ""),
+                     "temps_at_kill": temps, "temps_after": export_temps(path),
+                     "resumed": "done" if again.returncode == 0 else f"exit {again.returncode}",
+                     "identical": got == want and again.returncode == 0,
+                     "diff": "" if got == want else f"sha256 {got} != {want}"})
+        print(f"export trial {n}: killed at {rows[-1]['at']} → {rows[-1]['resumed']}, identical={rows[-1]['identical']}",
+              file=sys.stderr, flush=True)
+    return rows
 
 
 def load_test(work: Path, cache: Path) -> dict:
@@ -217,7 +295,8 @@ def load_test(work: Path, cache: Path) -> dict:
 def report(rows: list[dict], ref: dict, load: dict | None) -> str:
     n_ok = sum(r["identical"] for r in rows)
     lines = [f"**{n_ok}/{len(rows)} identical** (metrics exact, every step's loss, model sha256 "
-             f"`{(ref['model_sha256'] or '')[:16]}…`).", "",
+             f"`{(ref['model_sha256'] or '')[:16]}…`, corrected teacher sha256 `{(ref['teacher_sha256'] or '')[:16]}…`; "
+             "export rows: the q8_0 GGUF file's sha256).", "",
              "| stage | trial | killed at (event or moment, + delay) | status after kill | temp left at kill | "
              "temp after resume | resumed | identical |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

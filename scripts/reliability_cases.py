@@ -353,8 +353,8 @@ def cases(work: Path) -> list[Case]:
           "after 5 attempts (ConnectionError"),
         C("B91", "data URL with a sha256 pin it does not match",
           ["run", small, "--set", f"data.source={web}/corpus.jsonl#sha256={wrong}"], 1, "does not match its pin"),
-        C("B92", "data URL with a malformed pin", ["run", small, "--set", f"data.source={web}/corpus.jsonl#sha256=12"],
-          1, "bad pin"),
+        C("B92", "data URL with a malformed pin (preflight, before a session exists)",
+          ["run", small, "--set", f"data.source={web}/corpus.jsonl#sha256=12"], 2, "bad pin"),
         C("B93", "grid whose MCQ URL is not there",
           ["grid", raw(w, "g-mcq.toml", f'models = ["{w / "model"}"]\n' + dom + 'thresholds = [{activation = 0.1}]\n'
                        + grid_ok + f'mcq_files = ["{web}/q.json"]\n'), "--out", "grids/m"], 2, "(HTTP 404)"),

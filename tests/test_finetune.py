@@ -254,8 +254,9 @@ def test_empty_finetune_split_is_a_clear_error(tmp_path):
 
 @pytest.mark.process
 def test_torchrun_two_processes_gloo_trains_like_one(uninterrupted, tmp_path):
-    """DDP under torchrun (gloo, CPU): each rank takes half of every batch, gradients are
-    averaged, rank 0 alone writes events, checkpoints and the model. Same numbers as one process."""
+    """The SPMD pipeline under torchrun (gloo, CPU), DDP: each rank takes half of every batch,
+    gradients are averaged, rank 0 alone writes events, checkpoints and the model. Same numbers
+    as one process."""
     import subprocess
     import sys
 

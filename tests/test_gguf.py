@@ -211,3 +211,36 @@ def test_unsupported_family_and_bad_quant_are_one_line_errors(tmp_path):
     with pytest.raises(MinigptError, match="unknown quantisation 'q9'"):
         gguf.export(tiny.model("llama"), tiny.tokenizer(), tmp_path / "o.gguf", "q9")
     assert not list(tmp_path.iterdir())
+
+
+def test_importance_is_the_mean_square_of_each_matmul_input():
+    model = tiny.model("llama")
+    ids = tiny.ids(4, 16)
+    imp = gguf.importance(model, ids, batch_size=3)
+    assert len(imp) == 7 * len(model.model.layers)  # q, k, v, o, gate, up, down of every block
+    with torch.no_grad():  # layer 0's attention input, computed without hooks
+        x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids)).reshape(-1, 32)
+    want = x.double().pow(2).mean(0).float().numpy()
+    for k in ("attn_q.weight", "attn_k.weight", "attn_v.weight"):
+        np.testing.assert_allclose(imp[(0, k)], want, rtol=1e-5)
+    assert imp[(0, "ffn_down.weight")].shape == (model.model.layers[0].mlp.down_proj.in_features,)
+
+
+def test_an_importance_matrix_reaches_llama_cpps_quantizer(tmp_path):
+    _need_llama_cpp()
+    model, tok = case("per_layer_mlp")
+    ids = prompt(tok)
+    ref = engine_logits(model, ids)
+    imp = gguf.importance(model, tiny.ids(8, 32))
+    lines = []
+    plain = gguf.export(model, tok, tmp_path / "plain.gguf", "q4_k_m")
+    guided = gguf.export(model, tok, tmp_path / "guided.gguf", "q4_k_m", log=lines.append, imatrix=imp)
+    n2 = sum(a.ndim == 2 for b in gguf.plan(model).blocks for a in b.tensors.values())
+    assert f"importance matrix: {n2} of {n2} block matrices" in lines, lines
+    assert guided.types == plain.types  # the same types: only the rounding changed
+    assert (tmp_path / "plain.gguf").read_bytes() != (tmp_path / "guided.gguf").read_bytes()
+    llm = load(guided.path)
+    try:
+        assert rel_err(cpp_logits(llm, ids), ref) < 0.5
+    finally:
+        llm.close()

@@ -96,3 +96,17 @@ def test_full_disk_leaves_no_partial_file(tmp_path):
     r = cli("export", s.id, "--root", str(tmp_path), "--quant", "f32", fsize=40_000)
     one_line_error(r, "disk is full", "--out")
     assert files(s.path / "export") == []
+
+
+def test_export_with_an_importance_matrix_from_the_calibration_split(tmp_path):
+    import ft_case
+
+    cfg = ft_case.config(tmp_path, "llama")
+    s = session_mod.create(cfg, tmp_path / "sessions")
+    save_model(tiny.model("llama"), tiny.tokenizer(), s.model_dir)
+    r = cli("export", str(s.path), "--quant", "q4_k_m", "--imatrix", "256")
+    assert r.returncode == 0, r.stderr
+    assert "importance matrix from 256 calibration tokens of" in r.stderr, r.stderr
+    assert "importance matrix: 14 of 14 block matrices" in r.stderr, r.stderr
+    one_line_error(cli("export", str(s.path), "--quant", "f16", "--imatrix", "256"), "is not quantised", "q4_k_m")
+    one_line_error(cli("export", str(s.path), "--quant", "q4_k_m", "--imatrix", "-5"), "negative")

@@ -279,9 +279,9 @@ def test_the_monitor_shows_the_optional_stages_when_on_and_hides_them_when_off(k
 
 @pytest.mark.process
 def test_torchrun_two_processes_distil_like_one(kd_run):
-    """Under torchrun (gloo, CPU) the student is DDP over both ranks and each rank holds its own
-    replica of the teacher; teacher correction and the control run on rank 0 alone. The same
-    numbers as the single process."""
+    """Under torchrun (gloo, CPU) every stage runs on both ranks: the student is DDP and each rank
+    holds its own replica of the teacher; teacher correction and the control are DDP too. The
+    same numbers as the single process."""
     import subprocess
     import sys
 

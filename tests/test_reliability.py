@@ -474,3 +474,21 @@ def test_the_sessions_root_needs_room_for_the_projected_artefacts(tmp_path, monk
     lines = [f.line() for f in preflight.check(cfg, tmp_path / "sessions")]
     assert any(l.startswith(f"error: sessions root {tmp_path / 'sessions'} has 1000 B free; this run writes about")
                for l in lines), lines
+
+
+def test_preflight_refuses_a_malformed_pin_on_a_url_before_any_download(tmp_path):
+    from engine import config
+    from engine.run import preflight
+
+    cfg = ft_case.config(tmp_path, "gpt2")
+    d = cfg.to_dict()
+    d["data"]["source"] = "http://127.0.0.1:9/corpus.jsonl#sha256=12"  # nothing listens: a download would fail
+    d["evaluate"]["mcq_files"] = ["http://127.0.0.1:9/q.json#sha256=xyz0"]
+    lines = [f.line() for f in preflight.check(config.from_dict(d))]
+    assert ("error: bad pin 'sha256:12' for http://127.0.0.1:9/corpus.jsonl — write data.source = "
+            "URL#sha256=<64 hex digits> (or git-sha1:<40 hex digits>)") in lines, lines
+    assert not any("q.json" in l and "bad pin" in l for l in lines), lines  # 'xyz0' is no pin: part of the URL
+    d["evaluate"]["mcq_files"] = ["http://127.0.0.1:9/q.json#sha256=abc"]
+    lines = [f.line() for f in preflight.check(config.from_dict(d))]
+    assert any(l.startswith("error: bad pin 'sha256:abc' for http://127.0.0.1:9/q.json — write evaluate.mcq_files")
+               for l in lines), lines

@@ -83,6 +83,13 @@ def split_pin(url: str) -> tuple[str, str]:
     return (base, f"{m[1]}:{m[2].lower()}") if m else (url, "")
 
 
+def check_pin(url: str, setting: str = "data.source") -> None:
+    """Raise the one-line error for a malformed `#sha256=` pin now, before any download."""
+    base, pin = split_pin(url)
+    if pin:
+        _norm_pin(pin, base, setting)
+
+
 def _norm_pin(pin: str, url: str = "", setting: str = "data.source") -> str:
     pin = (pin or "").strip().lower()
     if not pin:

@@ -366,8 +366,10 @@ def _model_max_length(model) -> int:
 
 def score(model, tokenizer, mcq: MCQSet, fewshot: int = 0, context: str | None = None,
           template: str | None = None, rules=RULES, batch_size: int = 8, seed: int = 0,
-          progress=None) -> dict:
+          progress=None, dist=None) -> dict:
     """Accuracy of `model` on a question set under each rule, with standard errors and protocol.
+    `dist` (an `engine.distributed.Dist`): each rank scores items rank, rank + world, ... and
+    the per-item records are gathered, so every rank returns the whole result.
 
     Returns {"acc": .., "acc_norm": .., "acc_bytes": .., "acc_paper": .., "stderr": {rule: ..},
     "n": items, "items": [{"lls": [...], "paper_ppl": [...], "pred": {rule: i}, "answer": i}],
@@ -397,13 +399,15 @@ def score(model, tokenizer, mcq: MCQSet, fewshot: int = 0, context: str | None =
             dt = time.perf_counter() - t0
             progress(done, len(items), done / dt if dt else 0.0)
 
-    logprobs = token_logprobs(model, groups, batch_size, on_batch)
-    per_item, correct = [], {r: 0 for r in rules}
-    for item, reqs, lps, (seq_list, lo) in zip(items, plans, logprobs, groups):
-        rec = _predict(item, reqs, lps, lo, rules)
+    mine = dist.shard(range(len(items))) if dist is not None and dist.on else list(range(len(items)))
+    logprobs = token_logprobs(model, [groups[i] for i in mine], batch_size, on_batch)
+    recs = [(i, _predict(items[i], plans[i], lps, groups[i][1], rules)) for i, lps in zip(mine, logprobs)]
+    if dist is not None and dist.on:  # every rank scored its share of the items: gather them, in order
+        recs = sorted((x for part in dist.gather(recs) for x in part), key=lambda x: x[0])
+    per_item, correct = [rec for _, rec in recs], {r: 0 for r in rules}
+    for item, rec in zip(items, per_item):
         for r in rules:
             correct[r] += int(rec["pred"][r] == item.answer)
-        per_item.append(rec)
     n = len(items)
     out = {r: correct[r] / n for r in rules}
     out["stderr"] = {r: binomial_stderr(out[r], n) for r in rules}
@@ -467,7 +471,7 @@ def sets_for(e, held_out: list[str], seed: int, source: str, log=None) -> list[M
     return sets
 
 
-def score_sets(model, tokenizer, sets: list[MCQSet], e, seed: int, progress=None) -> dict:
+def score_sets(model, tokenizer, sets: list[MCQSet], e, seed: int, progress=None, dist=None) -> dict:
     """Score every set; `progress(done, total, rate)` counts items over all sets.
 
     Returns {"metrics": micro-averaged `mcq_<rule>` over all items, "sets": per-set
@@ -481,7 +485,7 @@ def score_sets(model, tokenizer, sets: list[MCQSet], e, seed: int, progress=None
                 progress(off + done, total, rate)
 
         res = score(model, tokenizer, s, fewshot=e.mcq_fewshot, context=e.mcq_context or None,
-                    template=e.mcq_template or None, batch_size=e.batch_size, seed=seed, progress=on)
+                    template=e.mcq_template or None, batch_size=e.batch_size, seed=seed, progress=on, dist=dist)
         offset += res["n"]
         per_set[s.name] = {**{r: res[r] for r in RULES}, "stderr": res["stderr"], "n": res["n"],
                            "protocol": res["protocol"]}

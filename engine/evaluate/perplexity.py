@@ -111,18 +111,20 @@ def head_nll(head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int | Non
 
 @torch.no_grad()
 def _score_stream(model, ids: torch.Tensor, windows, batch_size: int, scored: torch.Tensor | None = None,
-                  progress=None) -> tuple[float, int]:
+                  progress=None, dist=None) -> tuple[float, int]:
     """Summed next-token NLL (nats) and count over the windows' scored positions.
 
     `scored` (bool, same length as ids) excludes positions from scoring (e.g. document
-    separators) while keeping them as context.
+    separators) while keeping them as context. `dist` (an `engine.distributed.Dist`): batch j
+    of windows runs on rank j % world and the sums are all-reduced (every rank returns the total).
     """
     device = next(model.parameters()).device
     dec, head = decoder_and_head(model)
     nll, count, t0 = 0.0, 0, time.perf_counter()
     total = sum(e - s for s, e, _ in windows)
     done = 0
-    for b in range(0, len(windows), max(1, batch_size)):
+    starts = list(range(0, len(windows), max(1, batch_size)))
+    for b in (dist.shard(starts) if dist is not None else starts):
         group = windows[b:b + batch_size]
         L = max(e - s for s, e, _ in group)
         x = torch.zeros(len(group), L, dtype=torch.long)
@@ -150,7 +152,11 @@ def _score_stream(model, ids: torch.Tensor, windows, batch_size: int, scored: to
         done += sum(e - s for s, e, _ in group)
         if progress:
             dt = time.perf_counter() - t0
-            progress(done, total, done / dt if dt else 0.0)
+            w = dist.world if dist is not None else 1  # this rank's share × world: near enough
+            progress(min(total, done * w), total, done * w / dt if dt else 0.0)
+    if dist is not None and dist.on:
+        nll, count = dist.sum_floats(nll, count)
+        count = int(count)
     return nll, count
 
 
@@ -161,7 +167,7 @@ def _cap_block(model, block_size: int) -> int:
 
 
 def perplexity(model, ids: torch.Tensor, block_size: int, stride: int = 0, batch_size: int = 4,
-               progress=None) -> dict:
+               progress=None, dist=None) -> dict:
     """Token-level perplexity of a 1-D id stream.
 
     stride = 0: non-overlapping blocks (each block's first token is not predicted).
@@ -174,14 +180,14 @@ def perplexity(model, ids: torch.Tensor, block_size: int, stride: int = 0, batch
     if not windows:
         raise MinigptError(f"{ids.numel()} held-out tokens are fewer than one block of {block_size}",
                            "lower evaluate.block_size or use more held-out text")
-    nll, count = _score_stream(model, ids, windows, batch_size, progress=progress)
+    nll, count = _score_stream(model, ids, windows, batch_size, progress=progress, dist=dist)
     return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count,
             "protocol": {"metric": "ppl", "block_size": block_size, "stride": stride, "tokens": count,
                          "windows": len(windows)}}
 
 
 def bits_per_byte(model, tokenizer, texts: list[str], block_size: int, stride: int = 0,
-                  batch_size: int = 4, progress=None) -> dict:
+                  batch_size: int = 4, progress=None, dist=None) -> dict:
     """Bits per UTF-8 byte of raw text: comparable across tokenizers (e.g. a pruned vocabulary).
 
     Each document is tokenized and scored on its own (no special tokens, no context from
@@ -209,7 +215,7 @@ def bits_per_byte(model, tokenizer, texts: list[str], block_size: int, stride: i
     ids = torch.tensor(stream, dtype=torch.long)
     scored = torch.tensor(keep, dtype=torch.bool)
     windows.sort(key=lambda w: w[1] - w[0])  # similar lengths per batch: less padding
-    nll, count = _score_stream(model, ids, windows, batch_size, scored=scored, progress=progress)
+    nll, count = _score_stream(model, ids, windows, batch_size, scored=scored, progress=progress, dist=dist)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     bits = nll / LN2
     return {"bpb": bits / n_bytes, "nll_bits": bits, "bytes": n_bytes, "tokens": count,

@@ -370,8 +370,10 @@ def fallbacks(plan_: Plan, quant: str) -> list[str]:
     return lines
 
 
-def quantize(src: Path, dst: Path, quant: str) -> None:
-    """llama.cpp's own quantizer: `src` (an f32 GGUF) -> `dst` at `quant`."""
+def quantize(src: Path, dst: Path, quant: str, imatrix: dict | None = None) -> None:
+    """llama.cpp's own quantizer: `src` (an f32 GGUF) -> `dst` at `quant`; `imatrix` maps GGUF
+    tensor names to the mean square of each input column (what `llama-imatrix` measures),
+    handed over through the C API's NULL-terminated `llama_model_imatrix_data` array."""
     import ctypes
 
     lc = runtime()
@@ -380,6 +382,17 @@ def quantize(src: Path, dst: Path, quant: str) -> None:
     params = default_params()
     params.ftype = getattr(lc, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}")
     params.nthread = max(1, os.cpu_count() or 1)
+    keep = []  # the arrays the C side reads must outlive the call
+    if imatrix:
+        entry = getattr(lc, "llama_model_imatrix_data")
+        rows = []
+        for name, v in imatrix.items():
+            v = np.ascontiguousarray(v, dtype=np.float32)
+            keep += [name.encode(), v]
+            rows.append(entry(keep[-2], v.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), v.size))
+        arr = (entry * (len(rows) + 1))(*rows, entry(None, None, 0))
+        keep.append(arr)
+        params.imatrix = ctypes.cast(arr, ctypes.POINTER(entry))
     rc = run(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0 or not dst.exists():
         raise MinigptError(f"llama.cpp's quantizer failed ({rc}) on {quant}", "see its log above; try f16 or q8_0")
@@ -416,8 +429,59 @@ class Result:
     notes: list
 
 
+def importance(model, blocks, batch_size: int = 2, progress=None) -> dict:
+    """{(HF layer, GGUF suffix): mean x² of each input column} of every block matmul, from
+    forward passes over `blocks` ([n, T] token ids): the statistic llama.cpp's `llama-imatrix`
+    collects, here measured on the run's own domain text by our engine."""
+    import torch
+
+    spec = adapters_mod.for_model(model).gguf_spec()
+    where = {}
+    for i, layer in enumerate(spec.layers):
+        for k, w in layer.items():
+            if k.endswith(".weight") and getattr(w, "ndim", 0) == 2:
+                where[(w.data_ptr(), tuple(w.shape))] = (i, k)
+    sums: dict = {}
+    counts: dict = {}
+    hooks = []
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        key = where.get((w.data_ptr(), tuple(w.shape))) if isinstance(mod, torch.nn.Linear) else None
+        if key is None:
+            continue
+
+        def hook(_m, args, key=key):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sums[key] = sums.get(key, 0) + x.pow(2).sum(0).double()
+            counts[key] = counts.get(key, 0) + x.shape[0]
+
+        hooks.append(mod.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for j in range(0, len(blocks), batch_size):
+                model(input_ids=blocks[j:j + batch_size].to(next(model.parameters()).device))
+                if progress:
+                    progress(min(j + batch_size, len(blocks)), len(blocks))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: (sums[k] / counts[k]).float().cpu().numpy() for k in sums}
+
+
+def imatrix_names(plan_: Plan, imatrix: dict) -> dict:
+    """The importance vectors under the file's tensor names; a tensor whose input width the
+    plan changed (padding, zero stand-ins) goes without one."""
+    out = {}
+    for j, b in enumerate(plan_.blocks):
+        for k, a in b.tensors.items():
+            v = imatrix.get((b.index, k))
+            if v is not None and a.ndim == 2 and v.size == a.shape[1]:
+                out[f"blk.{j}.{k}"] = v
+    return out
+
+
 def export(model, tokenizer, path: str | os.PathLike, quant: str = "f16", pad_uniform: bool = False,
-           progress=None, log=None) -> Result:
+           progress=None, log=None, imatrix: dict | None = None) -> Result:
     """Write `model` + `tokenizer` as one GGUF file at `path`, atomically (temp sibling, fsync,
     rename): a failure, a full disk included, leaves no partial file. Quantised types are made
     by llama.cpp's quantizer from an f32 temp file, removed afterwards."""
@@ -435,6 +499,10 @@ def export(model, tokenizer, path: str | os.PathLike, quant: str = "f16", pad_un
         say(n)
     for line in fallbacks(p, quant):
         say(line)
+    named = imatrix_names(p, imatrix) if imatrix and quant not in DIRECT else None
+    if named:
+        n2 = sum(a.ndim == 2 for b in p.blocks for a in b.tensors.values())
+        say(f"importance matrix: {len(named)} of {n2} block matrices")
 
     def write(tmp: Path) -> None:
         if quant in DIRECT:
@@ -443,7 +511,7 @@ def export(model, tokenizer, path: str | os.PathLike, quant: str = "f16", pad_un
         src = atomic.temp_path(path.with_name(path.name + ".f32"))
         try:
             write_float(model, tokenizer, src, p, "f32", progress)
-            quantize(src, tmp, quant)
+            quantize(src, tmp, quant, named)
         finally:
             src.unlink(missing_ok=True)
 

@@ -170,13 +170,22 @@ class Calibrator:
 
 def calibrate(model, calib_blocks: torch.Tensor, batch_size: int, progress=None, linears: bool = True,
               start_batch: int = 0, resume_state: dict | None = None, on_batch=None,
-              gram: bool = False) -> "Stats":
+              gram: bool = False, dist=None) -> "Stats":
     """Run the calibration blocks through the model with hooks attached.
 
     `resume_state`/`start_batch` continue a partial pass (written by `on_batch`), which
     makes the result bit-identical to an uninterrupted one. `gram` also accumulates each
     MLP's activation Gram matrix Σ x xᵀ (least-squares compensation, the `obs` criterion).
+
+    `dist` (an `engine.distributed.Dist`): batch i runs on rank i % world, then every sum
+    (Σ|x|, Σx, Σx², the Gram matrices, the token count) is all-reduced, so each rank ends
+    with the statistics of all the blocks. Batches then go in rounds of `world` (one per
+    rank): `start_batch` and `on_batch`'s count are rounds, and the states `on_batch` gets
+    and `resume_state` takes are this rank's own partial sums.
     """
+    from engine.distributed import Dist
+
+    dist = dist or Dist(solo=True)
     if calib_blocks.numel() == 0:
         raise MinigptError("no calibration tokens", "use a larger corpus or a smaller calibrate.block_size")
     cal = Calibrator(model, linears=linears, gram=gram)
@@ -187,23 +196,39 @@ def calibrate(model, calib_blocks: torch.Tensor, batch_size: int, progress=None,
         cal.n_tokens = int(resume_state["n_tokens"].item())
     n = calib_blocks.shape[0]
     batches = [calib_blocks[i:i + batch_size] for i in range(0, n, batch_size)]
+    rounds = -(-len(batches) // dist.world)
     total = calib_blocks.numel()
     t0 = time.perf_counter()
     done0 = cal.n_tokens
     with cal:
-        for bi in range(start_batch, len(batches)):
-            cal.run_batch(batches[bi])
-            if progress:
+        for r in range(start_batch, rounds):
+            bi = r * dist.world + dist.rank
+            if bi < len(batches):
+                cal.run_batch(batches[bi])
+            if progress:  # this rank's tokens × world: the whole pass's progress, near enough
                 dt = time.perf_counter() - t0
-                rate = (cal.n_tokens - done0) / dt if dt > 0 else 0.0
-                progress(cal.n_tokens, total, rate)
+                done = min(total, cal.n_tokens * dist.world)
+                rate = (cal.n_tokens - done0) * dist.world / dt if dt > 0 else 0.0
+                progress(done, total, rate)
             if on_batch:
-                on_batch(bi + 1, {**cal.state(), "n_tokens": torch.tensor(cal.n_tokens)})
+                on_batch(r + 1, {**cal.state(), "n_tokens": torch.tensor(cal.n_tokens)})
+    if dist.on:
+        dist.all_sum(cal.acc.values())
+        cal.n_tokens = int(dist.sum_floats(cal.n_tokens)[0])
     return Stats(cal.state(), cal.n_tokens)
 
 
-def token_counts(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    return torch.bincount(ids.flatten(), minlength=vocab_size)[:max(vocab_size, int(ids.max()) + 1)]
+def token_counts(ids: torch.Tensor, vocab_size: int, dist=None) -> torch.Tensor:
+    """How often each id occurs in `ids`; with `dist`, each rank counts its share and the counts
+    are all-reduced."""
+    ids = ids.flatten()
+    width = max(vocab_size, int(ids.max()) + 1)
+    if dist is not None and dist.on:
+        part = ids.tensor_split(dist.world)[dist.rank]
+        counts = torch.bincount(part, minlength=width)
+        dist.all_sum([counts])
+        return counts
+    return torch.bincount(ids, minlength=vocab_size)[:width]
 
 
 class Stats:

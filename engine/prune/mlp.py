@@ -122,7 +122,7 @@ def plan_from_masks(keep: list[torch.Tensor], widths: list[int]) -> Plan:
 
 
 def sensitivities_for(model, stats: Stats, cfg: PruneConfig, calib=None, batch_size: int = 4, seed: int = 0,
-                      progress=None) -> list[float] | None:
+                      progress=None, dist=None) -> list[float] | None:
     """Each layer's measured loss rise when `sensitivity_probe` of it is pruned (sensitivity
     allocation only; None otherwise). It depends on the criterion and compensation, not on the
     ratio, so a budget search measures it once for all its candidates."""
@@ -137,17 +137,18 @@ def sensitivities_for(model, stats: Stats, cfg: PruneConfig, calib=None, batch_s
     n = max(1, -(-cfg.sensitivity_tokens // b.shape[1]))
     return sensitivity.measure(model, stats, b[:n], cfg.criterion, cfg.compensation, cfg.damping,
                                cfg.sensitivity_probe, batch_size, seed,
-                               progress=progress and (lambda d, t: progress("sensitivity", d, t)))
+                               progress=progress and (lambda d, t: progress("sensitivity", d, t)), dist=dist)
 
 
 def select_and_compensate(model, stats: Stats, cfg: PruneConfig, calib=None, batch_size: int = 4, seed: int = 0,
-                          progress=None, sensitivities: list[float] | None = None) -> Plan:
+                          progress=None, sensitivities: list[float] | None = None, dist=None) -> Plan:
     """Choose the neurons (any allocation) and compensate the kept ones, in place at full width.
 
     The step before `apply_structural` / `mlp_masks`, shared by the prune stage and the
     sweep. `calib` ([blocks, block_size] ids, or a function returning them) is needed
     only by sensitivity allocation and sequential mode. `progress(what, done, total)`.
     `sensitivities` reuses an earlier `sensitivity.measure` (same criterion and compensation).
+    `dist`: sensitivities are measured split over the ranks (`sensitivity.measure`).
     """
     from engine.prune import compensate
 
@@ -163,7 +164,7 @@ def select_and_compensate(model, stats: Stats, cfg: PruneConfig, calib=None, bat
                            "Gram matrix of the MLP activations, which this calibration lacks",
                            "recalibrate with the new prune settings: minigpt calibrate SESSION --set ...")
     sens = sensitivities if sensitivities is not None else sensitivities_for(model, stats, cfg, blocks, batch_size,
-                                                                             seed, progress)
+                                                                             seed, progress, dist=dist)
     plan = select(model, stats, cfg, seed, sens)
     if cfg.sequential:
         from engine.prune import sequential

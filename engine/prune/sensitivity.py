@@ -37,14 +37,18 @@ def _logprobs(model, batches):
 
 @torch.no_grad()
 def measure(model, stats: Stats, blocks: torch.Tensor, criterion: str, method: str, damping: float,
-            probe: float, batch_size: int = 4, seed: int = 0, progress=None) -> list[float]:
+            probe: float, batch_size: int = 4, seed: int = 0, progress=None, dist=None) -> list[float]:
     """Δ_l: mean KL(full ‖ pruned) per token when only layer l loses `probe` of its neurons.
 
     The model is restored after each trial (bias compensation may leave zero biases).
+    `dist` (an `engine.distributed.Dist`): each rank measures its share of the batches and
+    the KL sums and token counts are all-reduced, so every rank returns the same Δ.
     """
     if method == "bias":
         compensate.ensure_out_bias(model)
     batches = [blocks[i:i + batch_size] for i in range(0, blocks.shape[0], batch_size)]
+    if dist is not None and dist.on:
+        batches = dist.shard(batches)
     ref = []
     for lp in _logprobs(model, batches):
         top, idx = lp.topk(min(TOP_K, lp.shape[-1]), dim=-1)
@@ -62,6 +66,8 @@ def measure(model, stats: Stats, blocks: torch.Tensor, criterion: str, method: s
         for (p, logp, idx), lq in zip(ref, _logprobs(model, batches)):
             kl += float((p * (logp - lq.gather(-1, idx))).sum())
             n += p.shape[0] * p.shape[1]
+        if dist is not None and dist.on:
+            kl, n = dist.sum_floats(kl, n)
         out.append(kl / n)
         m.out.module.weight.data.copy_(w)
         if b is not None:

@@ -36,10 +36,13 @@ def _hidden_out(output):
 
 
 @torch.no_grad()
-def collect(model, blocks: torch.Tensor, batch_size: int, progress=None, gram: bool = True) -> dict[str, torch.Tensor]:
+def collect(model, blocks: torch.Tensor, batch_size: int, progress=None, gram: bool = True,
+            dist=None) -> dict[str, torch.Tensor]:
     """Statistics for heads.scores / hidden.scores / depth.influence and the o_proj refit.
 
     `blocks` [n, block_size] token ids; `progress(done_tokens, total_tokens, tokens_per_s)`.
+    `dist` (an `engine.distributed.Dist`): batch j runs on rank j % world and every sum is
+    all-reduced, so each rank returns the statistics of all the blocks.
     """
     if blocks.numel() == 0:
         raise MinigptError("no calibration tokens", "use a larger corpus or a smaller calibrate.block_size")
@@ -98,16 +101,20 @@ def collect(model, blocks: torch.Tensor, batch_size: int, progress=None, gram: b
             handles.append(layer.register_forward_hook(block_hook(i), with_kwargs=True))
         device = next(model.parameters()).device
         total, done, t0 = blocks.numel(), 0, time.perf_counter()
-        for s in range(0, blocks.shape[0], batch_size):
+        starts = list(range(0, blocks.shape[0], batch_size))
+        for s in (dist.shard(starts) if dist is not None else starts):
             batch = blocks[s:s + batch_size]
             model(input_ids=batch.to(device), use_cache=False)
             done += batch.numel()
             if progress:
                 dt = time.perf_counter() - t0
-                progress(done, total, done / dt if dt > 0 else 0.0)
+                w = dist.world if dist is not None else 1  # this rank's share × world: near enough
+                progress(min(total, done * w), total, done * w / dt if dt > 0 else 0.0)
     finally:
         for h in handles:
             h.remove()
+    if dist is not None and dist.on:
+        dist.all_sum(acc.values())
     acc["hidden.norms"] = torch.tensor(len(norms), dtype=torch.long)
     acc["n_tokens"] = torch.tensor(int(blocks.numel()), dtype=torch.long)
     return acc

@@ -31,12 +31,13 @@ def structure_stats(ctx, model, blocks, folder) -> dict:
 
     bs = ctx.cfg.calibrate.batch_size
     path = folder / "structure.pt"
-    if path.is_file():
+    if ctx.dist.bcast(path.is_file()):  # rank 0 decides (another node may not share the cache)
         ctx.rep.log(f"structure statistics from the cache ({folder})")
-        return torch.load(path, weights_only=True)
+        return ctx.dist.bcast(torch.load(path, weights_only=True) if ctx.dist.main else None)
     t0 = time.perf_counter()
     stats = structure.collect(model, blocks, bs,
-                              progress=lambda d, n, r: ctx.rep.progress("prune", d, n, "tokens", r, phase="structure"))
+                              progress=lambda d, n, r: ctx.rep.progress("prune", d, n, "tokens", r, phase="structure"),
+                              dist=ctx.dist)
     atomic.write_with(path, lambda tmp: torch.save(stats, tmp))
     ctx.rep.log(f"structure statistics: {blocks.numel():,} tokens in {time.perf_counter() - t0:.1f} s")
     return stats
@@ -173,12 +174,13 @@ def _trial(ctx, model, stats, struct, calib, retokenize, sensitivities):
             ids = d.finetune if tok is ctx.tokenizer else retokenize(tok)
             block = max(2, min(f.block_size, 512))
             train = to_blocks(ids, block)[: fcfg.batch_size * fcfg.grad_accum * fcfg.max_steps]
-            ft = finetune.Finetuner(student, train, fcfg, seed=ctx.cfg.seed, teacher=model, teacher_ids=keep_ids)
+            ft = finetune.Finetuner(student, train, fcfg, seed=ctx.cfg.seed, teacher=model, teacher_ids=keep_ids,
+                                    dist=ctx.dist)  # DDP under torchrun: a copy is not worth sharding
             for _ in range(fcfg.max_steps):
                 ft.train_step()
                 ctx.rep.check_stop()
             student = ft.finished_model()
-        b = perplexity.bits_per_byte(student, tok, texts, e.block_size, e.stride, e.batch_size)
+        b = perplexity.bits_per_byte(student, tok, texts, e.block_size, e.stride, e.batch_size, dist=ctx.dist)
         del student
         return params, round(b["bpb"], 6)
 

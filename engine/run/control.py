@@ -11,7 +11,7 @@
   (`SESSION/control_checkpoints/`), and evaluated like the final model (model label
   "control"), so every table can put "unpruned, same recovery" beside the pruned rows.
 
-Both run on rank 0 alone under torchrun (only the finetune stage is data-parallel).
+Under torchrun both run on every rank like every stage (DDP or FSDP2, as the finetune stage).
 """
 
 from __future__ import annotations

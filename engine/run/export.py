@@ -23,13 +23,18 @@ def default_path(session: Session, quant: str, pad_uniform: bool = False) -> Pat
     return session.path / EXPORT_DIR / f"{session.id}-{quant}{'-uniform' if pad_uniform else ''}.gguf"
 
 
-def check(session: Session, fmt: str, quant: str) -> str:
+def check(session: Session, fmt: str, quant: str, imatrix_tokens: int = 0) -> str:
     """Validate the request (format, quantisation, the session's model) without loading anything."""
     from engine.models import gguf
 
     if fmt.lower() not in FORMATS:
         raise MinigptError(f"unknown export format {fmt!r}", f"use --format {' / '.join(FORMATS)}")
     quant = gguf.check_quant(quant)
+    if imatrix_tokens < 0:
+        raise MinigptError(f"--imatrix {imatrix_tokens} is negative", "pass a token count, e.g. --imatrix 4096, or 0")
+    if imatrix_tokens and quant in gguf.DIRECT:
+        raise MinigptError(f"--imatrix guides quantisation; {quant} is not quantised",
+                           "pick a quantised type (e.g. --quant q4_k_m) or drop --imatrix")
     if session.status() in ("running", "starting", "stopping"):
         raise MinigptError(f"session {session.id} is still running; its model may change",
                            f"wait for it to finish, or stop it: minigpt stop {session.id}")
@@ -51,12 +56,14 @@ def check(session: Session, fmt: str, quant: str) -> str:
 
 
 def export(session: Session, fmt: str = "gguf", quant: str = "f16", pad_uniform: bool = False,
-           out: str | Path | None = None, progress=None, log=None):
-    """Export the session's model; returns `engine.models.gguf.Result` (path, bytes, types ...)."""
+           out: str | Path | None = None, progress=None, log=None, imatrix_tokens: int = 0):
+    """Export the session's model; returns `engine.models.gguf.Result` (path, bytes, types ...).
+    `imatrix_tokens` > 0: quantise with an importance matrix measured on that many tokens of
+    the session's own calibration split (never its held-out split)."""
     from engine.models import gguf
     from engine.models.export import load_model
 
-    quant = check(session, fmt, quant)
+    quant = check(session, fmt, quant, imatrix_tokens)
     path = Path(out) if out else default_path(session, quant, pad_uniform)
     if path.is_dir():
         raise MinigptError(f"{path} is a folder", "pass a file name ending in .gguf to --out")
@@ -73,8 +80,10 @@ def export(session: Session, fmt: str = "gguf", quant: str = "f16", pad_uniform:
     except (OSError, ValueError) as e:
         raise MinigptError(f"cannot load the tokenizer of {session.model_dir}: {str(e).splitlines()[0][:200]}",
                            "the model folder needs its tokenizer files") from None
+    imatrix = _importance(session, model, tok, imatrix_tokens, say) if imatrix_tokens else None
     try:
-        return gguf.export(model, tok, path, quant, pad_uniform=pad_uniform, progress=progress, log=log)
+        return gguf.export(model, tok, path, quant, pad_uniform=pad_uniform, progress=progress, log=log,
+                           imatrix=imatrix)
     except OSError as e:
         if hasattr(e, "problem") and hasattr(e, "fix"):  # engine.atomic's own disk-full error, where it has one
             raise MinigptError(e.problem, e.fix) from None
@@ -83,3 +92,24 @@ def export(session: Session, fmt: str = "gguf", quant: str = "f16", pad_uniform:
             raise MinigptError(f"the disk is full while writing {path} ({e.strerror}); nothing was left behind",
                                "free some space, or write elsewhere with --out") from None
         raise MinigptError(f"cannot write {path}: {e.strerror or e}", "check the folder and its permissions") from None
+
+
+def _importance(session: Session, model, tok, n_tokens: int, say) -> dict:
+    """llama.cpp's importance matrix from `n_tokens` of the session's calibration split."""
+    import dataclasses
+
+    from engine.data.domain import blocks
+    from engine.models import gguf
+    from engine.models.adapters import model_context
+    from engine.run import stages
+
+    cfg = session.config()
+    block = max(1, min(cfg.calibrate.block_size, model_context(model), n_tokens))
+    cfg = dataclasses.replace(cfg, calibrate=dataclasses.replace(cfg.calibrate, max_tokens=n_tokens))
+    d = stages.load_domain(cfg, cfg.data, tok, block)
+    b = blocks(d.calibrate, block)
+    if len(b) == 0:
+        raise MinigptError(f"the calibration split of {cfg.data.source} has fewer than {block} tokens",
+                           "lower --imatrix or add documents")
+    say(f"importance matrix from {b.numel():,} calibration tokens of {cfg.data.source}")
+    return gguf.importance(model, b, cfg.calibrate.batch_size)

@@ -46,13 +46,27 @@ def spawn(cmd: list[str], log_path: Path) -> int:
     return proc.pid
 
 
-def launch_detached(session_path: str | os.PathLike, redo_from: str | None = None) -> int:
+def runner_command(session_path: str | os.PathLike, nproc: int = 1) -> list[str]:
+    """The runner's command line: `python -m engine.run.runner SESSION`, or with `nproc` > 1
+    `python -m torch.distributed.run --standalone --nproc_per_node N -m engine.run.runner SESSION`
+    (torchrun: one process per GPU on this machine, the same pipeline on every rank)."""
+    if nproc < 1:
+        raise MinigptError(f"--nproc {nproc} is not a number of processes", "use --nproc 1 or more (one per GPU)")
+    runner = ["-m", "engine.run.runner", str(Path(session_path).resolve()), "--keep-stop"]
+    if nproc == 1:
+        return [sys.executable, *runner]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *runner]
+
+
+def launch_detached(session_path: str | os.PathLike, redo_from: str | None = None, nproc: int = 1) -> int:
+    """Start the session's runner detached (`nproc` > 1: under torchrun); returns the launched pid
+    (torchrun's own with `nproc` > 1: rank 0, its child, holds the lock)."""
     s = open_session(session_path)
     s.config()  # a corrupt session fails here, in the caller, with its one-line message
     if s.runner_alive():
         raise MinigptError(f"session {s.id} is already running", f"follow it with: minigpt logs {s.id} -f")
     s.check_writable()  # a read-only session: one line here, not a traceback from the first write
-    cmd = [sys.executable, "-m", "engine.run.runner", str(s.path.resolve()), "--keep-stop"]
+    cmd = runner_command(s.path, nproc)
     if redo_from:
         cmd += ["--redo-from", redo_from]
     # a stop request left by an earlier run is not for this one; one made from now on is
@@ -90,7 +104,7 @@ def wait_started(session, pid: int, timeout: float | None = None, poll: float = 
     proc = _CHILDREN.get(pid)
     t0 = time.monotonic()
     while True:
-        if session.runner_alive() and runner_pid(session) == pid:
+        if session.runner_alive() and _launched_by(runner_pid(session), pid):
             return True, ""
         code = proc.poll() if proc is not None else (None if alive(pid) else 0)
         if code is not None:
@@ -101,6 +115,18 @@ def wait_started(session, pid: int, timeout: float | None = None, poll: float = 
         if timeout is not None and time.monotonic() - t0 > timeout:
             return True, ""  # still starting: the follower keeps watching
         time.sleep(poll)
+
+
+def _launched_by(holder: int | None, pid: int) -> bool:
+    """The lock holder is `pid`, or its descendant (torchrun's rank 0)."""
+    if holder is None:
+        return False
+    if holder == pid:
+        return True
+    try:
+        return any(p.pid == pid for p in psutil.Process(holder).parents())
+    except psutil.Error:
+        return False
 
 
 def alive(pid: int) -> bool:

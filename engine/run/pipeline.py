@@ -9,13 +9,20 @@ Each stage's outputs land in the session folder before the stage is marked compl
 `state.json`, so a resumed run skips finished stages and reuses their artefacts (the
 calibration statistics, the pruned model). Runs headless; the CLI and the app only
 read what it writes.
+
+Under torchrun every rank runs this driver and every stage (SPMD): rank 0 holds the lock
+and writes the session (events, state, results, artefacts; the other ranks' writes are
+no-ops, `atomic.set_writer`), what to run is rank 0's decision (broadcast), and the ranks
+meet at a barrier after each stage, so each reads what rank 0 wrote before going on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
+from engine.distributed import Dist
 from engine.errors import MinigptError
 from engine.run import record
 from engine.run import session as session_mod
@@ -39,21 +46,29 @@ def run(session: session_mod.Session, stages: list[str] | None = None, display=N
 
     cfg = session.config()
     wanted = list(stages or session_mod.STAGES)
-    with session.acquire():
-        if not keep_stop:
+    dist = Dist()
+    with session.acquire() if dist.main else contextlib.nullcontext():
+        if not keep_stop and dist.main:
             clear_stop(session.path)
-        writer = session.writer()
-        rep = Reporter(writer, display=display, stop_dir=session.path, results=session.results())
+        writer = session.writer() if dist.main else None
+        rep = Reporter(writer, display=display if dist.main else None, stop_dir=session.path,
+                       results=session.results(), dist=dist)
         if handle_signals:
             rep.install_signal_handlers()
         state = session.state()
         completed = list(state.get("completed_stages", []))
         if redo_from:
             completed = _forget_from(session, completed, redo_from, rep.results)
-        ctx = Context(cfg, session, rep)
+        if dist.on:  # rank 0's view of the session decides what runs
+            completed, rep.results = dist.bcast((completed, rep.results))
+        ctx = Context(cfg, session, rep, dist=dist)
         torch.manual_seed(cfg.seed)
         rep.emit("run_start", pid=os.getpid(), resumed=bool(completed), stages=wanted)
         session.update_state(status="running", pid=os.getpid(), error=None)
+        if dist.on:
+            rep.log(f"torchrun: {dist.world} processes ({dist.backend}), distributed.strategy = "
+                    f"{cfg.distributed.strategy}; rank 0 writes the session")
+        dist.barrier()
         stage = None
         try:
             rep.check_stop()  # a stop requested while the runner started: its first safe point
@@ -76,6 +91,7 @@ def run(session: session_mod.Session, stages: list[str] | None = None, display=N
                 completed.append(stage)
                 session.update_state(completed_stages=completed)
                 rep.emit("stage_end", stage=stage, seconds=round(time.perf_counter() - t0, 2))
+                dist.barrier()  # what rank 0 wrote is there for every rank's next stage
                 rep.check_stop()
             status = "done" if all(s in completed for s in session_mod.STAGES) else "stopped"
             session.update_state(status=status, stage=None)
@@ -90,10 +106,14 @@ def run(session: session_mod.Session, stages: list[str] | None = None, display=N
             _fail(session, rep, stage, e.line())
             raise
         except BaseException as e:  # atomic.DiskFull (an OSError) reads as one line of its own
-            _fail(session, rep, stage, e.line() if hasattr(e, "line") else f"{type(e).__name__}: {e}")
+            from engine.distributed import peer_lost
+
+            _fail(session, rep, stage, e.line() if hasattr(e, "line") else
+                  peer_lost(e, dist.world) or f"{type(e).__name__}: {e}")
             raise
         finally:
-            writer.close()
+            if writer is not None:
+                writer.close()
 
 
 def _fail(session: session_mod.Session, rep: Reporter, stage: str | None, msg: str) -> None:
@@ -137,6 +157,10 @@ def _forget_from(session: session_mod.Session, completed: list[str], stage: str,
         raise MinigptError(f"unknown stage {stage!r}", f"stages: {', '.join(order)}")
     cut = order.index(stage)
     kept = [s for s in completed if order.index(s) < cut]
+    from engine import atomic
+
+    if not atomic.writer():  # a torchrun rank > 0: rank 0 forgets for everyone
+        return kept
     if cut <= order.index("prune"):
         session.update_state(model_is="base")
     if cut <= order.index("finetune") and session.checkpoints_dir.exists():

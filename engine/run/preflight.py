@@ -208,6 +208,11 @@ def check_data(cfg: RunConfig, out: list[Finding]) -> None:
                                f"built-in corpora: {', '.join('builtin:' + n for n in corpora.BUILTINS)}"))
         return
     if download.is_url(src):
+        try:
+            download.check_pin(src, "data.source")
+        except MinigptError as e:
+            out.append(_err(e))
+            return
         if not download.cache_path(src).is_file():
             out.append(Finding("warning", f"data.source {src} is downloaded on first use",
                                f"offline? download it to {download.cache_path(src)} first"))
@@ -251,6 +256,10 @@ def check_mcq(cfg: RunConfig, out: list[Finding]) -> None:
 
     for ref in cfg.evaluate.mcq_files:
         if download.is_url(ref):
+            try:
+                download.check_pin(ref, "evaluate.mcq_files")
+            except MinigptError as e:
+                out.append(_err(e))
             continue
         if ref.startswith("hub:"):
             continue

@@ -108,7 +108,8 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("error", "the run failed with this one-line message",
          (_f("stage", "str|null", "the stage that failed"), _f("message", "str", "problem — fix"))),
     Kind("run_end", "the runner exits", (_f("status", "str", "one of END_STATUSES"),)),
-    Kind("gpu", "a GPU memory sample of this process (torch.cuda; utilisation with nvidia-ml-py)",
+    Kind("gpu", "a GPU memory sample of one process (torch.cuda; utilisation with nvidia-ml-py): rank 0's, and "
+                "under torchrun every rank's every 10 training steps, written by rank 0",
          (_f("device", "int", "CUDA device index"), _f("rank", "int", "torch.distributed rank (0 alone)"),
           _f("mem_used_mb", "number", "memory reserved by torch"),
           _f("mem_peak_mb", "number", "peak memory allocated by torch in this process"),

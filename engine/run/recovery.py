@@ -3,9 +3,10 @@
 The stage layer around `engine.train.finetune`: it packs the fine-tune split, sets the
 held-out target, resumes from the session's checkpoints (refusing ones written under
 another configuration), runs `finetune.recover` with hooks that report and checkpoint,
-and saves the recovered model in place of the pruned one. Under torchrun every rank
-enters here (ranks > 0 through `stages.follow`); rank 0 drives and the others follow
-(`finetune.follow_orders`).
+and saves the recovered model in place of the pruned one. Under torchrun every rank runs
+this same code (SPMD): the student is DDP or FSDP2 (`[distributed] strategy`), each rank
+trains on its rows of every batch and measures its share of the held-out windows, stop
+requests and checkpoints are collectives, and only rank 0's writes reach the session.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 
 from engine.errors import MinigptError
 from engine.run.reporter import StopRequested
+
+GPU_EVERY_STEPS = 10  # under torchrun: every rank's GPU memory sampled (a collective) every this many steps
 
 
 @dataclasses.dataclass
@@ -81,26 +84,23 @@ def load_teacher(ctx, student, keep=None):
 
 
 def train(ctx, job: Job):
-    """Run a job's recovery loop (resuming from its checkpoints); the finished model, or None on
-    ranks > 0. Raises StopRequested after a graceful stop (checkpoint written first)."""
+    """Run a job's recovery loop (resuming from its checkpoints); the finished model (on every
+    rank). Raises StopRequested after a graceful stop (checkpoint written first)."""
     from engine.train import checkpoint as ckpt_mod
     from engine.train import finetune
 
-    dist = finetune.Dist(solo=job.stage != "finetune")  # teacher correction and the control: rank 0 alone
-    if job.stage == "finetune":
-        finetune.start_followers(dist)
+    dist = ctx.dist
+    dcfg = ctx.cfg.distributed
     data, block = _train_blocks(job.cfg, job.data, job.model)
     ckpt_mod.seed_everything(ctx.cfg.seed + dist.rank)  # dropout differs per rank; data order comes from Batches
     ft = finetune.Finetuner(job.model, data, job.cfg, seed=ctx.cfg.seed, masks=job.masks, dist=dist,
-                            total_steps=job.total_steps, teacher=job.teacher)
+                            total_steps=job.total_steps, teacher=job.teacher, strategy=dcfg.strategy,
+                            shard_teacher=dcfg.shard_teacher)
     fp = _fingerprint(ctx, job, block, data.shape[0])
-    last = dist.bcast(ckpt_mod.latest(job.ckdir) if dist.rank == 0 else None)
+    last = dist.bcast(str(ckpt_mod.latest(job.ckdir) or "") if dist.main else None)  # rank 0's view
     last = Path(last) if last else None
     prog = _resume(ctx, job, ft, last, fp)
     resumed_from = ft.step if last is not None else None
-    if dist.rank > 0:
-        finetune.follow_orders(ft)
-        return None
 
     checkpoint = _checkpointer(ctx, job, ft, prog, fp)
     hooks = finetune.Hooks(held_out=_held_out(ctx, job, ft, prog), on_step=_on_step(ctx, job, ft),
@@ -113,12 +113,10 @@ def train(ctx, job: Job):
     if job.before:
         ctx.rep.model_entry(job.before).update(prog.pruned or {})
     if finetune.recover(ft, prog, job.target, hooks):
-        dist.bcast("done")
         ctx.rep.log(f"stopped at step {ft.step}; continue with: minigpt resume {ctx.session.id}")
         raise StopRequested()
     if resumed_from != ft.step or last is None:  # the end-of-stage checkpoint
         checkpoint()
-    dist.bcast("done")
     ctx.rep.log(f"{_what(job)} stopped after {ft.step} steps ({prog.stopped_because}); "
                 f"held-out ppl {prog.curve[-1][1]:.4f}")
     final = ft.finished_model()
@@ -164,6 +162,8 @@ def _fingerprint(ctx, job: Job, block_size: int, n_blocks: int) -> dict:
     fp = {"finetune": f, "seed": ctx.cfg.seed, "model": ctx.cfg.model.source,
           "data": dataclasses.asdict(ctx.cfg.data), "prune": dataclasses.asdict(ctx.cfg.prune),
           "widths": ctx.results.get("prune", {}).get("widths"), "block_size": block_size, "blocks": n_blocks}
+    if ctx.cfg.distributed.strategy != "ddp":  # sharded checkpoints (DDP's and one process's are alike)
+        fp["strategy"] = ctx.cfg.distributed.strategy
     if job.stage != "finetune":
         fp["prune"] = fp["widths"] = None  # the unpruned model: pruning does not touch it
         fp.update(stage=job.stage, total_steps=job.total_steps, teacher=job.teacher_name)
@@ -188,7 +188,7 @@ def _resume(ctx, job: Job, ft, last: Path | None, fp: dict):
         raise MinigptError(f"the fine-tuning checkpoints in {ckdir} were written with a different "
                            f"configuration ({key} differs)",
                            f"restore the previous settings, or delete {ckdir} to start {_what(job)} again")
-    ft.load_state_dict(state)
+    ft.load_state_dict(state, sharded_dir=ckpt_mod.sharded_dir(last))
     ctx.rep.log(f"resuming {_what(job)} from checkpoint at step {ft.step} ({last.name})")
     if len(state["rng"] if isinstance(state["rng"], list) else [1]) != ft.dist.world:
         ctx.rep.log("the checkpoint was written by another number of processes: RNG streams (dropout) "
@@ -204,12 +204,11 @@ def _stage_field(job: Job) -> dict:
 def _checkpointer(ctx, job: Job, ft, prog, fp: dict):
     from engine.train import checkpoint as ckpt_mod
 
-    def save() -> None:
-        ft.dist.bcast("checkpoint")  # every rank adds its RNG state
+    def save() -> None:  # every rank: its RNG state (gathered), its shards under FSDP
         path = ckpt_mod.save(job.ckdir, ft.step,
                              {**ft.state_dict(), "progress": dataclasses.asdict(prog)},
                              meta={"fingerprint": fp, "stopped_because": prog.stopped_because},
-                             keep=ctx.cfg.finetune.keep_checkpoints)
+                             keep=ctx.cfg.finetune.keep_checkpoints, sharded=ft.sharded_state(), dist=ft.dist)
         ctx.rep.emit("checkpoint", step=ft.step, path=str(path), **_stage_field(job))
 
     return save
@@ -245,6 +244,8 @@ def _on_step(ctx, job: Job, ft):
                      grad_norm=round(m["grad_norm"], 6), tokens_per_s=round(m["tokens_per_s"], 1),
                      eta_s=round(m["eta_s"], 1), epoch=ft.epoch(), **extra, **_stage_field(job))
         ctx.rep.progress(prog_stage, ft.step, total, "steps", rate=m["steps_per_s"])
+        if ctx.dist.on and (ft.step == 1 or ft.step % GPU_EVERY_STEPS == 0):  # every rank's memory, per rank
+            ctx.rep.gpu_all()
 
     return report
 

@@ -26,8 +26,11 @@ class StopRequested(Exception):
 
 class Reporter:
     def __init__(self, writer: EventWriter | None, display=None, stop_dir: Path | None = None,
-                 max_rate: float = 4.0, results: dict | None = None, gpu_every: float = 5.0):
+                 max_rate: float = 4.0, results: dict | None = None, gpu_every: float = 5.0, dist=None):
+        """`dist` (an `engine.distributed.Dist`, under torchrun): stop requests are agreed by
+        every rank (`stop_requested` is then a collective); a rank > 0 passes no writer."""
         self.writer = writer
+        self.dist = dist
         self.display = display
         self.stop_dir = stop_dir
         self.min_interval = 1.0 / max_rate
@@ -93,6 +96,16 @@ class Reporter:
         if sample is not None:
             self.emit("gpu", **sample)
 
+    def gpu_all(self) -> None:
+        """Every rank's GPU sample as one `gpu` event each (written by rank 0; the monitor shows
+        them per rank). Under torchrun a collective: call it where every rank does."""
+        from engine.run import gpu
+
+        mine = gpu.sample()
+        for sample in (self.dist.gather(mine) if self.dist is not None and self.dist.on else [mine]):
+            if sample is not None:
+                self.emit("gpu", **sample)
+
     # ---- graceful stop -------------------------------------------------------------
     def install_signal_handlers(self) -> None:
         def on_term(signum, frame):
@@ -103,12 +116,25 @@ class Reporter:
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
-    def stop_requested(self) -> bool:
+    def _local_stop(self) -> bool:
         return self._signalled or bool(self.stop_dir and (self.stop_dir / STOP_FILE).exists())
+
+    def stop_requested(self) -> bool:
+        """A stop was requested (SIGTERM, `stop.request`). Under torchrun a collective: true on
+        every rank when any rank saw it, so all stop at the same safe point; call it only where
+        every rank does, the same number of times (stage ends, training steps, calibration rounds)."""
+        local = self._local_stop()
+        return self.dist.all_max(local) if self.dist is not None and self.dist.on else local
 
     def check_stop(self) -> None:
         if self.stop_requested():
             raise StopRequested()
+
+    def poll_stop(self) -> None:
+        """`check_stop` at a point the ranks may reach unevenly (a batch of this rank's share of
+        an evaluation): alone, the same; under torchrun nothing, and the stage's end stops."""
+        if self.dist is None or not self.dist.on:
+            self.check_stop()
 
 
 def clear_stop(folder: Path) -> None:

@@ -1,8 +1,10 @@
 """The detached runner's entry point: `python -m engine.run.runner SESSION [--redo-from STAGE]`.
 
-It runs (or resumes) one session's pipeline under the session's lock, or, under torchrun,
-joins the process group and trains alongside rank 0. Spawning, stopping and liveness are
-torch-free and live in `engine.run.launch`.
+It runs (or resumes) one session's pipeline under the session's lock. Under
+`torchrun --nproc_per_node N -m engine.run.runner SESSION` every rank joins the process group
+and runs the same pipeline (SPMD); rank 0 holds the lock and writes the session, the other
+ranks write nothing. Spawning, stopping and liveness are torch-free and live in
+`engine.run.launch`.
 """
 
 from __future__ import annotations
@@ -35,24 +37,25 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rank = _init_distributed()
     try:
+        if rank:  # a rank > 0 computes what rank 0 computes and writes nothing
+            from engine import atomic
+
+            atomic.set_writer(False)
         s = open_session(args.session)
-        if not rank:  # single process (None) or rank 0
-            try:
-                pipeline.run(s, handle_signals=True, redo_from=args.redo_from, keep_stop=args.keep_stop)
-            finally:
-                if rank is not None:
-                    from engine.train import finetune
-
-                    finetune.release_followers()
-        else:
-            from engine.run import stages
-
-            stages.follow(s)
+        pipeline.run(s, handle_signals=not rank, redo_from=args.redo_from, keep_stop=args.keep_stop)
     except MinigptError as e:  # the launcher shows this line to its user (launch.wait_started)
         _report(e.line())
         return 2
     except OSError as e:  # a full disk (atomic.DiskFull reads as one line), a read-only folder
         _report(e.line() if hasattr(e, "line") else f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
+        return 1
+    except Exception as e:  # under torchrun: a collective cut short by another rank's death is one line
+        from engine.distributed import peer_lost
+
+        line = peer_lost(e, int(os.environ.get("WORLD_SIZE", "1")))
+        if line is None:
+            raise
+        _report(line)
         return 1
     finally:
         if rank is not None:
@@ -70,9 +73,10 @@ def _report(line: str) -> None:
 def _init_distributed() -> int | None:
     """Under `torchrun --nproc_per_node N -m engine.run.runner SESSION`: join the process group.
 
-    Returns this process's rank, or None when not distributed. Rank 0 runs the pipeline as
-    usual (it holds the lock, writes every file); the other ranks wait for its fine-tuning
-    stage and train alongside it with DistributedDataParallel (gloo on CPU, NCCL on CUDA).
+    Returns this process's rank, or None when not distributed. Every rank runs the whole
+    pipeline (gloo on CPU, NCCL on CUDA: one GPU per local rank); rank 0 holds the lock and
+    writes every file. Multi-node: torchrun's rendezvous (--nnodes, --rdzv-backend c10d,
+    --rdzv-endpoint HOST:PORT) on a session folder every node sees (a shared file system).
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
@@ -84,8 +88,8 @@ def _init_distributed() -> int | None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    # followers wait in a collective through rank 0's calibration and pruning: allow hours
-    dist.init_process_group(backend, timeout=timedelta(hours=12))
+    # ranks wait at a barrier while rank 0 writes a model or a checkpoint: minutes, not hours
+    dist.init_process_group(backend, timeout=timedelta(minutes=60))
     return dist.get_rank()
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from engine import atomic
 from engine.config import RunConfig, cache_dir
+from engine.distributed import Dist
 from engine.errors import MinigptError
 from engine.run import session as session_mod
 from engine.run.reporter import Reporter, StopRequested
@@ -39,6 +40,7 @@ class Context:
     model_is: str = ""  # "base" | "teacher" (corrected, engine.run.teacher) | "pruned" | "finetuned"
     masks: dict = field(default_factory=dict)
     vocab_keep: object = None  # a pruned vocabulary's kept ids (new id i = old id keep[i]), saved with the model
+    dist: Dist = field(default_factory=Dist)  # under torchrun: this rank (every rank runs every stage)
 
     @property
     def results(self) -> dict:
@@ -119,14 +121,17 @@ def calibration_root() -> Path:
     return Path(env) if env else cache_dir() / "calibration"
 
 
-def calibration_key(cfg: RunConfig, data_cfg, blocks, batch_size: int) -> str:
+def calibration_key(cfg: RunConfig, data_cfg, blocks, batch_size: int, world: int = 1) -> str:
     """Statistics depend on the model (source, dtype, device), the corpus and its blocks (by
-    content), and the batch size (the order floats are summed in); nothing else."""
+    content), the batch size and the number of processes (the order floats are summed in);
+    nothing else."""
     import numpy as np
 
     digest = hashlib.sha1(np.ascontiguousarray(blocks.cpu().numpy()).tobytes()).hexdigest()
     key = {"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(data_cfg),
            "shape": list(blocks.shape), "blocks": digest, "batch_size": batch_size}
+    if world > 1:  # one process keeps the keys it always had
+        key["world"] = world
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:20]
 
 
@@ -147,28 +152,33 @@ def cached_stats(folder: Path, linears: bool, gram: bool):
 
 
 def calibration(model, blocks, cfg: RunConfig, data_cfg, linears: bool, gram: bool, progress=None,
-                resume: dict | None = None, on_batch=None, log=None, root: Path | None = None):
+                resume: dict | None = None, on_batch=None, log=None, root: Path | None = None, dist=None):
     """Calibration statistics for these blocks: from the cache (`root`, default
     `calibration_root()`) when it holds them, else measured (resumably: `resume`/`on_batch`
-    as in `calibrate.calibrate`) and cached. Returns (stats, key, cached?)."""
+    as in `calibrate.calibrate`) and cached. Returns (stats, key, cached?). `dist`: measured
+    split over the ranks; rank 0 decides whether the cache serves and sends what it holds."""
     from engine.prune import calibrate as cal_mod
 
-    key = calibration_key(cfg, data_cfg, blocks, cfg.calibrate.batch_size)
+    dist = dist or Dist(solo=True)
+    key = calibration_key(cfg, data_cfg, blocks, cfg.calibrate.batch_size, dist.world)
     folder = Path(root or calibration_root()) / key
-    stats = cached_stats(folder, linears, gram)
-    if stats is not None:
+    stats = cached_stats(folder, linears, gram) if dist.main else None
+    if dist.bcast(stats is not None):
+        if dist.on:
+            stats = dist.bcast(stats)
         if log:
             log(f"calibration statistics reused from the cache ({folder})")
         return stats, key, True
-    held = cached_stats(folder, False, False)  # holds less than wanted: measure the union, replace it
+    held = cached_stats(folder, False, False) if dist.main else None  # holds less: measure the union, replace it
     if held is not None:
         linears = linears or held.meta.get("holds", {}).get("linears", True)
         gram = gram or held.has_gram()
+    linears, gram = dist.bcast((linears, gram))
     t0 = time.perf_counter()
     r = resume or {}
     stats = cal_mod.calibrate(model, blocks, cfg.calibrate.batch_size, progress=progress, linears=linears,
                               gram=gram, start_batch=r.get("batch", 0), resume_state=r.get("state"),
-                              on_batch=on_batch)
+                              on_batch=on_batch, dist=dist)
     stats.meta = {"block_size": int(blocks.shape[1]), "blocks": int(blocks.shape[0]),
                   "seconds": round(r.get("seconds", 0.0) + time.perf_counter() - t0, 2),
                   "model": cfg.model.source, "corpus": data_cfg.source, "holds": {"linears": linears, "gram": gram}}
@@ -202,27 +212,29 @@ def stage_calibrate(ctx: Context) -> None:
     gram = compensate.needs_gram(ctx.cfg.prune)
     partial = ctx.session.stats_dir / "partial.pt"
     ccfg = teacher.calibration_config(ctx.cfg, ctx.session)  # a corrected teacher is keyed as its own model
-    key = calibration_key(ccfg, ctx.cfg.data, calib, ctx.cfg.calibrate.batch_size) + f"-gram{int(gram)}"
-    resume = _load_partial(partial, key, ctx.rep)
+    dist = ctx.dist
+    key = calibration_key(ccfg, ctx.cfg.data, calib, ctx.cfg.calibrate.batch_size, dist.world) + f"-gram{int(gram)}"
+    resume = _load_partial(partial, key, ctx.rep, dist)
     every = ctx.cfg.calibrate.checkpoint_every
     t0 = time.perf_counter()
     before = resume.get("seconds", 0.0) if resume else 0.0
 
-    def on_batch(done_batches, state):
-        if ctx.rep.stop_requested():
-            _save_partial(partial, done_batches, state, key, before + time.perf_counter() - t0)
+    def on_batch(done_batches, state):  # every rank, every round: the stop check is a collective
+        stop = ctx.rep.stop_requested()
+        if stop or (every and done_batches % every == 0):  # each rank's own partial sums, kept per rank
+            states = dist.gather(state) if dist.on else state
+            _save_partial(partial, done_batches, states, key, before + time.perf_counter() - t0)
+        if stop:
             raise StopRequested()
-        if every and done_batches % every == 0:
-            _save_partial(partial, done_batches, state, key, before + time.perf_counter() - t0)
 
     stats, _, cached = calibration(model, calib, ccfg, ctx.cfg.data, linears=True, gram=gram,
                                    progress=ctx.rep.progress_fn("calibrate", "tokens"), resume=resume,
-                                   on_batch=on_batch, log=ctx.rep.log)
+                                   on_batch=on_batch, log=ctx.rep.log, dist=dist)
     vocab = max(model.get_input_embeddings().weight.shape[0], len(ctx.tokenizer))
-    stats.t["token_counts"] = cal_mod.token_counts(torch.cat([d.calibrate, d.finetune]), vocab)
+    stats.t["token_counts"] = cal_mod.token_counts(torch.cat([d.calibrate, d.finetune]), vocab, dist=dist)
     secs = stats.meta["seconds"]
     stats.save(ctx.session.stats_dir)
-    if partial.exists():
+    if partial.exists() and dist.main:
         partial.unlink()
     ctx.rep.metric("calibrate", "base", "calibration_seconds", round(secs, 2))
     ctx.rep.metric("calibrate", "base", "calibration_tokens", stats.n_tokens)
@@ -245,21 +257,25 @@ def _warn_budget(ctx: Context, bs: int, used: int) -> None:
                     level="warning")
 
 
-def _load_partial(path: Path, key: str, rep: Reporter) -> dict | None:
-    """A partial pass is reused only for the very same blocks, model and statistics wanted."""
+def _load_partial(path: Path, key: str, rep: Reporter, dist: Dist | None = None) -> dict | None:
+    """A partial pass is reused only for the very same blocks, model and statistics wanted (and
+    number of processes: the key holds it); under torchrun each rank takes its own sums."""
     import torch
 
-    if not path.exists():
+    dist = dist or Dist(solo=True)
+    if not dist.bcast(path.exists() if dist.main else None):
         return None
     try:
         saved = torch.load(path, weights_only=True)
     except Exception:  # unreadable: never happens with atomic writes, unless edited by hand
         saved = {}
-    if saved.get("key") != key:
+    state = saved.get("state")
+    if saved.get("key") != key or (isinstance(state, list) and len(state) != dist.world):
         rep.log("discarding partial calibration statistics from another setup", level="warning")
         return None
     rep.log(f"resuming calibration at batch {int(saved['batch'])}")
-    return {"batch": int(saved["batch"]), "state": saved["state"], "seconds": float(saved.get("seconds", 0.0))}
+    return {"batch": int(saved["batch"]), "state": state[dist.rank] if isinstance(state, list) else state,
+            "seconds": float(saved.get("seconds", 0.0))}
 
 
 def _save_partial(path, batch, state, key, seconds) -> None:
@@ -292,7 +308,8 @@ def stage_prune(ctx: Context) -> None:
         sens = prune.sensitivities_for(model, stats, dataclasses.replace(p, rule="ratio"), lambda: _calib_blocks(ctx),
                                        ctx.cfg.calibrate.batch_size,
                                        ctx.cfg.seed, progress=lambda what, d, n: ctx.rep.progress(
-                                           "prune", d, n, "items", phase=what)) if "mlp" in p.search_axes else None
+                                           "prune", d, n, "items", phase=what),
+                                       dist=ctx.dist) if "mlp" in p.search_axes else None
         retokenize = lambda tok: load_domain(ctx.cfg, ctx.cfg.data, tok, ctx.calib_block_size()).finetune  # noqa: E731
         p = compress.chosen_config(p, compress.search(ctx, model, stats, struct, lambda: _calib_blocks(ctx),
                                                       retokenize, sens))
@@ -304,7 +321,8 @@ def stage_prune(ctx: Context) -> None:
     params_before = size.count_nonzero(model) if nonzero else size.count_params(model)
     plan = prune.select_and_compensate(  # sensitivity/sequential need the calibration tokens
         model, stats, p, lambda: _calib_blocks(ctx), ctx.cfg.calibrate.batch_size, ctx.cfg.seed,
-        progress=lambda what, d, n: ctx.rep.progress("prune", d, n, "items", phase=what), sensitivities=sens)
+        progress=lambda what, d, n: ctx.rep.progress("prune", d, n, "items", phase=what), sensitivities=sens,
+        dist=ctx.dist)
     masks = {}
     if p.mode == "structural":
         if p.embedding_threshold >= 0:
@@ -322,6 +340,7 @@ def stage_prune(ctx: Context) -> None:
                                                                    p.embedding_threshold))
         prune.apply_masks(model, masks)
     report = prune.layer_report(model, widths_before, params_before, p.mode, mlp_params_before)
+    _same_on_every_rank(ctx, report)
     ctx.rep.emit("layer_report", **report)
     t = report["totals"]
     ctx.rep.log(f"pruned {t['neurons_before'] - t['neurons_after']} of {t['neurons_before']} MLP neurons; "
@@ -334,6 +353,18 @@ def stage_prune(ctx: Context) -> None:
                       vocab_keep=ctx.vocab_keep)
     ctx.masks, ctx.model_is = masks, "pruned"
     ctx.session.update_state(model_is="pruned")
+
+
+def _same_on_every_rank(ctx: Context, report: dict) -> None:
+    """Under torchrun every rank pruned its own copy from the same all-reduced statistics: the
+    shapes must agree before DDP/FSDP meet them (a float tie broken differently would not)."""
+    if not ctx.dist.on:
+        return
+    shapes = ctx.dist.gather(json.dumps(report, sort_keys=True, default=str))
+    if len(set(shapes)) > 1:
+        raise MinigptError("the ranks pruned to different shapes from the same statistics",
+                           "this is a bug: report it; meanwhile run the prune stage in one process: "
+                           "minigpt prune SESSION, then resume under torchrun")
 
 
 def _prune_vocabulary(ctx: Context, model, stats, threshold: float):
@@ -426,15 +457,16 @@ def _evaluate(ctx: Context, model, stage: str, label: str) -> None:
 
     def progress_or_stop(*args):  # evaluation is redone on resume, so stopping mid-way loses nothing
         progress(*args)
-        ctx.rep.check_stop()
+        ctx.rep.poll_stop()  # under torchrun: at the stage's end, where every rank checks
 
-    res = perplexity.perplexity(model, d.evaluate, e.block_size, e.stride, e.batch_size, progress=progress_or_stop)
+    res = perplexity.perplexity(model, d.evaluate, e.block_size, e.stride, e.batch_size, progress=progress_or_stop,
+                                dist=ctx.dist)
     # token-level ppl only compares under the same tokenizer (vocabulary pruning changes it)
     res["protocol"]["vocab_size"] = len(ctx.tokenizer)
     ctx.rep.metric(stage, label, "ppl", res["ppl"], protocol=res["protocol"])
     if e.bpb:  # bits per byte compare across vocabularies: the same held-out bytes for every model
         b = perplexity.bits_per_byte(model, ctx.tokenizer, _bpb_texts(ctx, d), e.block_size, e.stride, e.batch_size,
-                                     progress=progress_or_stop)
+                                     progress=progress_or_stop, dist=ctx.dist)
         ctx.rep.metric(stage, label, "bpb", round(b["bpb"], 6), protocol=b["protocol"])
     if e.mcq_files or e.mcq_generate:
         _mcq(ctx, model, stage, label, d)
@@ -472,9 +504,9 @@ def _mcq(ctx: Context, model, stage: str, label: str, d) -> None:
 
     def progress(done, total, rate):
         ctx.rep.progress(stage, done, total, "items", rate)
-        ctx.rep.check_stop()  # evaluation is redone on resume: stopping mid-way loses nothing
+        ctx.rep.poll_stop()  # evaluation is redone on resume: stopping mid-way loses nothing
 
-    res = mcq.score_sets(model, ctx.tokenizer, sets, e, ctx.cfg.seed, progress=progress)
+    res = mcq.score_sets(model, ctx.tokenizer, sets, e, ctx.cfg.seed, progress=progress, dist=ctx.dist)
     for name, s in res["sets"].items():
         ctx.rep.log(f"MCQ {name} ({s['n']} items, {label}): "
                     + ", ".join(f"{r} {s[r]:.3f} ± {s['stderr'][r]:.3f}" for r in mcq.RULES))
@@ -482,16 +514,6 @@ def _mcq(ctx: Context, model, stage: str, label: str, d) -> None:
     entry["mcq"], entry["mcq_protocol"] = res["sets"], res["protocol"]
     for name, value in res["metrics"].items():
         ctx.rep.metric(stage, label, name, value)
-
-
-def follow(session) -> None:
-    """Ranks > 0 under torchrun: wait for rank 0's fine-tuning stage and train alongside it."""
-    from engine.run import recovery
-    from engine.train import finetune
-
-    if not finetune.Dist().bcast(None):
-        return
-    recovery.run(Context(session.config(), session, Reporter(None, results=session.results())))
 
 
 STAGE_FUNCS = {"baseline": stage_baseline, "calibrate": stage_calibrate, "prune": stage_prune,

@@ -6,6 +6,11 @@ under a hidden temporary name, fsynced, then renamed into place, so a kill mid-w
 only a hidden folder that `latest()` ignores and the next save removes. The newest `keep`
 are kept. Everything stored loads with `weights_only=True` (RNG states are turned into
 tensors and lists), so resuming never unpickles arbitrary objects.
+
+Under FSDP the weights and optimiser moments are sharded: `save(..., sharded=...)` has every
+rank write its shards with torch.distributed.checkpoint into `dcp/` inside rank 0's temp
+folder, then rank 0 adds `state.pt` and `meta.json` and renames the folder into place, so a
+sharded checkpoint is complete or absent too.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 from engine import atomic
@@ -22,6 +28,7 @@ from engine.errors import MinigptError
 PREFIX = "step-"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+SHARDED_DIR = "dcp"  # FSDP: torch.distributed.checkpoint's files, one per rank plus .metadata
 
 
 def _name(step: int) -> str:
@@ -48,17 +55,47 @@ def latest(root: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save(root: str | os.PathLike, step: int, state: dict, meta: dict | None = None, keep: int = 2) -> Path:
-    """Write a checkpoint atomically and drop all but the newest `keep` (and stale temp folders)."""
+def save(root: str | os.PathLike, step: int, state: dict, meta: dict | None = None, keep: int = 2,
+         sharded: dict | None = None, dist=None) -> Path:
+    """Write a checkpoint atomically and drop all but the newest `keep` (and stale temp folders).
+
+    Every rank calls it under torchrun; rank 0 alone writes `state` and `meta` (the other
+    ranks' writes are no-ops, `atomic.set_writer`). `sharded` (FSDP: DTensor state dicts) is
+    written by every rank through torch.distributed.checkpoint, a collective; `dist` is then
+    the process group's `engine.distributed.Dist`."""
     import torch
 
     root = Path(root)
+    final = root / _name(step)
+    if sharded is None:
+        def write(tmp: Path) -> None:
+            torch.save(state, tmp / STATE_FILE)
+            atomic.write_json(tmp / META_FILE, {"step": step, **(meta or {})})
 
-    def write(tmp: Path) -> None:
-        torch.save(state, tmp / STATE_FILE)
-        atomic.write_json(tmp / META_FILE, {"step": step, **(meta or {})})
+        atomic.write_dir(final, write)
+    else:
+        import torch.distributed.checkpoint as dcp
 
-    final = atomic.write_dir(root / _name(step), write)
+        tmp = Path(dist.bcast(str(atomic.temp_path(final)) if dist.main else None))  # rank 0's temp folder
+        if dist.main:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / SHARDED_DIR).mkdir(parents=True)
+        dist.barrier()
+        with warnings.catch_warnings():  # one process: DCP says it assumes so, at every save
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(sharded, checkpoint_id=str(tmp / SHARDED_DIR), no_dist=not dist.on)  # each rank its shards
+        dist.barrier()
+        if dist.main:
+            torch.save(state, tmp / STATE_FILE)
+            atomic.write_json(tmp / META_FILE, {"step": step, **(meta or {})})
+            for p in sorted(tmp.rglob("*")):
+                if p.is_file():
+                    atomic.fsync(p)
+            atomic.replace_dir(tmp, final)
+        dist.barrier()  # the checkpoint is in place before any rank goes on
+    if not atomic.writer():
+        return final
     atomic.fsync(root)
     for p in root.iterdir():  # one runner per session (lock), so any other temp folder is a leftover
         if p.name.startswith((".tmp-", f".{PREFIX}")) and p.is_dir():
@@ -66,6 +103,12 @@ def save(root: str | os.PathLike, step: int, state: dict, meta: dict | None = No
     for _, old in complete(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def sharded_dir(folder: str | os.PathLike) -> Path | None:
+    """The torch.distributed.checkpoint folder of an FSDP checkpoint, None for a whole one."""
+    p = Path(folder) / SHARDED_DIR
+    return p if p.is_dir() else None
 
 
 def load(folder: str | os.PathLike, map_location="cpu") -> tuple[dict, dict]:
@@ -82,7 +125,8 @@ def load(folder: str | os.PathLike, map_location="cpu") -> tuple[dict, dict]:
 
 
 def clear(root: str | os.PathLike) -> None:
-    shutil.rmtree(root, ignore_errors=True)
+    if atomic.writer():
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # ---- RNG states ---------------------------------------------------------------------

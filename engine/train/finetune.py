@@ -25,6 +25,7 @@ import torch
 
 from engine.train import checkpoint as ckpt_mod
 from engine.config import FinetuneConfig
+from engine.distributed import Dist
 from engine.errors import MinigptError
 
 _SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -146,69 +147,63 @@ def _lora_mask_pairs(model, by_id: dict[int, torch.Tensor]) -> list:
 
 
 # ---- distributed ----------------------------------------------------------------------------
-class Dist:
-    """torch.distributed as started by torchrun (rank 0 drives, the others follow), or a no-op.
-
-    Rank 0 holds the session lock and does everything with side effects (events, held-out
-    evaluation, checkpoints, saving); all ranks train, each on its share of every batch.
-    """
-
-    def __init__(self, solo: bool = False):
-        """`solo`: this process alone, even under torchrun (a job only rank 0 runs)."""
-        import torch.distributed as dist
-
-        self.on = not solo and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self.rank = dist.get_rank() if self.on else 0
-        self.world = dist.get_world_size() if self.on else 1
-        self.device = torch.device("cuda", torch.cuda.current_device()) \
-            if self.on and dist.get_backend() == "nccl" else torch.device("cpu")
-
-    def bcast(self, obj=None):
-        """Rank 0's `obj`, on every rank."""
-        if not self.on:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, device=self.device)
-        return box[0]
-
-    def gather(self, obj) -> list:
-        if not self.on:
-            return [obj]
-        import torch.distributed as dist
-
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def mean(self, x: float) -> float:
-        if not self.on:
-            return x
-        import torch.distributed as dist
-
-        t = torch.tensor([x], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return float(t) / self.world
+# every rank runs the same loop (SPMD) on its rows of every batch; `Dist` (engine.distributed)
+# is the process group torchrun started, or a no-op in one process
+STRATEGIES = ("ddp", "fsdp")
 
 
-_followers_told = False
+def _tied_groups(model) -> list[list[str]]:
+    """Names of parameters that are one tensor (tied embeddings), in groups of two or more."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
 
 
-def start_followers(dist: Dist) -> None:
-    """Rank 0 entering fine-tuning: the followers (waiting in the runner) start too."""
-    global _followers_told
-    if dist.on and dist.rank == 0:
-        _followers_told = True
-        dist.bcast(True)
+def _skeleton(model):
+    """A copy of `model` whose parameters are on the meta device (no memory), buffers real:
+    what an FSDP-sharded model's gathered weights are loaded back into at the end."""
+    import copy
+
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    memo.update({id(b): b.clone() for b in model.buffers()})
+    return copy.deepcopy(model, memo)
 
 
-def release_followers() -> None:
-    """Rank 0 at exit: followers still waiting for a fine-tuning stage are told there is none."""
-    global _followers_told
-    if not _followers_told:
-        _followers_told = True
-        Dist().bcast(None)
+def _set_param(model, name: str, p) -> None:
+    owner, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(owner) if owner else model, leaf, p)
+
+
+def shard(model, device: torch.device, reshard_after_forward: bool = True):
+    """FSDP2 (`torch.distributed.fsdp.fully_shard`): each decoder block is one unit, the rest
+    (embeddings, final norm, LM head, tied or not) the root's; parameters become DTensors
+    sharded over all ranks. On CUDA, bf16 compute with fp32 gradient reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from engine.models import adapters
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    for layer in adapters.for_model(model).layers():
+        fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+class _Whole:
+    """A sharded model seen as a whole for evaluation: `evaluate.perplexity` calls it (the
+    FSDP root gathers every unit) rather than its decoder and head apart."""
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def parameters(self):
+        return self.model.parameters()
 
 
 # ---- the loop ------------------------------------------------------------------------------
@@ -230,11 +225,15 @@ class Finetuner:
 
     def __init__(self, model, blocks: torch.Tensor, cfg: FinetuneConfig, seed: int = 0,
                  masks: dict | None = None, total_steps: int | None = None, dist: Dist | None = None,
-                 teacher=None, teacher_ids=None):
+                 teacher=None, teacher_ids=None, strategy: str = "ddp", shard_teacher: bool = False):
         """`teacher`: required when cfg.loss = "kd", the frozen model whose logits the student
         learns (a `distill.Teacher`, or a model, borrowed as it is, with `teacher_ids`: the
-        student's vocabulary as teacher ids when it was pruned). Replicated on every rank: only
-        the student is DDP."""
+        student's vocabulary as teacher ids when it was pruned).
+
+        Under torchrun (`dist` on) the student is DistributedDataParallel (`strategy` "ddp": a
+        replica per rank, gradients all-reduced) or FSDP2 ("fsdp": parameters, gradients and
+        AdamW moments sharded over the ranks); the teacher is replicated on every rank, or
+        sharded too with `shard_teacher` (fsdp only)."""
         from engine.train import distill
 
         self.cfg = cfg
@@ -248,6 +247,15 @@ class Finetuner:
         if cfg.batch_size % self.dist.world:
             raise MinigptError(f"finetune.batch_size = {cfg.batch_size} does not split over {self.dist.world} processes",
                                f"use a multiple of {self.dist.world}")
+        if strategy not in STRATEGIES:
+            raise MinigptError(f"distributed.strategy = {strategy!r} is not valid", f"use one of: {', '.join(STRATEGIES)}")
+        self.fsdp = self.dist.on and strategy == "fsdp"
+        # "fsdp" checkpoints are torch.distributed.checkpoint folders at every world size (one process
+        # included), so they resume across world sizes: DCP reshards them on load
+        self.sharded_checkpoints = strategy == "fsdp"
+        if self.fsdp and (cfg.lora_rank > 0 or masks):
+            raise MinigptError("distributed.strategy = \"fsdp\" trains neither LoRA adapters nor mask-mode models",
+                               "use distributed.strategy = \"ddp\", or prune.mode = \"structural\" and lora_rank = 0")
         self.device = next(model.parameters()).device
         self.save_dtype = next(model.parameters()).dtype
         self.autocast = self.device.type == "cuda"
@@ -264,7 +272,14 @@ class Finetuner:
             pairs = [(p, by_id[id(p)]) for p in model.parameters() if id(p) in by_id]
         self.model = model
         self.forward = model
-        if self.dist.on:  # gradients averaged across ranks; each rank computes its rows of every batch
+        self._skeleton = self._tied = None
+        if self.fsdp:  # gradients reduce-scattered (averaged); each rank computes its rows of every batch
+            self._tied = _tied_groups(model)
+            self._skeleton = _skeleton(model)
+            shard(model, self.device)
+            if self.teacher is not None and shard_teacher:
+                shard(self.teacher.model, self.device)
+        elif self.dist.on:  # gradients all-reduced (averaged); each rank computes its rows of every batch
             from torch.nn.parallel import DistributedDataParallel
 
             self.forward = DistributedDataParallel(model, device_ids=[self.device.index] if self.autocast else None)
@@ -303,7 +318,10 @@ class Finetuner:
         d = self.dist
         for k in range(cfg.grad_accum):
             batch = self.batches[self.micro + k][d.rank::d.world].to(self.device)
-            sync = contextlib.nullcontext() if not d.on or k == cfg.grad_accum - 1 else self.forward.no_sync()
+            last = k == cfg.grad_accum - 1
+            if self.fsdp:  # reduce-scatter on the last micro-batch only (FSDP2's no_sync)
+                model.set_requires_gradient_sync(last)
+            sync = contextlib.nullcontext() if not d.on or last or self.fsdp else self.forward.no_sync()
             with sync:
                 if self.teacher is None:
                     with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -320,6 +338,8 @@ class Finetuner:
                                "lower finetune.lr, or add warmup (finetune.warmup_steps)")
         self.masks.grads()
         norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        if hasattr(norm, "full_tensor"):  # FSDP: a DTensor of the global norm
+            norm = norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
         self.masks.apply()
@@ -362,19 +382,56 @@ class Finetuner:
         from engine.evaluate import perplexity as evaluate
 
         self.model.eval()
+        # a DDP replica scores its share of the windows; FSDP's forward is itself a collective,
+        # so there every rank runs every window through the whole sharded model
+        model, dist = (_Whole(self.model), None) if self.fsdp else (self.model, self.dist)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return evaluate.perplexity(self.model, ids, block_size, stride, batch_size)
+            return evaluate.perplexity(model, ids, block_size, stride, batch_size, dist=dist)
 
     # ---- checkpoint state ---------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything that evolves; on rank 0 (the other ranks only contribute their RNG states)."""
-        rng = self.dist.gather(ckpt_mod.rng_state())  # a collective: every rank calls state_dict()
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "step": self.step, "micro": self.micro, "rng": rng}
+        """Everything that evolves, for torch.save on rank 0 (every rank contributes its RNG
+        state: a collective). Under FSDP the weights and AdamW moments are not in it: they are
+        `sharded_state()`, written by every rank through torch.distributed.checkpoint."""
+        rng = self.dist.gather(ckpt_mod.rng_state())
+        out = {"scheduler": self.scheduler.state_dict(), "step": self.step, "micro": self.micro, "rng": rng}
+        if not self.sharded_checkpoints:
+            out.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
+        return out
 
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def sharded_state(self) -> dict | None:
+        """strategy "fsdp": the model's and optimiser's state dicts for torch.distributed.checkpoint
+        (DTensors when sharded), else None."""
+        if not self.sharded_checkpoints:
+            return None
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optimizer": optim_sd}
+
+    def load_state_dict(self, state: dict, sharded_dir=None) -> None:
+        """`sharded_dir`: FSDP's torch.distributed.checkpoint folder (every rank reads its shards)."""
+        if self.sharded_checkpoints:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+
+            if sharded_dir is None:
+                raise MinigptError("this checkpoint holds no sharded (FSDP) state",
+                                   "resume with the distributed.strategy it was written with")
+        elif "model" not in state:
+            raise MinigptError("this checkpoint holds sharded (FSDP) state only",
+                               "resume with distributed.strategy = \"fsdp\", as it was written")
+        if self.sharded_checkpoints:
+            sd = self.sharded_state()
+            import warnings
+
+            with warnings.catch_warnings():  # one process: DCP says it assumes so, at every load
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(sd, checkpoint_id=str(sharded_dir), no_dist=not self.dist.on)
+            set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         if int(state["micro"]) != self.micro:
@@ -388,6 +445,18 @@ class Finetuner:
         from engine.prune import mlp as prune
 
         model = self.model
+        if self.fsdp:  # every rank gathers the whole model into an unsharded copy
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+            model = self._skeleton
+            model.load_state_dict(full, assign=True)
+            for names in self._tied:  # assign=True gave each name its own tensor: tie them again
+                first = model.get_parameter(names[0])
+                for name in names[1:]:
+                    _set_param(model, name, first)
+            self.model = self.forward = model
+            self.fsdp = False
         if self.cfg.lora_rank > 0:
             model = model.merge_and_unload()
         if self.base_masks:
@@ -409,18 +478,6 @@ def _wrap_lora(model, cfg: FinetuneConfig):
 
 
 # ---- the recovery loop ------------------------------------------------------------------------
-def follow_orders(ft: Finetuner) -> None:
-    """Ranks > 0: do what rank 0 broadcasts, step by step, until it is done."""
-    while True:
-        order = ft.dist.bcast()
-        if order == "step":
-            ft.train_step()
-        elif order == "checkpoint":
-            ft.dist.gather(ckpt_mod.rng_state())
-        else:
-            return
-
-
 @dataclasses.dataclass
 class Progress:
     """What a checkpoint carries besides the Finetuner: the recovery curve and counters."""
@@ -447,10 +504,11 @@ class Hooks:
 
 
 def recover(ft: Finetuner, prog: Progress, target: float | None, hooks: Hooks) -> bool:
-    """Train until held-out ppl <= `target`, the step limit, or a stop request (rank 0 drives;
-    the other ranks follow in `_follow_orders`). Evaluates every `eval_every` steps and at
-    the end, checkpoints every `checkpoint_every` steps. Returns True when stopped on request
-    (a checkpoint was written first)."""
+    """Train until held-out ppl <= `target`, the step limit, or a stop request. Every rank runs
+    this loop (SPMD); the hooks are collectives where they must agree (the stop request, the
+    held-out measure, the checkpoint) and only rank 0's write anything. Evaluates every
+    `eval_every` steps and at the end, checkpoints every `checkpoint_every` steps. Returns True
+    when stopped on request (a checkpoint was written first)."""
     f, total = ft.cfg, ft.total_steps
     eval_seconds: list[float] = []
 
@@ -466,7 +524,6 @@ def recover(ft: Finetuner, prog: Progress, target: float | None, hooks: Hooks) -
             prog.stopped_because = ft.limit
             break
         t0 = time.perf_counter()
-        ft.dist.bcast("step")
         m = ft.train_step()
         dt = time.perf_counter() - t0
         t_proc, steps_proc = t_proc + dt, steps_proc + 1

@@ -11,6 +11,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Static
+from textual.widgets.data_table import CellDoesNotExist, ColumnDoesNotExist, RowDoesNotExist
 
 from engine.run import session as session_mod
 from engine.errors import MinigptError
@@ -26,6 +27,14 @@ if TYPE_CHECKING:
 
 WIDE = 110  # below this many columns, model/domain/stage move to the detail line
 FILTER_KEYS = ("id", "model", "domain", "method", "mode", "status", "stage")
+
+
+class SessionTable(DataTable):
+    """The sessions list: Home and End go to the first and last run. DataTable's own Home/End
+    scroll sideways, so in tmux `Home Space Down Space` marked and unmarked the same row."""
+
+    BINDINGS = [Binding("home", "scroll_top", "First", show=False, id="sessions.first"),
+                Binding("end", "scroll_bottom", "Last", show=False, id="sessions.last")]
 
 
 class SessionsScreen(Screen):
@@ -68,7 +77,7 @@ class SessionsScreen(Screen):
     def compose(self) -> ComposeResult:
         yield TitleBar(f"minigpt · sessions in {Path(self.app.root).resolve()}", id="title")
         yield Input(placeholder="filter: model, domain, method, state…", id="filter")
-        yield DataTable(id="sessions", cursor_type="row", zebra_stripes=True)
+        yield SessionTable(id="sessions", cursor_type="row", zebra_stripes=True)
         yield Static("", id="empty")
         yield Static("", id="detail", markup=False)
         yield Footer()
@@ -134,6 +143,18 @@ class SessionsScreen(Screen):
             self.notify(msg.error, severity="error", timeout=4)
         if changed:
             self._render_table()
+        else:
+            self._refresh_ages()
+
+    def _refresh_ages(self) -> None:
+        """'updated 3m ago' keeps counting while nothing else changes (it read '1s ago' for good)."""
+        table = self.query_one(DataTable)
+        now = self.app.clock()
+        for r in self.visible_rows():
+            try:
+                table.update_cell(r["id"], "updated", fmt_ago(r.get("updated"), now))
+            except (CellDoesNotExist, RowDoesNotExist, ColumnDoesNotExist):  # the next full render adds it
+                pass
 
     def visible_rows(self) -> list[dict]:
         needle = self.filter_text.lower().strip()

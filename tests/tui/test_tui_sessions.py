@@ -149,6 +149,38 @@ async def test_mark_two_and_compare(root, make_app):
         assert [r["id"] for r in app.screen.rows] == ["smollm2-licenses-eps", "phi-stdlib-ratio"]
 
 
+async def test_home_and_end_go_to_the_first_and_last_session(root, make_app):
+    """DataTable's own Home scrolls sideways: in tmux `Home Space Down Space` toggled one row twice."""
+    standard_root(root)
+    app = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await _home(pilot)
+        ids = [r["id"] for r in screen.visible_rows()]
+        await pilot.press("down", "down", "home")
+        assert screen.current_row()["id"] == ids[0]
+        await pilot.press("end")
+        assert screen.current_row()["id"] == ids[-1]
+        await pilot.press("home", "space", "down", "space")
+        assert screen.marked == set(ids[:2])
+
+
+async def test_the_updated_column_keeps_counting(root, make_app):
+    standard_root(root)
+    now = [NOW]
+    app = make_app(clock=lambda: now[0])
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await _home(pilot)
+        rid = screen.visible_rows()[0]["id"]
+        before = str(screen.query_one(DataTable).get_cell(rid, "updated"))
+        now[0] += 3 * 3600
+        screen.action_reload()
+        await wait_for(pilot, lambda: str(screen.query_one(DataTable).get_cell(rid, "updated")) != before)
+        from minigpt_tui.data import fmt_ago
+
+        assert str(screen.query_one(DataTable).get_cell(rid, "updated")) == fmt_ago(screen.visible_rows()[0]["updated"],
+                                                                                  now[0])
+
+
 async def test_enter_opens_the_monitor(root, make_app):
     standard_root(root)
     app = make_app()
