@@ -26,6 +26,7 @@ HEAD_CRITERIA = ("norm", "wanda")  # Minitron's mean ||head output|| | Wanda on 
 DEPTH_CRITERIA = ("influence", "loss")  # ShortGPT's 1 - cos(block in, block out) | measured loss rise
 SEARCH_AXES = ("mlp", "heads", "hidden", "depth", "vocab")
 LOSSES = ("ce", "kd")  # recovery by cross-entropy | by distillation from the unpruned model
+VOCAB_RULES = ("seen", "heldout")  # frequency > ε_emb | a ranked cut sized by held-out bpb (engine.prune.vocab)
 
 
 def cache_dir() -> Path:
@@ -76,7 +77,10 @@ class PruneConfig:
     criterion: str = "paper"  # paper (mean |activation|) | rms | random | magnitude | wanda | fluctuation | obs
     activation_threshold: float = 1e-3
     linear_threshold: float = -1.0  # < 0: off. MLP rows/cols (structural), every linear (mask)
-    embedding_threshold: float = -1.0  # < 0: off. 0 prunes tokens never seen in the domain
+    embedding_threshold: float = -1.0  # < 0: off. >= 0: vocabulary pruning (0 prunes tokens never seen in the domain)
+    vocab_rule: str = "seen"  # seen (keep frequency > ε_emb) | heldout (ranked cut sized by held-out bpb)
+    vocab_tolerance: float = 0.01  # heldout: the bpb rise allowed on the validation documents (relative)
+    vocab_validation_tokens: int = 4096  # heldout: finetune-split documents held back from counting
     ratio: float = 0.3  # fraction of MLP neurons removed with rule = "ratio"
     allocation: str = "per_layer"  # per_layer | global | sensitivity (ratio rule)
     min_keep: int = 8  # neurons kept in every MLP at least
@@ -222,6 +226,10 @@ def _check_prune(p: PruneConfig) -> None:
         raise MinigptError("prune.mode = \"mask\" zeroes MLP neurons, linears and embedding rows only; heads, "
                            "hidden channels, depth and target_params remove weights for real",
                            "set prune.mode = \"structural\", or drop head_ratio/hidden_ratio/depth/target_params")
+    _choice("prune.vocab_rule", p.vocab_rule, VOCAB_RULES)
+    if not (0.0 <= p.vocab_tolerance < 1.0) or p.vocab_validation_tokens < 1:
+        raise MinigptError("prune.vocab_tolerance must be in [0, 1) and prune.vocab_validation_tokens >= 1",
+                           "e.g. vocab_tolerance = 0.01, vocab_validation_tokens = 4096")
     _choice("prune.head_mode", p.head_mode, HEAD_MODES)
     _choice("prune.head_criterion", p.head_criterion, HEAD_CRITERIA)
     _choice("prune.depth_criterion", p.depth_criterion, DEPTH_CRITERIA)

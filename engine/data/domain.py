@@ -359,6 +359,7 @@ class DomainData:
     finetune: object
     evaluate: object
     eval_texts: list
+    finetune_texts: list = None  # the finetune split's documents (the held-out vocabulary rule validates on some)
 
     @classmethod
     def build(cls, cfg: DataConfig, tokenizer, max_calib: int = 0, max_eval: int = 0, max_finetune: int = 0,
@@ -368,4 +369,4 @@ class DomainData:
         return cls(calibrate=tokenize(tokenizer, parts["calibrate"], max_calib),
                    finetune=tokenize(tokenizer, parts["finetune"], max_finetune),
                    evaluate=tokenize(tokenizer, parts["evaluate"], max_eval),
-                   eval_texts=parts["evaluate"])
+                   eval_texts=parts["evaluate"], finetune_texts=parts["finetune"])

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from engine.errors import MinigptError
 from engine.evaluate.perplexity import decoder_and_head, head_nll
+from engine.models import adapters as adapters_mod
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 RULES = ("acc", "acc_norm", "acc_bytes", "acc_paper")
@@ -647,9 +648,8 @@ def _run_rows(model, groups, batch: list[_Row], result, device, share: bool) -> 
                 allowed[b, off:off + n, off:off + n] = causal[:n, :n]
         tail = torch.arange(r.length, L)  # padding attends to itself only: no empty softmax rows
         allowed[b, tail, tail] = True
-    if share:
-        mask = torch.zeros(B, 1, L, L, dtype=next(model.parameters()).dtype)
-        mask.masked_fill_(~allowed[:, None], torch.finfo(mask.dtype).min)
+    if share:  # the adapter builds it: a family may want one per layer type (Gemma's sliding windows)
+        mask = adapters_mod.for_model(model).tree_mask(allowed, pos)
     else:  # one sequence per row: a plain causal model call with a padding mask
         mask = (torch.arange(L)[None] < torch.tensor([r.length for r in batch])[:, None]).long()
     # which (row, position, next token) each wanted log-probability needs
@@ -664,7 +664,8 @@ def _run_rows(model, groups, batch: list[_Row], result, device, share: bool) -> 
             tt += [seq[t] for t in want]
             spans.append((r.group, j, len(want)))
     dec, head = decoder_and_head(model)
-    kw = dict(input_ids=x.to(device), attention_mask=mask.to(device), position_ids=pos.to(device), use_cache=False)
+    mask = {k: v.to(device) for k, v in mask.items()} if isinstance(mask, dict) else mask.to(device)
+    kw = dict(input_ids=x.to(device), attention_mask=mask, position_ids=pos.to(device), use_cache=False)
     rr, pp, tt = (torch.tensor(v, dtype=torch.long, device=device) for v in (rr, pp, tt))
     if dec is not None:  # the LM head once per distinct (row, position, target): shared prefixes score once
         uniq, inv = torch.unique(torch.stack([rr, pp, tt], 1), dim=0, return_inverse=True)

@@ -55,19 +55,56 @@ def _windows(n: int, block_size: int, stride: int, cover: bool) -> list[tuple[in
     return out
 
 
+HEAD_CHUNK_ELEMENTS = 1 << 26  # logits per LM-head chunk: 256 MB in fp32 (Gemma's 262k vocabulary: 256 rows)
+
+
+class CappedHead(torch.nn.Module):
+    """The LM head followed by the family's logit soft-cap (cap·tanh(z / cap)), as the model's
+    own forward applies it (`Adapter.logit_softcap`)."""
+
+    def __init__(self, head, cap: float):
+        super().__init__()
+        self.head, self.cap = head, float(cap)
+
+    @property
+    def weight(self):
+        return self.head.weight
+
+    def forward(self, h):
+        return torch.tanh(self.head(h) / self.cap) * self.cap
+
+
 def decoder_and_head(model):
     """The transformer body and the LM head, so that logits are computed only where a
-    log-probability is wanted. (None, None) when the model does not expose them."""
+    log-probability is wanted, a chunk of rows at a time. (None, None) when the model does
+    not expose them. A family's logit soft-cap is part of the returned head."""
+    from engine.models import adapters
+
     try:
         dec, head = model.get_decoder(), model.get_output_embeddings()
     except (AttributeError, NotImplementedError, ValueError):
         return None, None
-    return (dec, head) if dec is not None and dec is not model and head is not None else (None, None)
+    if dec is None or dec is model or head is None:
+        return None, None
+    try:
+        cap = adapters.for_model(model).logit_softcap()
+    except MinigptError:  # a model no adapter knows (a test double): no cap
+        cap = None
+    return dec, (CappedHead(head, cap) if cap else head)
 
 
-def head_nll(head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Per-row -log p(target) of LM-head logits, `chunk` rows at a time (smaller chunks
-    re-read the head's weight, 113 MB for SmolLM2, once per chunk)."""
+def head_chunk(head) -> int:
+    """Rows per LM-head chunk: at most HEAD_CHUNK_ELEMENTS logits (between 16 and 1024 rows), so
+    a 262k vocabulary never materialises tokens × vocabulary at once. SmolLM2 (49k): 1024."""
+    rows = int(head.weight.shape[0])
+    return max(16, min(1024, HEAD_CHUNK_ELEMENTS // max(rows, 1)))
+
+
+def head_nll(head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Per-row -log p(target) of LM-head logits, `chunk` rows at a time (default `head_chunk`;
+    smaller chunks re-read the head's weight, 113 MB for SmolLM2, 671 MB for Gemma 3 270M, once
+    per chunk)."""
+    chunk = chunk or head_chunk(head)
     out = [F.cross_entropy(head(h).float(), t, reduction="none") for h, t in zip(hidden.split(chunk), targets.split(chunk))]
     return torch.cat(out) if out else hidden.new_zeros(0)
 

@@ -171,6 +171,8 @@ class Adapter:
     final_norm_path: ClassVar[str] = ""
     norm_eps_key: ClassVar[str] = ""  # config field of the norms' epsilon
     norm_eps_attr: ClassVar[str] = ""  # ... and the norm module's attribute holding it
+    norm_offset: ClassVar[float] = 0.0  # a norm's gain is (offset + weight): Gemma stores weight - 1
+    logit_softcap_key: ClassVar[str | None] = None  # config field of a tanh cap on the logits (None: none)
 
     def __init__(self, model):
         self.model = model
@@ -309,9 +311,27 @@ class Adapter:
                            f"supported model types: {', '.join(supported_axis('hidden'))}")
 
     def embedding_scale(self, config) -> float:
-        """The factor the family multiplies token embeddings by (Gemma: sqrt(hidden)); hidden
-        pruning must leave it as it was."""
+        """The factor the family's stock code multiplies token embeddings by, computed from the
+        config (Gemma: sqrt(hidden_size)). Hidden pruning keeps the *effective* scale as it was
+        (`set_hidden` folds any change into the weights); engine.prune.hidden checks it."""
         return 1.0
+
+    def tree_mask(self, allowed, positions):
+        """The `attention_mask` for a custom mask: `allowed` [B, L, L] (query, key) bool, with
+        `positions` [B, L] the position ids. Stock models take one additive 4D mask for every layer."""
+        import torch
+
+        dtype = next(self.model.parameters()).dtype
+        mask = torch.zeros(allowed.shape[0], 1, *allowed.shape[1:], dtype=dtype)
+        return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+    def logit_softcap(self) -> float | None:
+        """The cap of the family's logits (logits = cap·tanh(logits / cap)), None where there is
+        none: the engine's chunked LM head applies it as the model's forward would."""
+        if not self.logit_softcap_key:
+            return None
+        v = getattr(self.model.config, self.logit_softcap_key, None)
+        return float(v) if v else None
 
     def set_hidden(self, width: int) -> None:
         """Record the hidden width on the config and on modules that keep it."""
@@ -569,7 +589,72 @@ class GPT2Adapter(Adapter):
         return int(config.n_inner or 4 * config.n_embd)
 
 
-ADAPTERS: tuple = (LlamaAdapter, OPTAdapter, PhiAdapter, GPT2Adapter)
+class GemmaAdapter(LlamaAdapter):
+    """Gemma 3 (text): gated GELU-tanh MLP (gate_proj, up_proj -> down_proj, Llama's names),
+    q/k RMSNorms over head_dim inside attention, four RMSNorms per block (input, post-attention,
+    pre-feedforward, post-feedforward), sliding-window attention in most layers (config
+    `layer_types`, renumbered by depth pruning like every per-block list), embeddings scaled by
+    sqrt(hidden_size) at run time, an RMSNorm gain of (1 + weight), one key/value head in the
+    270M model (head pruning then keeps that group and cuts query heads only).
+
+    The block output is x + post_attention_norm(attn(.)) and then + post_feedforward_norm(mlp(.)):
+    the MLP output is normalised before the residual add, so sequential pruning cannot aim it
+    at the unpruned residual stream (`residual_after_mlp` False). The post norms sit on the
+    residual channel axis too, so hidden pruning slices and rescales all four.
+    """
+
+    model_types = ("gemma3_text",)
+    family = "gemma3"
+    bias_switches = {}
+    gguf_model_types = ()
+    block_norms = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                   "post_feedforward_layernorm")
+    norm_eps_attr = "eps"
+    norm_offset = 1.0
+    logit_softcap_key = "final_logit_softcapping"
+
+    @property
+    def residual_after_mlp(self) -> bool:
+        return False
+
+    def tree_mask(self, allowed, positions):
+        """One mask per layer type (Gemma's forward takes the dict as built): the sliding layers'
+        also drop keys `sliding_window` or more positions back, as transformers' own sliding mask."""
+        window = getattr(self.model.config, "sliding_window", None)
+        full = super().tree_mask(allowed, positions)
+        if not window:
+            return {"full_attention": full, "sliding_attention": full}
+        near = (positions[:, :, None] - positions[:, None, :]) < int(window)
+        return {"full_attention": full, "sliding_attention": super().tree_mask(allowed & near, positions)}
+
+    def embedding_scale(self, config) -> float:
+        return float(config.hidden_size) ** 0.5
+
+    def set_hidden(self, width: int) -> None:
+        """Also keep the embedding's effective scale: stock Gemma multiplies by sqrt(hidden_size)
+        of the config it loads, so the ratio old/new scale is folded into the embedding rows (and,
+        with a tied LM head, divided out of the final norm's gain, leaving the logits as they were)."""
+        import torch
+
+        emb = self.embeddings()
+        old = float(getattr(emb, "scalar_embed_scale", self.embedding_scale(self.model.config)))
+        super().set_hidden(width)
+        new = self.embedding_scale(self.model.config)
+        if new == old:
+            return
+        f = old / new
+        head = self.lm_head()
+        tied = head is not None and head.weight is emb.weight
+        with torch.no_grad():
+            emb.weight.mul_(f)
+            emb.scalar_embed_scale = new
+            emb.embed_scale.fill_(new)
+            if tied:
+                norm = _get(self.model, self.final_norm_path)
+                norm.weight.copy_((norm.weight + self.norm_offset) / f - self.norm_offset)
+
+
+ADAPTERS: tuple = (LlamaAdapter, OPTAdapter, PhiAdapter, GPT2Adapter, GemmaAdapter)
 
 
 def supported() -> list[str]:

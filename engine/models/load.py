@@ -1,4 +1,4 @@
-"""Loading causal LMs: hub ids, local folders, GGUF files, the embedded default, saved Mini-GPTs.
+"""Loading causal LMs: hub ids, local folders, GGUF files, the embedded models, saved Mini-GPTs.
 
 GGUF files are dequantised once (slow: ~36 s for SmolLM2) and cached as safetensors
 (~0.7 s to reload) under $MINIGPT_CACHE (default ~/.cache/minigpt).
@@ -10,7 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from engine.config import EMBEDDED_DEFAULT, ModelConfig, cache_dir
+from engine.config import ModelConfig, cache_dir
 from engine.errors import MinigptError
 
 
@@ -75,12 +75,10 @@ def convert_gguf(gguf: Path, progress=None) -> Path:
 def resolve_source(cfg: ModelConfig, progress=None) -> str:
     """Turn a model spec into something `from_pretrained` takes (converting GGUF if needed)."""
     src = cfg.source.strip()
-    if src == EMBEDDED_DEFAULT:
-        from engine.models.embedded import gguf_path
-
-        return str(convert_gguf(gguf_path(), progress))
     if src.startswith("embedded:"):
-        raise MinigptError(f"unknown embedded model {src!r}", f"the embedded default is {EMBEDDED_DEFAULT}")
+        from engine.models import embedded
+
+        return str(convert_gguf(embedded.gguf_path(src, progress), progress))
     path = Path(src).expanduser()
     if src.lower().endswith(".gguf"):
         if not path.is_file():

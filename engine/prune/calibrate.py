@@ -140,10 +140,29 @@ class Calibrator:
 
     @torch.no_grad()
     def run_batch(self, batch: torch.Tensor) -> None:
+        """One forward. The LM head, whose logits nothing here needs, runs only when its own
+        statistics are recorded, and then a chunk of rows at a time (a 262k vocabulary never
+        materialises tokens × vocabulary): its hooks sum over rows, so chunks add up exactly."""
+        from engine.evaluate.perplexity import decoder_and_head, head_chunk
+
         device = next(self.model.parameters()).device
-        self.model(input_ids=batch.to(device), use_cache=False)
+        dec, _ = decoder_and_head(self.model)
+        if dec is None:
+            self.model(input_ids=batch.to(device), use_cache=False)
+        else:
+            hidden = dec(input_ids=batch.to(device), use_cache=False).last_hidden_state
+            head = self.model.get_output_embeddings()
+            if any(self._hooked(head)):
+                h = hidden.reshape(-1, hidden.shape[-1])
+                for part in h.split(head_chunk(head)):
+                    head(part)
+            del hidden
         self._memo = None  # release the last activation
         self.n_tokens += batch.numel()
+
+    def _hooked(self, module):
+        modules = dict(self.model.named_modules())
+        return (modules.get(n) is module for n in self.linear_names)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {k: v.cpu() for k, v in self.acc.items()}

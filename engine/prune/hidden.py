@@ -9,11 +9,16 @@ everywhere, so stock `AutoModelForCausalLM` loads it (config.hidden_size shrinks
 is written explicitly, since the stock fallback hidden // heads would change).
 
 RMSNorm divides by the rms over the channels it sees: with n' of n channels left, the norm
-weights are multiplied by sqrt(n/n') and the epsilon (config and modules) by n/n', so
+gains (weight, or 1 + weight for Gemma: `Adapter.norm_offset`) are multiplied by sqrt(n/n') and the epsilon (config and modules) by n/n', so
 removing channels that are zero leaves every norm's output, and so the logits, unchanged.
 Where the config's epsilon also serves norms off the residual stream (Qwen3's per-head q/k
 norms) it is left as it is: then the cut is exact up to a relative change of about
 eps·(n/n' − 1)/(2·mean x²).
+
+Gemma multiplies the embedding by sqrt(hidden_size) of its config: its adapter's `set_hidden`
+folds the change of that factor into the embedding rows (and out of the final norm's gain when
+the LM head is tied), so the embedding output stays as it was (checked after every cut) and the
+result still loads stock.
 
 Families whose norms are LayerNorm (OPT, Phi, GPT-2: the mean is subtracted over every channel,
 so no rescaling makes a cut exact) are refused with a one-line error naming the supported ones.
@@ -57,11 +62,12 @@ def select(scores_: torch.Tensor, ratio: float, round_to: int = 1) -> torch.Tens
     return torch.sort(order).values
 
 
-def _slice_param(mod, name: str, idx: torch.Tensor, axis: int, scale: float = 1.0) -> None:
+def _slice_param(mod, name: str, idx: torch.Tensor, axis: int, scale: float = 1.0, offset: float = 0.0) -> None:
+    """Slice `mod.name` to `idx` along `axis`; the gain (offset + value) is multiplied by `scale`."""
     p = getattr(mod, name)
     t = p.data.index_select(axis, idx.to(p.device)).clone()
     if scale != 1.0:
-        t.mul_(scale)
+        t.add_(offset).mul_(scale).sub_(offset)
     setattr(mod, name, torch.nn.Parameter(t, requires_grad=p.requires_grad))
 
 
@@ -101,8 +107,9 @@ def apply(model, keep: torch.Tensor) -> None:
         raise MinigptError(f"a hidden width of {k} is not a multiple of the config's {heads} attention heads "
                            "(transformers refuses such a config)",
                            f"round the kept width to a multiple of {heads}: hidden.select(..., round_to={heads})")
-    scale0 = adapter.embedding_scale(cfg)
     emb, head = adapter.embeddings(), model.get_output_embeddings()
+    probe = torch.arange(min(8, emb.weight.shape[0]), device=emb.weight.device)
+    emb0 = emb(probe).index_select(1, keep.to(probe.device))  # the kept channels' embedding output
     tied = head is not None and head.weight is emb.weight
     readers = adapter.residual_readers()
     writers = adapter.residual_writers()
@@ -119,11 +126,12 @@ def apply(model, keep: torch.Tensor) -> None:
         _slice_proj(p, keep, p.out_axis)
     scale = math.sqrt(n / k) if adapter.norm_kind == "rms" else 1.0
     for _, mod in norms:
-        _slice_param(mod, "weight", keep, 0, scale)
+        _slice_param(mod, "weight", keep, 0, scale, adapter.norm_offset)
         if getattr(mod, "bias", None) is not None:
             _slice_param(mod, "bias", keep, 0)
     _scale_eps(model, adapter, norms, n / k)
     adapter.set_hidden(k)
-    if adapter.embedding_scale(cfg) != scale0:
-        raise MinigptError(f"{adapter.architecture}'s embedding scale changed with the hidden width",
+    if not torch.allclose(emb(probe), emb0, rtol=1e-5, atol=1e-6 * float(emb0.abs().max().clamp_min(1))):
+        raise MinigptError(f"{adapter.architecture}'s embedding output changed with the hidden width "
+                           "(a scale computed from hidden_size)",
                            "give its adapter a set_hidden that keeps the original scale")

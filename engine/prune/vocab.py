@@ -112,8 +112,9 @@ def tokenizer_json(tokenizer) -> dict:
     return tj
 
 
-def plan(tokenizer, counts: torch.Tensor, threshold: float, model) -> VocabPlan:
-    """Which ids stay: frequent, special, needed to encode any text, and their merge ancestors."""
+def plan(tokenizer, counts: torch.Tensor, threshold: float, model, chosen: torch.Tensor | None = None) -> VocabPlan:
+    """Which ids stay: frequent (or `chosen`, a bool mask over ids, when given: the held-out rule's
+    top tokens), special, needed to encode any text, and their merge ancestors."""
     tj = tokenizer_json(tokenizer)
     bpe = tj["model"]
     vocab: dict[str, int] = bpe["vocab"]
@@ -124,14 +125,21 @@ def plan(tokenizer, counts: torch.Tensor, threshold: float, model) -> VocabPlan:
     is_token = torch.zeros(max(n_ids, rows), dtype=torch.bool)
     is_token[sorted(token_ids)] = True
     keep = torch.zeros_like(is_token)
-    keep[:n_ids] = _frequent(counts, threshold, n_ids) & is_token[:n_ids]
-    reasons = {"frequent": int(keep.sum())}
+    if chosen is None:
+        keep[:n_ids] = _frequent(counts, threshold, n_ids) & is_token[:n_ids]
+    else:
+        m = min(n_ids, chosen.numel())
+        keep[:m] = chosen[:m].bool() & is_token[:m]
+    reasons = {"frequent" if chosen is None else "ranked": int(keep.sum())}
 
-    special = protected_ids(tokenizer, model) | _post_processor_ids(tj.get("post_processor"))
+    post = _post_processor_ids(tj.get("post_processor"))
+    special = protected_ids(tokenizer, model) | post
     outside = sorted(i for i in special if rows <= i < n_ids and is_token[i])
-    if outside:
-        raise MinigptError(f"special token id {outside[0]} is outside the model's {rows} embedding rows",
-                           "fix the tokenizer/model pair, or set prune.embedding_threshold = -1")
+    if any(i in post for i in outside):  # the tokenizer itself inserts it: every encoding would break
+        raise MinigptError(f"special token id {min(i for i in outside if i in post)} is outside the model's "
+                           f"{rows} embedding rows", "fix the tokenizer/model pair, or set prune.embedding_threshold = -1")
+    # others (Gemma 3's <image_soft_token>, id 262,144 beside 262,144 text rows) the model could
+    # never embed: they leave the pruned tokenizer with the other ids past the rows
     reasons["special"] = _add(keep, {i for i in special if i < rows})
 
     needed = set()
@@ -154,7 +162,9 @@ def plan(tokenizer, counts: torch.Tensor, threshold: float, model) -> VocabPlan:
             ancestors |= {vocab[s] for s in derivation(tok, ranks, vocab)}
     reasons["ancestors"] = _add(keep, ancestors)
 
-    keep[rows:] = False  # ids the model cannot embed (never special: checked above)
+    keep[rows:] = False  # ids the model cannot embed (never the post-processor's: checked above)
+    if outside:
+        reasons["special_past_rows_dropped"] = len(outside)
     kept = torch.nonzero(keep).flatten()
     return VocabPlan(kept, len(tokenizer), rows, int(is_token[kept].sum()), reasons)
 
@@ -217,6 +227,124 @@ def _post_processor_ids(node) -> set[int]:
     return set()
 
 
+# ---- the held-out keep rule: the domain's tokens, smoothed by the tokenizer's general ones --------
+RULES = ("seen", "heldout")
+PRIOR_COUNTS = 1000.0  # the Zipf prior's pseudo-count mass: the top general tokens weigh a few counts
+ZIPF_OFFSET = 10.0  # z(r) ∝ 1 / (r + offset) over merge ranks
+SIZE_FACTORS = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # candidate cuts, × the tokens the domain used
+
+
+def general_rank(tokenizer) -> torch.Tensor:
+    """Per id, the rank of the merge that creates the token (BPE learns merges in order of corpus
+    frequency, so a low rank is a general, frequent token); single symbols rank 0; ids that are
+    not BPE tokens (added tokens) +inf."""
+    tj = tokenizer_json(tokenizer)
+    bpe = tj["model"]
+    vocab: dict[str, int] = bpe["vocab"]
+    n = max(len(tokenizer), max(vocab.values()) + 1)
+    rank = torch.full((n,), float("inf"), dtype=torch.float64)
+    for r, mg in enumerate(bpe["merges"]):
+        a, b = _pair(mg)
+        i = vocab.get(a + b)
+        if i is not None and rank[i] == float("inf"):
+            rank[i] = r + 1
+    for t, i in vocab.items():
+        if rank[i] == float("inf") and len(t) == 1 or t.startswith("<0x"):
+            rank[i] = 0
+    return rank
+
+
+def ranking(tokenizer, counts: torch.Tensor, prior: float = PRIOR_COUNTS) -> torch.Tensor:
+    """Ids in keep order (best first): by count + prior·z(rank), z a Zipf law over the tokenizer's
+    merge ranks (`general_rank`), summing to 1: `prior` pseudo-counts spread over the vocabulary as
+    a general text would use it (1000: the most general token weighs ~8 counts, rank 100 ~0.7,
+    rank 1000 ~0.08). prior = 0 is the domain's frequency alone (ε_emb's order); with a prior the
+    tokenizer's most general tokens come in ahead of tokens the counted text used once, and the
+    never-seen tokens are ordered, so a cut can cover what the domain will say next."""
+    rank = general_rank(tokenizer)
+    n = rank.numel()
+    c = torch.zeros(n, dtype=torch.float64)
+    m = min(n, counts.numel())
+    c[:m] = counts.flatten()[:m].double()
+    z = torch.where(torch.isfinite(rank), 1.0 / (rank + ZIPF_OFFSET), torch.zeros_like(rank))
+    z = z / z.sum().clamp_min(1e-300)
+    score = c + prior * z
+    score[~torch.isfinite(rank)] = -1.0  # added tokens: kept only when special
+    return torch.argsort(score, descending=True, stable=True)
+
+
+def ranked_plan(tokenizer, counts: torch.Tensor, n_ranked: int, model, order: torch.Tensor | None = None) -> VocabPlan:
+    """The plan keeping the `n_ranked` best ids of `ranking` (then special, encoding, ancestors)."""
+    order = ranking(tokenizer, counts) if order is None else order
+    chosen = torch.zeros(order.numel(), dtype=torch.bool)
+    chosen[order[:max(0, int(n_ranked))]] = True
+    return plan(tokenizer, counts, 0.0, model, chosen=chosen)
+
+
+def plan_of_size(tokenizer, counts: torch.Tensor, rows: int, model, order: torch.Tensor | None = None) -> VocabPlan:
+    """The ranked plan whose kept rows are closest to `rows` from below (the closure of ancestors
+    makes the size a step function of the ranked count; found by bisection)."""
+    order = ranking(tokenizer, counts) if order is None else order
+    lo, hi = 0, int(order.numel())
+    best = ranked_plan(tokenizer, counts, 0, model, order)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        p = ranked_plan(tokenizer, counts, mid, model, order)
+        if p.keep.numel() <= rows:
+            lo, best = mid, p
+        else:
+            hi = mid - 1
+    return best
+
+
+def choose_cut(model, tokenizer, counts: torch.Tensor, validation: list[str], eval_cfg, tolerance: float,
+               progress=None) -> tuple[VocabPlan, dict]:
+    """The held-out rule: the smallest ranked cut whose bits per byte on `validation` (documents the
+    counts did not see) is within `tolerance` (relative) of the unpruned model's; the cut sizes tried
+    are SIZE_FACTORS × the number of distinct tokens the counted text used. Each candidate is sliced
+    on a copy and scored in full. Returns the plan and a table of every candidate tried."""
+    import copy
+
+    if not validation:
+        raise MinigptError("the held-out vocabulary rule has no validation documents",
+                           "use a corpus with more documents, or prune.vocab_rule = \"seen\"")
+    order = ranking(tokenizer, counts)
+    seen = int((counts > 0).sum())
+    base = _bpb(model, tokenizer, validation, eval_cfg)
+    table = {"validation_bytes": base["bytes"], "validation_documents": len(validation), "tolerance": tolerance,
+             "seen_tokens": seen, "bpb_base": base["bpb"], "candidates": []}
+    rows_total = model.get_input_embeddings().weight.shape[0]
+    chosen, done = None, set()
+    for f in SIZE_FACTORS:
+        n = min(int(round(f * seen)), int(order.numel()))
+        if n in done:
+            continue
+        done.add(n)
+        p = ranked_plan(tokenizer, counts, n, model, order)
+        if p.keep.numel() >= rows_total:
+            break
+        m = copy.deepcopy(model)
+        tok = prune_tokenizer(tokenizer, p)
+        slice_model(m, p)
+        got = _bpb(m, tok, validation, eval_cfg)
+        del m
+        rise = got["bpb"] / base["bpb"] - 1
+        table["candidates"].append({"ranked": n, "rows": int(p.keep.numel()), "bpb": got["bpb"], "rise": rise})
+        if progress:
+            progress(len(table["candidates"]), len(SIZE_FACTORS), 0.0)
+        if rise <= tolerance:
+            chosen = p
+            break
+    if chosen is None:  # no candidate within tolerance: the one that cost least
+        best = min(table["candidates"], key=lambda c: c["rise"]) if table["candidates"] else None
+        chosen = ranked_plan(tokenizer, counts, best["ranked"] if best else int(order.numel()), model, order)
+        table["within_tolerance"] = False
+    else:
+        table["within_tolerance"] = True
+    table["chosen_rows"] = int(chosen.keep.numel())
+    return chosen, table
+
+
 # ---- the rebuilt tokenizer --------------------------------------------------------------------
 def prune_tokenizer(tokenizer, p: VocabPlan):
     """A new tokenizer of the same class holding only the kept tokens, loaded the stock way.
@@ -240,13 +368,19 @@ def prune_tokenizer(tokenizer, p: VocabPlan):
     with tempfile.TemporaryDirectory(prefix="minigpt-vocab-") as d:
         tokenizer.save_pretrained(d)
         Path(d, "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
-        cfg_path = Path(d, "tokenizer_config.json")
-        if cfg_path.exists():
+        kept_text = set(kept) | {t["content"] for t in tj["added_tokens"]}
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            cfg_path = Path(d, name)
+            if not cfg_path.exists():
+                continue
             tc = json.loads(cfg_path.read_text(encoding="utf-8"))
             if isinstance(tc.get("added_tokens_decoder"), dict):
                 tc["added_tokens_decoder"] = {str(o2n[int(k)]): v for k, v in tc["added_tokens_decoder"].items()
                                               if int(k) in o2n}
-                cfg_path.write_text(json.dumps(tc, ensure_ascii=False, indent=2), encoding="utf-8")
+            for key in ("additional_special_tokens", "extra_special_tokens"):  # lists the loader would re-add
+                if isinstance(tc.get(key), list):
+                    tc[key] = [t for t in tc[key] if (t.get("content") if isinstance(t, dict) else t) in kept_text]
+            cfg_path.write_text(json.dumps(tc, ensure_ascii=False, indent=2), encoding="utf-8")
         new = AutoTokenizer.from_pretrained(d)
     new.name_or_path = tokenizer.name_or_path
     expected = {**kept, **{t["content"]: t["id"] for t in tj["added_tokens"]}}
@@ -337,18 +471,19 @@ def _remap_ids(value, o2n: dict[int, int], rows: int):
 
 # ---- the whole step ---------------------------------------------------------------------------
 def prune_vocabulary(model, tokenizer, counts: torch.Tensor | None, threshold: float,
-                     held_out: list[str] | None = None, eval_cfg=None):
+                     held_out: list[str] | None = None, eval_cfg=None, the_plan: VocabPlan | None = None):
     """Structural vocabulary pruning: returns (model sliced in place, new tokenizer, info).
 
     Given the held-out documents and the evaluation settings (`EvaluateConfig`: block size,
     stride, batch size, and `max_tokens`, which caps the documents), it also measures the
     coverage (share of their original tokens that are kept) and bits per byte before and
-    after. Token ids change: the caller re-tokenizes whatever it holds.
+    after. Token ids change: the caller re-tokenizes whatever it holds. `the_plan` (the held-out
+    rule's `choose_cut`) replaces the ε_emb threshold's plan.
     """
     if counts is None:
         raise MinigptError("the calibration statistics hold no token counts",
                            "rerun the calibrate stage: minigpt calibrate SESSION --redo")
-    p = plan(tokenizer, counts, threshold, model)
+    p = the_plan if the_plan is not None else plan(tokenizer, counts, threshold, model)
     info = {"threshold": threshold, "tokenizer_before": p.tokenizer_size, "tokenizer_after": p.new_tokenizer_size,
             "rows_before": p.rows, "rows_after": int(p.keep.numel()), "kept_because": p.reasons,
             "params_before": size.count_params(model)}

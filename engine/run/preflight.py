@@ -108,19 +108,21 @@ def check_model(cfg: RunConfig, out: list[Finding]) -> ModelFacts:
     m = cfg.model
     src = m.source.strip()
     if src.startswith("embedded:"):
-        if src != EMBEDDED_DEFAULT:
-            out.append(Finding("error", f"model.source = {src!r} is not an embedded model",
-                               f"use {EMBEDDED_DEFAULT}, or model.preset = one of: {_model_names()}"))
-            return ModelFacts()
         from engine.models import embedded
 
+        if src not in embedded.names():
+            out.append(Finding("error", f"model.source = {src!r} is not an embedded model",
+                               f"use one of: {', '.join(embedded.names())}, or model.preset = one of: {_model_names()}"))
+            return ModelFacts()
         try:
-            path = embedded.gguf_path()
+            path, n_bytes = embedded.locate(src)  # packages and chunks present; nothing joined yet
         except MinigptError as e:
             out.append(_err(e))
             return ModelFacts()
         facts = _gguf(path, out)
-        facts.context = 8192  # SmolLM2-135M's max_position_embeddings (its GGUF metadata)
+        facts.context = embedded.get(src).context  # max_position_embeddings (its GGUF metadata)
+        if facts.weight_bytes is not None:
+            facts.weight_bytes = n_bytes
         return facts
     p = Path(src).expanduser()
     if src.lower().endswith(".gguf") or p.is_file():

@@ -370,10 +370,23 @@ def _same_on_every_rank(ctx: Context, report: dict) -> None:
 def _prune_vocabulary(ctx: Context, model, stats, threshold: float):
     from engine.prune import vocab
 
+    p = ctx.cfg.prune
+    counts, chosen, rule = stats.token_counts, None, None
+    if p.vocab_rule == "heldout":
+        counts, validation = heldout_counts(ctx, model, p.vocab_validation_tokens)
+        chosen, rule = vocab.choose_cut(model, ctx.tokenizer, counts, validation, ctx.cfg.evaluate, p.vocab_tolerance,
+                                        progress=lambda d, n, r: ctx.rep.progress("prune", d, n, "items",
+                                                                                  phase="vocabulary cut"))
+        ctx.rep.log(f"vocabulary rule heldout: {len(rule['candidates'])} cuts tried on {rule['validation_bytes']:,} "
+                    f"validation bytes; kept {rule['chosen_rows']:,} rows")
     # the kept ids (the same plan prune_vocabulary makes): distillation maps the student's ids to the teacher's
-    ctx.vocab_keep = vocab.plan(ctx.tokenizer, stats.token_counts, threshold, model).keep
-    model, ctx.tokenizer, info = vocab.prune_vocabulary(model, ctx.tokenizer, stats.token_counts, threshold,
-                                                        held_out=ctx.domain().eval_texts, eval_cfg=ctx.cfg.evaluate)
+    ctx.vocab_keep = (chosen or vocab.plan(ctx.tokenizer, counts, threshold, model)).keep
+    model, ctx.tokenizer, info = vocab.prune_vocabulary(model, ctx.tokenizer, counts, threshold,
+                                                        held_out=ctx.domain().eval_texts, eval_cfg=ctx.cfg.evaluate,
+                                                        the_plan=chosen)
+    info["rule"] = p.vocab_rule
+    if rule is not None:
+        info["heldout"] = rule
     ctx.data = None  # the splits hold old ids: rebuilt with the new tokenizer on next use
     rep = ctx.rep
     rep.log(f"vocabulary {info['tokenizer_before']:,} → {info['tokenizer_after']:,} tokens "
@@ -387,6 +400,32 @@ def _prune_vocabulary(ctx: Context, model, stats, threshold: float):
         rep.metric("prune", label, "vocab_bpb", round(info[k], 6), protocol=info["bpb_protocol"])
     rep.section("vocab", info)
     return model
+
+
+def heldout_counts(ctx: Context, model, validation_tokens: int):
+    """For the held-out vocabulary rule: token counts over the calibration stream and the finetune
+    split's documents but the last ones, which (up to `validation_tokens` tokens) are held back as
+    the validation documents the cut is sized on. Both are disjoint from the evaluate split."""
+    import torch
+
+    from engine.data import domain as data_mod
+    from engine.prune import calibrate as cal_mod
+    from engine.prune import vocab as vocab_mod
+
+    d = ctx.domain()
+    docs = list(d.finetune_texts or [])
+    held, n = [], 0
+    while docs and n < validation_tokens:
+        t = docs.pop()
+        held.insert(0, t)
+        n += len(ctx.tokenizer(t, add_special_tokens=False)["input_ids"])
+    if not docs and not d.calibrate.numel():
+        raise MinigptError("the held-out vocabulary rule leaves no text to count",
+                           "lower prune.vocab_validation_tokens or use a larger corpus")
+    held = vocab_mod.held_out_texts(ctx.tokenizer, held, validation_tokens)  # a long last document is cut
+    ids = torch.cat([d.calibrate, data_mod.tokenize(ctx.tokenizer, docs)])
+    rows = max(model.get_input_embeddings().weight.shape[0], len(ctx.tokenizer))
+    return cal_mod.token_counts(ids, rows), held
 
 
 def _calib_blocks(ctx: Context):

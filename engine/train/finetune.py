@@ -84,6 +84,31 @@ class MaskKeeper:
         return bool(self.pairs)
 
 
+def chunked_ce(model, batch: torch.Tensor) -> torch.Tensor | None:
+    """Mean next-token cross-entropy of `batch` [B, L] through the model's body and its LM head in
+    chunks of rows (`perplexity.head_chunk`), each under non-reentrant activation checkpointing: a
+    chunk's logits exist only while its loss (forward) or its gradient (backward) is computed. The
+    same value as `model(labels=batch).loss` (fp32 logits, the mean over B·(L-1) targets) up to the
+    summation order. None when the model does not expose its body and head."""
+    from torch.utils.checkpoint import checkpoint
+
+    from engine.evaluate.perplexity import decoder_and_head, head_chunk
+
+    dec, head = decoder_and_head(model)
+    if dec is None:
+        return None
+    hidden = dec(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    target = batch[:, 1:].reshape(-1)
+
+    def part(h, t):
+        return torch.nn.functional.cross_entropy(head(h).float(), t, reduction="sum")
+
+    chunk = head_chunk(head)
+    total = sum(checkpoint(part, h, t, use_reentrant=False) for h, t in zip(hidden.split(chunk), target.split(chunk)))
+    return total / max(target.numel(), 1)
+
+
 def _masks_by_param(model, masks: dict) -> dict[int, torch.Tensor]:
     by_id = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -300,7 +325,7 @@ class Finetuner:
             with sync:
                 if self.teacher is None:
                     with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                        loss = self.forward(input_ids=batch, labels=batch, use_cache=False).loss / cfg.grad_accum
+                        loss = self._ce_loss(batch) / cfg.grad_accum
                 else:
                     loss, kl, ce = self._kd_loss(batch)
                     kl_sum += float(kl) / cfg.grad_accum
@@ -323,6 +348,20 @@ class Finetuner:
         if self.teacher is not None:
             out.update(kl=d.mean(kl_sum), ce=d.mean(ce_sum) if cfg.kd_ce_weight > 0 else None)
         return out
+
+    def _ce_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """The next-token cross-entropy (mean over the batch's tokens). Where the batch's logits would
+        exceed `HEAD_CHUNK_ELEMENTS` (a 262k vocabulary: 256 tokens), and the model is not DDP-wrapped,
+        the LM head runs a chunk of rows at a time under activation checkpointing (`chunked_ce`), so
+        neither the forward nor the backward holds tokens × vocabulary logits; else the model's own loss."""
+        from engine.evaluate.perplexity import HEAD_CHUNK_ELEMENTS
+
+        rows = self.model.get_output_embeddings().weight.shape[0]
+        if not self.dist.on and batch.numel() * rows > HEAD_CHUNK_ELEMENTS:
+            loss = chunked_ce(self.model, batch)
+            if loss is not None:
+                return loss
+        return self.forward(input_ids=batch, labels=batch, use_cache=False).loss
 
     def _kd_loss(self, batch: torch.Tensor):
         """This micro-batch's distillation loss (÷ grad_accum): the teacher's logits on the fly, then

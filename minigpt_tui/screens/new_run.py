@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 MODEL_PRESETS = [
     ("embedded:smollm2 (tiny, offline)", "embedded:smollm2"),
+    ("embedded:gemma3-270m (offline, setup.sh --gemma)", "embedded:gemma3-270m"),
     ("microsoft/phi-1_5", "microsoft/phi-1_5"),
     ("facebook/opt-1.3b", "facebook/opt-1.3b"),
     ("princeton-nlp/Sheared-LLaMA-1.3B", "princeton-nlp/Sheared-LLaMA-1.3B"),

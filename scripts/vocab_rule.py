@@ -1,0 +1,95 @@
+"""The held-out vocabulary keep rule against ε_emb = 0, on held-out documents neither rule counted.
+
+Three document-disjoint sets (engine.data.domain's seeded split, plus a hold-back):
+* counted: the calibration stream (--calib-tokens) and the finetune split's documents but the last;
+* validation: those last finetune documents (--validation-tokens), which only the held-out rule reads,
+  to size its cut;
+* held-out: the evaluate split, cut at --eval-tokens (base tokenizer), which neither rule sees.
+Rows: the base model; ε_emb = 0 (keep what the counted text used); the held-out rule's ranking cut
+to the same number of rows as ε_emb = 0 (the same size, so only the choice of tokens differs); the
+held-out rule at the size it chooses itself (smallest cut within --tolerance on the validation
+documents). Every row: parameters, vocabulary rows, held-out bits per byte, the relative change.
+
+Usage: python scripts/vocab_rule.py --model embedded:smollm2 --corpus builtin:licenses [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+
+from engine import config as config_mod
+from engine.data import domain as data_mod
+from engine.evaluate import perplexity
+from engine.models import load as models
+from engine.models import size
+from engine.prune import calibrate as cal_mod
+from engine.prune import vocab
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="embedded:smollm2")
+    ap.add_argument("--corpus", default="builtin:licenses")
+    ap.add_argument("--calib-tokens", type=int, default=65536)
+    ap.add_argument("--validation-tokens", type=int, default=4096)
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--block", type=int, default=512)
+    ap.add_argument("--tolerance", type=float, default=0.01)
+    ap.add_argument("--json", default="")
+    a = ap.parse_args()
+    t0 = time.time()
+    model, tok, _ = models.load(config_mod.ModelConfig(source=a.model, device="cpu", dtype="float32"))
+    d = data_mod.DomainData.build(config_mod.DataConfig(source=a.corpus), tok, max_calib=a.calib_tokens,
+                                  max_eval=1)
+    docs, held, n = list(d.finetune_texts), [], 0
+    while docs and n < a.validation_tokens:
+        t = docs.pop()
+        held.insert(0, t)
+        n += len(tok(t, add_special_tokens=False)["input_ids"])
+    held = vocab.held_out_texts(tok, held, a.validation_tokens)  # the last document may be long: cut it
+    rows0 = max(model.get_input_embeddings().weight.shape[0], len(tok))
+    counted = torch.cat([d.calibrate, data_mod.tokenize(tok, docs)])
+    counts = cal_mod.token_counts(counted, rows0)
+    texts = vocab.held_out_texts(tok, d.eval_texts, a.eval_tokens)
+    e = config_mod.EvaluateConfig(block_size=a.block, max_tokens=0, batch_size=4)
+
+    def bpb(m, t):
+        return perplexity.bits_per_byte(m, t, texts, a.block, 0, 4)
+
+    out = {"model": a.model, "corpus": a.corpus, "counted_tokens": int(counted.numel()),
+           "validation_documents": len(held), "validation_tokens": n,
+           "eval_documents": len(texts), "eval_bytes": sum(len(t.encode()) for t in texts), "rows": {}}
+    base = bpb(model, tok)
+    out["rows"]["base"] = {"params": size.count_params(model), "vocab": rows0, "bpb": base["bpb"]}
+    print(json.dumps(out["rows"]["base"]), flush=True)
+
+    def row(name, p, extra=None):
+        m = copy.deepcopy(model)
+        m, t, info = vocab.prune_vocabulary(m, tok, counts, 0.0, the_plan=p)
+        r = {"params": size.count_params(m), "vocab": int(p.keep.numel()), "bpb": bpb(m, t)["bpb"],
+             "coverage": vocab.coverage(tok, texts, p), "kept_because": p.reasons, **(extra or {})}
+        r["bpb_change"] = r["bpb"] / base["bpb"] - 1
+        out["rows"][name] = r
+        print(name, json.dumps(r), f"{time.time() - t0:.0f}s", flush=True)
+        del m
+
+    p0 = vocab.plan(tok, counts, 0.0, model)
+    row("eps0", p0)
+    row("heldout_same_size", vocab.plan_of_size(tok, counts, int(p0.keep.numel()), model))
+    chosen, table = vocab.choose_cut(model, tok, counts, held, e, a.tolerance)
+    row("heldout_chosen", chosen, {"validation": table})
+    out["seconds"] = round(time.time() - t0, 1)
+    if a.json:
+        from engine import atomic
+
+        atomic.write_json(a.json, out)
+    print(json.dumps(out, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
