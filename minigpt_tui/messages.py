@@ -14,10 +14,12 @@ class SessionsLoaded(Message):
 
     rows: list[dict]
     error: str | None = None
+    generation: int = 0  # the order the listings were asked for (worker threads may finish out of order)
 
     def can_replace(self, message: Message) -> bool:
-        # An older listing still in the queue is stale: drop it.
-        return isinstance(message, SessionsLoaded)
+        # Textual asks the queued-earlier message whether the one behind it may supersede it:
+        # only a listing asked for no earlier may (one asked earlier is stale, and dropped on arrival).
+        return isinstance(message, SessionsLoaded) and message.generation >= self.generation
 
 
 @dataclass

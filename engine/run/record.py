@@ -186,7 +186,7 @@ RESULTS: dict[str, Section] = {s.name: s for s in (
     Section("vocab", "structural vocabulary pruning", (
         "threshold", "tokenizer_before", "tokenizer_after", "rows_before", "rows_after", "kept_because",
         "params_before", "params_after", "params_saved", "coverage", "bpb_before", "bpb_after",
-        "eval_tokens_before", "eval_tokens_after", "bpb_protocol")),
+        "eval_tokens_before", "eval_tokens_after", "bpb_protocol", "rule")),
     Section("finetune", "recovery fine-tuning", (
         "steps", "total_steps", "tokens", "tokens_per_s", "train_seconds", "stopped_because", "final_loss",
         "base_ppl", "target_ppl", "curve", "epochs", "block_size", "batch_size", "grad_accum", "lr", "schedule",

@@ -72,6 +72,8 @@ class SessionsScreen(Screen):
         self.filter_text = ""
         self.loaded = False
         self._wide: bool | None = None
+        self._asked = 0  # listings asked for, and the newest one shown
+        self._shown = 0
 
     # ---- layout ----------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -123,17 +125,21 @@ class SessionsScreen(Screen):
             self.action_reload()
 
     def action_reload(self) -> None:
-        self._load(self.app.root)
+        self._asked += 1
+        self._load(self.app.root, self._asked)
 
     @work(thread=True, exclusive=True, group="sessions-list", exit_on_error=False)
-    def _load(self, root: Path) -> None:
+    def _load(self, root: Path, generation: int = 0) -> None:
         try:
             rows, err = session_rows(root), None
         except (OSError, MinigptError) as e:
             rows, err = [], str(e)
-        self.post_message(SessionsLoaded(rows, err))
+        self.post_message(SessionsLoaded(rows, err, generation))
 
     def on_sessions_loaded(self, msg: SessionsLoaded) -> None:
+        if msg.generation < self._shown:  # read before a newer listing that is already shown
+            return
+        self._shown = msg.generation
         changed = msg.rows != self.rows or not self.loaded
         self.rows = msg.rows
         self.loaded = True

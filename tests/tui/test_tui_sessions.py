@@ -97,6 +97,24 @@ async def test_delete_asks_first_and_only_yes_deletes(root, make_app):
         assert "opt-licenses-mask" not in [r["id"] for r in screen.rows]
 
 
+async def test_a_listing_read_earlier_never_replaces_a_newer_one(root, make_app):
+    """Listing threads can finish out of order (CI: a listing read before a delete landed after it)."""
+    from minigpt_tui.messages import SessionsLoaded
+
+    standard_root(root)
+    app = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await _home(pilot)
+        rows = list(screen.rows)
+        newest = screen._asked
+        screen.post_message(SessionsLoaded(rows[:2], None, newest + 2))  # asked later, arrives first
+        screen.post_message(SessionsLoaded(rows, None, newest + 1))  # asked earlier, arrives last
+        await wait_for(pilot, lambda: screen._shown == newest + 2)
+        await pilot.pause(0.1)
+        assert [r["id"] for r in screen.rows] == [r["id"] for r in rows[:2]]
+        assert screen.query_one(DataTable).row_count == 2
+
+
 async def test_cannot_delete_a_running_session(root, make_app):
     s = make_session(root, "live", finished_events()[:10], status="running", stage="calibrate",
                      completed=["baseline"], updated=NOW)
