@@ -40,20 +40,6 @@ def held_out(cfg, tok):
     return d.evaluate.flatten()
 
 
-def base_importance(cfg, model, tok, n_tokens):
-    """The base model's importance matrix from the same calibration documents (its own tokenizer)."""
-    import dataclasses
-
-    from engine.data.domain import blocks
-    from engine.models import gguf
-    from engine.run import stages
-
-    c = dataclasses.replace(cfg, calibrate=dataclasses.replace(cfg.calibrate, max_tokens=n_tokens))
-    block = min(cfg.calibrate.block_size, n_tokens)
-    return gguf.importance(model, blocks(stages.load_domain(c, cfg.data, tok, block).calibrate, block),
-                           cfg.calibrate.batch_size)
-
-
 def engine_ppl(model, ids, block):
     from engine.evaluate import perplexity
 
@@ -140,7 +126,7 @@ def main():
         files = {"pruned": export_mod.export(s, "gguf", quant, pad_uniform=pad, imatrix_tokens=im,
                                              out=out / f"{s.id}-{quant}{tag}.gguf").path,
                  "base": gguf.export(base, btok, out / f"base-{quant}{'-im' if im else ''}.gguf", quant,
-                                     imatrix=base_importance(cfg, base, btok, im) if im else None).path}
+                                     imatrix=export_mod.importance(cfg, base, btok, im) if im else None).path}
         ppl, llms = {}, {}
         for k, f in files.items():
             llm = llama_cpp.Llama(str(f), logits_all=True, n_ctx=block, n_threads=2, n_batch=512, verbose=False)

@@ -80,7 +80,7 @@ def export(session: Session, fmt: str = "gguf", quant: str = "f16", pad_uniform:
     except (OSError, ValueError) as e:
         raise MinigptError(f"cannot load the tokenizer of {session.model_dir}: {str(e).splitlines()[0][:200]}",
                            "the model folder needs its tokenizer files") from None
-    imatrix = _importance(session, model, tok, imatrix_tokens, say) if imatrix_tokens else None
+    imatrix = importance(session.config(), model, tok, imatrix_tokens, say) if imatrix_tokens else None
     try:
         return gguf.export(model, tok, path, quant, pad_uniform=pad_uniform, progress=progress, log=log,
                            imatrix=imatrix)
@@ -94,8 +94,9 @@ def export(session: Session, fmt: str = "gguf", quant: str = "f16", pad_uniform:
         raise MinigptError(f"cannot write {path}: {e.strerror or e}", "check the folder and its permissions") from None
 
 
-def _importance(session: Session, model, tok, n_tokens: int, say) -> dict:
-    """llama.cpp's importance matrix from `n_tokens` of the session's calibration split."""
+def importance(cfg, model, tok, n_tokens: int, say=None) -> dict:
+    """llama.cpp's importance matrix from `n_tokens` of a run's calibration split (`cfg`'s data,
+    tokenized by `tok`: the session's own model, or the base model beside it in a benchmark)."""
     import dataclasses
 
     from engine.data.domain import blocks
@@ -103,7 +104,6 @@ def _importance(session: Session, model, tok, n_tokens: int, say) -> dict:
     from engine.models.adapters import model_context
     from engine.run import stages
 
-    cfg = session.config()
     block = max(1, min(cfg.calibrate.block_size, model_context(model), n_tokens))
     cfg = dataclasses.replace(cfg, calibrate=dataclasses.replace(cfg.calibrate, max_tokens=n_tokens))
     d = stages.load_domain(cfg, cfg.data, tok, block)
@@ -111,5 +111,6 @@ def _importance(session: Session, model, tok, n_tokens: int, say) -> dict:
     if len(b) == 0:
         raise MinigptError(f"the calibration split of {cfg.data.source} has fewer than {block} tokens",
                            "lower --imatrix or add documents")
-    say(f"importance matrix from {b.numel():,} calibration tokens of {cfg.data.source}")
+    if say:
+        say(f"importance matrix from {b.numel():,} calibration tokens of {cfg.data.source}")
     return gguf.importance(model, b, cfg.calibrate.batch_size)
