@@ -1,9 +1,9 @@
 """Export a finished session's model as one GGUF file (issue 14 in the workbench): choose the
-format and the quantisation, optionally pad every layer to one width, watch the blocks being
-written, then read the file's path and size.
+format and the quantisation, optionally an importance matrix to guide it, optionally pad every
+layer to one width, watch the blocks being written, then read the file's path and size.
 
-The export is `minigpt export SESSION --format gguf --quant Q [--pad-uniform] --out PATH
---progress`, run as a child process by a thread worker that only reads its output and posts
+The export is `minigpt export SESSION --format gguf --quant Q [--imatrix N] [--pad-uniform]
+--out PATH --progress`, run as a child process by a thread worker that only reads its output and posts
 `ExportProgress` / `ExportFinished` (harlequin's rule: workers post, handlers change widgets).
 So torch and transformers load in the child, never in the app (the import contract holds and
 the UI stays responsive while the weights are converted); the error is the CLI's own one line
@@ -43,19 +43,25 @@ QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s"
           "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 QUANT_HINTS = {"f32": "exact, 4 bytes/weight", "f16": "exact to f16, written directly",
                "q8_0": "8.5 bits/weight, llama.cpp's quantizer", "q4_k_m": "~4.8 bits/weight, the usual pick"}
+DIRECT = ("f32", "f16")  # engine.models.gguf.DIRECT: written directly, nothing to guide (a test keeps them equal)
+# --imatrix N: the mean square of every matmul input over N tokens of the session's calibration split
+IMATRIX = [("none", 0), ("1,024 calibration tokens", 1024), ("4,096 calibration tokens (measured best here)", 4096),
+           ("16,384 calibration tokens", 16384)]
 EXPORT_DIR = "export"  # engine.run.export.EXPORT_DIR: the session's own export folder
 REPO = Path(__file__).resolve().parents[2]
 
 
-def target_path(session: session_mod.Session, quant: str, pad_uniform: bool) -> Path:
+def target_path(session: session_mod.Session, quant: str, pad_uniform: bool, imatrix: int = 0) -> Path:
     """Where the file goes (engine.run.export.default_path's name, passed explicitly as --out)."""
-    return (session.path / EXPORT_DIR / f"{session.id}-{quant}{'-uniform' if pad_uniform else ''}.gguf").resolve()
+    tag = ("-uniform" if pad_uniform else "") + (f"-im{imatrix}" if imatrix else "")
+    return (session.path / EXPORT_DIR / f"{session.id}-{quant}{tag}.gguf").resolve()
 
 
-def export_command(session: session_mod.Session, fmt: str, quant: str, pad_uniform: bool, out: Path) -> list[str]:
+def export_command(session: session_mod.Session, fmt: str, quant: str, pad_uniform: bool, out: Path,
+                   imatrix: int = 0) -> list[str]:
     cmd = [sys.executable, "-m", "minigpt_tui.cli", "export", str(session.path.resolve()), "--format", fmt,
            "--quant", quant, "--out", str(out), "--progress"]
-    return cmd + (["--pad-uniform"] if pad_uniform else [])
+    return cmd + (["--pad-uniform"] if pad_uniform else []) + (["--imatrix", str(imatrix)] if imatrix else [])
 
 
 class ExportScreen(ModalScreen[None]):
@@ -88,6 +94,9 @@ class ExportScreen(ModalScreen[None]):
                 yield Select([(f"{q}  ({QUANT_HINTS[q]})" if q in QUANT_HINTS else q, q) for q in QUANTS],
                              value="f16", allow_blank=False, id="x-quant", compact=True)
             with Horizontal(classes="field-row"):
+                yield Label("importance", classes="field-label")
+                yield Select(IMATRIX, value=0, allow_blank=False, id="x-imatrix", compact=True)
+            with Horizontal(classes="field-row"):
                 yield Label("", classes="field-label")
                 yield Tick("pad every layer to the widest (plain llama file)", False, id="x-pad", compact=True)
             yield Static("", id="export-target", markup=False)
@@ -102,16 +111,20 @@ class ExportScreen(ModalScreen[None]):
         self._update_target()
         self.query_one("#x-quant", Select).focus()
 
-    def choice(self) -> tuple[str, str, bool]:
+    def choice(self) -> tuple[str, str, bool, int]:
+        """(format, quantisation, pad, importance-matrix tokens); no matrix for f32/f16."""
         fmt = self.query_one("#x-format", Select).value
-        quant = self.query_one("#x-quant", Select).value
-        return str(fmt), str(quant), bool(self.query_one("#x-pad", Tick).value)
+        quant = str(self.query_one("#x-quant", Select).value)
+        imatrix = 0 if quant in DIRECT else int(self.query_one("#x-imatrix", Select).value)
+        return str(fmt), quant, bool(self.query_one("#x-pad", Tick).value), imatrix
 
     @on(Select.Changed)
     @on(Tick.Changed)
     def _update_target(self) -> None:
-        _fmt, quant, pad = self.choice()
-        self.query_one("#export-target", Static).update(f"to {target_path(self.session, quant, pad)}")
+        _fmt, quant, pad, imatrix = self.choice()
+        if not self.running:  # the matrix only guides llama.cpp's quantizer: f32/f16 have none
+            self.query_one("#x-imatrix", Select).disabled = quant in DIRECT
+        self.query_one("#export-target", Static).update(f"to {target_path(self.session, quant, pad, imatrix)}")
 
     @on(Button.Pressed, "#x-start")
     def _start_pressed(self) -> None:
@@ -125,16 +138,17 @@ class ExportScreen(ModalScreen[None]):
     def action_start(self) -> None:
         if self.running:
             return
-        fmt, quant, pad = self.choice()
-        out = target_path(self.session, quant, pad)
+        fmt, quant, pad, imatrix = self.choice()
+        out = target_path(self.session, quant, pad, imatrix)
         self.running, self.result, self.lines, self.blocks = True, None, [], []
         for w in self.query("Select, Tick, #x-start"):
             w.disabled = True
         bar = self.query_one("#export-progress", ProgressBar)
         bar.update(total=None, progress=0)
         bar.display = True
-        self._status(f"exporting as {fmt} {quant}{' (padded uniform)' if pad else ''}: loading the model…")
-        self._run(export_command(self.session, fmt, quant, pad, out), out)
+        how = (" (padded uniform)" if pad else "") + (f", importance matrix from {imatrix:,} tokens" if imatrix else "")
+        self._status(f"exporting as {fmt} {quant}{how}: loading the model…")
+        self._run(export_command(self.session, fmt, quant, pad, out, imatrix), out)
 
     @work(thread=True, exclusive=True, group="export", exit_on_error=False)
     def _run(self, cmd: list[str], out: Path) -> None:
@@ -184,6 +198,7 @@ class ExportScreen(ModalScreen[None]):
         self.running, self.result, self._proc = False, msg, None
         for w in self.query("Select, Tick, #x-start"):
             w.disabled = False
+        self._update_target()  # the importance select stays off for f32/f16
         bar = self.query_one("#export-progress", ProgressBar)
         status = self.query_one("#export-status", Static)
         if msg.error:

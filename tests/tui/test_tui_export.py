@@ -9,7 +9,7 @@ import pytest
 from textual.widgets import ProgressBar, Select
 
 from minigpt_tui.messages import ExportFinished, ExportProgress
-from minigpt_tui.screens.export import QUANTS, ExportScreen, target_path
+from minigpt_tui.screens.export import DIRECT, QUANTS, ExportScreen, export_command, target_path
 from minigpt_tui.screens.sessions import SessionsScreen
 from minigpt_tui.widgets import Tick
 from tui_helpers import finished_events, make_session, screen_text, wait_for
@@ -19,6 +19,7 @@ def test_the_dialog_offers_what_minigpt_export_accepts():
     from engine.models import gguf
 
     assert QUANTS == gguf.FORMATS
+    assert set(DIRECT) == set(gguf.DIRECT)
 
 
 def finished_with_model(root, name: str, family: str = "llama"):
@@ -134,3 +135,56 @@ async def test_messages_drive_the_dialog(root, make_app):
         assert "1.2 MB (1,234,567 bytes)" in screen_text(app)
         await pilot.press("escape")
         assert not isinstance(app.screen, ExportScreen)
+
+
+async def test_the_importance_matrix_is_offered_for_quantised_types_only(root, make_app):
+    """f32/f16 are written directly: the importance select is off and no --imatrix goes out; a
+    quantised type turns it on, and the target file and the command carry the choice."""
+    s = finished_with_model(root, "tiny-llama")
+    app = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        dialog = await _open_dialog(pilot, "tiny-llama")
+        im = dialog.query_one("#x-imatrix", Select)
+        assert im.disabled and dialog.choice()[3] == 0
+        dialog.query_one("#x-quant", Select).value = "q4_k_m"
+        await pilot.pause()
+        assert not im.disabled
+        im.value = 4096
+        await pilot.pause()
+        out = target_path(s, "q4_k_m", False, 4096)
+        assert out.name == "tiny-llama-q4_k_m-im4096.gguf" and _text(dialog, "#export-target") == f"to {out}"
+        assert dialog.choice() == ("gguf", "q4_k_m", False, 4096)
+        dialog.query_one("#x-quant", Select).value = "f16"
+        await pilot.pause()
+        assert im.disabled and dialog.choice()[3] == 0 and _text(dialog, "#export-target").endswith("-f16.gguf")
+    cmd = export_command(s, "gguf", "q4_k_m", False, out, 4096)
+    assert cmd[cmd.index("--imatrix") + 1] == "4096" and "--imatrix" not in export_command(s, "gguf", "f16", False, out)
+
+
+@pytest.mark.process
+async def test_export_q4_k_m_with_an_importance_matrix_from_the_dialog_loads_in_llama_cpp(root, make_app):
+    """The dialog's importance choice reaches the real `minigpt export --imatrix`: the guided file
+    is written under its own name, llama.cpp loads it, and its log names the calibration tokens."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python: ./scripts/setup.sh --dev builds it")
+    s = finished_with_model(root, "tiny-llama")
+    app = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        dialog = await _open_dialog(pilot, "tiny-llama")
+        dialog.query_one("#x-quant", Select).value = "q4_k_m"
+        await pilot.pause()
+        dialog.query_one("#x-imatrix", Select).value = 1024
+        await pilot.pause()
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: dialog.result is not None, timeout=240)
+        res = dialog.result
+        assert res.error is None, res.error
+        out = target_path(s, "q4_k_m", False, 1024)
+        assert res.path == str(out) and out.is_file()
+        assert any("importance matrix from" in line and "calibration tokens" in line for line in dialog.lines), \
+            dialog.lines
+    llm = llama_cpp.Llama(str(out), n_ctx=64, verbose=False)
+    try:
+        assert llm.n_vocab() == 320
+        llm.eval([1, 2, 3])
+    finally:
+        llm.close()
