@@ -118,11 +118,16 @@ class CompareScreen(Screen):
         self.rows = msg.rows
         self.curves = msg.curves
         self.run_styles = stable_styles([r["id"] for r in self.rows])
-        self.loaded = True
         for err in msg.errors:
             self.notify(err, severity="error")
         self._render_table()
         self._render_curves()
+        # loaded once the table has been laid out and painted (DataTable sizes its columns on
+        # idle), so a reader of `loaded` (tests, snapshots) never sees a half-drawn table
+        self.call_after_refresh(self._mark_loaded)
+
+    def _mark_loaded(self) -> None:
+        self.loaded = True
 
     # ---- curves ------------------------------------------------------------------
     def _series(self, key: str) -> list[tuple[str, str, list]]:
