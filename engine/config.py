@@ -85,7 +85,7 @@ class PruneConfig:
     allocation: str = "per_layer"  # per_layer | global | sensitivity (ratio rule)
     min_keep: int = 8  # neurons kept in every MLP at least
     allow_layer_collapse: bool = False  # clamp to min_keep instead of failing
-    round_to: int = 1  # kept widths rounded to a multiple of this
+    round_to: int = 1  # kept widths multiples of this (ratio rule: up or down, the total kept at the ratio)
     compensation: str = "none"  # none | bias (FLAP: mean into the output bias) | lstsq (refit down_proj)
     damping: float = 0.001  # lstsq/obs ridge, as a fraction of the mean Gram diagonal (measured: 1e-3 beats 1e-2)
     sequential: bool = False  # layer by layer, each calibrated on the already pruned layers' outputs

@@ -65,7 +65,7 @@ def select(model, stats: Stats, cfg: PruneConfig, seed: int = 0, sensitivities: 
         order = [torch.argsort(s, descending=True, stable=True) for s in scores]
         keep = [o[:k] for o, k in zip(order, keep_n)]
     # minimum width and rounding
-    final = []
+    floors = []
     for i, (k, o, w) in enumerate(zip(keep, order, widths)):
         n = k.numel()
         if n < cfg.min_keep:
@@ -76,14 +76,41 @@ def select(model, stats: Stats, cfg: PruneConfig, seed: int = 0, sensitivities: 
                     f"prune.{what} would leave layer {i} ({mlps[i].name}) with {n} of {w} neurons (minimum {cfg.min_keep})",
                     "lower the threshold, or set prune.allow_layer_collapse = true to keep the top min_keep neurons")
             k = o[: min(cfg.min_keep, w)]
+        floors.append(k)
+    targets = _rounded([k.numel() for k in floors], widths, cfg)
+    final = []
+    for k, o, target in zip(floors, order, targets):
         n = k.numel()
-        target = min(w, int(math.ceil(n / cfg.round_to) * cfg.round_to))
-        if target != n:  # rounding up adds back the best-scoring pruned neurons
+        if target > n:  # rounding up adds back the best-scoring pruned neurons
             kept = set(k.tolist())
             extra = [j for j in o.tolist() if j not in kept][: target - n]
             k = torch.tensor(sorted(kept | set(extra)), dtype=torch.long)
+        elif target < n:  # rounding down (ratio rule) drops the lowest-scoring kept ones
+            kept = set(k.tolist())
+            k = torch.tensor([j for j in o.tolist() if j in kept][:target], dtype=torch.long)
         final.append(torch.sort(k).values)
     return Plan(final, widths)
+
+
+def _rounded(counts: list[int], widths: list[int], cfg: PruneConfig) -> list[int]:
+    """Kept widths as multiples of `round_to`. The threshold rule rounds every layer up (a
+    neuron over the threshold is never dropped). The ratio rule keeps its promise: layers are
+    rounded up or down by largest remainder so the total stays within round_to / 2 of what the
+    ratio asks (rounding 30% per layer up to multiples of 256 kept 79% of SmolLM2's neurons)."""
+    r = max(1, cfg.round_to)
+    up = [min(w, int(math.ceil(n / r) * r)) for n, w in zip(counts, widths)]
+    if r == 1 or cfg.rule != "ratio":
+        return up
+    least = [min(w, int(math.ceil(min(cfg.min_keep, w) / r) * r)) for w in widths]
+    out = [max(lo, (n // r) * r) for n, lo in zip(counts, least)]
+    left = int(math.floor(sum(counts) / r + 0.5)) * r - sum(out)  # half up, not to even
+    for i in sorted(range(len(counts)), key=lambda i: (-(counts[i] - out[i]), i)):
+        if left <= 0:
+            break
+        if up[i] > out[i]:
+            left -= up[i] - out[i]
+            out[i] = up[i]
+    return out
 
 
 def _ratio_counts(scores, widths, cfg: PruneConfig, sensitivities=None) -> list[int]:
