@@ -85,9 +85,14 @@ def test_with_a_vocabulary_cut_the_teacher_is_renormalised_over_the_kept_ids():
     ids = torch.randint(0, 120, (2, 9))  # student ids
     with torch.no_grad():
         full = teacher_model(input_ids=keep[ids]).logits  # the teacher reads the student's text in its own ids
-    torch.testing.assert_close(teacher.logits(ids), full, rtol=0, atol=0)
+    # only the kept columns are computed (the head's kept rows), in the student's order
+    assert teacher.logits(ids).shape == (2, 9, 120)
+    torch.testing.assert_close(teacher.logits(ids), full[..., keep], rtol=1e-5, atol=1e-5)
     s = torch.randn(2, 9, 120, requires_grad=True)
-    loss, kl, _ = distill.kd_loss(s, teacher.logits(ids), ids, temperature=1.5, keep=teacher.keep)
+    loss, kl, _ = distill.kd_loss(s, teacher.logits(ids), ids, temperature=1.5)
+    # the same as cutting the full teacher's logits inside the loss (`keep=`)
+    _, kl_cut, _ = distill.kd_loss(s, full, ids, temperature=1.5, keep=keep)
+    assert abs(float(kl) - float(kl_cut)) <= 1e-5 * float(kl_cut)
     # by hand: the teacher's probabilities of the kept ids, divided by their sum
     p = torch.softmax(full.double() / 1.5, -1)[..., keep]
     p = p / p.sum(-1, keepdim=True)
@@ -115,10 +120,11 @@ def test_a_student_that_only_lost_vocabulary_rows_has_kl_zero_to_its_renormalise
     ids = torch.tensor([new_tok(tiny.TEXT[:200])["input_ids"][:40]])
     with torch.no_grad():
         s = student(input_ids=ids).logits
-    _, kl, _ = distill.kd_loss(s, teacher.logits(ids), ids, keep=teacher.keep)
+    _, kl, _ = distill.kd_loss(s, teacher.logits(ids), ids)
     assert abs(float(kl)) < 1e-5
     # without the renormalisation (the teacher's softmax over all its ids, cut afterwards) it is not 0
-    p = torch.softmax(teacher.logits(ids).double(), -1)[..., keep]
+    with torch.no_grad():
+        p = torch.softmax(teacher_model(input_ids=keep[ids]).logits.double(), -1)[..., keep]
     wrong = (p * (p.log() - torch.log_softmax(s.double(), -1))).sum(-1).mean()
     assert abs(float(wrong)) > 1e-3
 
@@ -354,3 +360,24 @@ def test_switching_the_control_on_later_runs_it_on_a_redo_of_evaluate(tmp_path):
     res = s.results()
     assert s.status() == "done" and res["control"]["steps"] == res["finetune"]["steps"] == 3
     assert res["control"]["loss"] == "ce" and res["models"]["control"]["ppl"] > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "phi", "gpt2", "gemma3"])
+def test_the_teachers_kept_columns_equal_its_full_logits_cut(family):
+    """Bias (Phi's LM head), tied heads (GPT-2), the soft-cap (a Gemma 3 config with one set):
+    the kept-rows head gives the full forward's logits at the kept ids."""
+    model = tiny.model(family, seed=6)
+    if family == "gemma3":
+        model.config.final_logit_softcapping = 3.0  # small, so the cap changes the logits
+    v = model.get_input_embeddings().weight.shape[0]
+    keep = torch.tensor(sorted(torch.randperm(v, generator=torch.Generator().manual_seed(1))[:50].tolist()))
+    teacher = distill.Teacher(model, keep=keep, student_vocab=50)
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        full = model(input_ids=keep[ids]).logits
+    got = teacher.logits(ids)
+    torch.testing.assert_close(got, full[..., keep], rtol=1e-5, atol=1e-5)
+    if family == "gemma3":  # the cap was in force: the raw head gives other logits
+        with torch.no_grad():
+            raw = model.get_output_embeddings()(model.get_decoder()(input_ids=keep[ids]).last_hidden_state)
+        assert (raw - full).abs().max() > 1e-2

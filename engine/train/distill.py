@@ -11,7 +11,10 @@ over the positions with a next token (as Hugging Face's `labels=` loss).
 With a pruned vocabulary the student's ids are a subset of the teacher's (new id i is old
 id `keep[i]`, `engine.prune.vocab`): the teacher reads the student's sequence mapped back
 to its own ids, and its distribution is restricted to the kept columns and renormalised
-(a log-softmax over those columns only).
+(a log-softmax over those columns only). `Teacher.logits` computes only those columns: its
+body's hidden states times the kept rows of its LM head (bias and the family's logit soft-cap
+included), so a 262k-row teacher (Gemma 3) distilling a 13k-row student never forms, nor
+spends the matmul on, the 95% of its logits the loss would throw away.
 
 `kd_loss` is one autograd function: in its forward pass it walks the tokens in chunks
 (about 64 MB of fp32 each), computing the loss and its gradient with respect to the
@@ -140,17 +143,39 @@ class Teacher:
                                "redo the pruning so the map is saved: minigpt prune SESSION")
         self.keep = keep
         self.device = device
+        self.sharded = False  # set when FSDP shards the teacher: then only its whole forward is called
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """The teacher's logits over its own vocabulary for the student's ids [B, L]."""
+        """The teacher's logits for the student's ids [B, L]: over the student's vocabulary (the
+        kept columns, in the student's order) when `keep` is set, else over its own."""
+        from engine.evaluate.perplexity import decoder_and_head
+
         was_training = self.model.training
         self.model.eval()  # a borrowed model may have been put in training mode since
         ids = ids.to(self.device)
-        if self.keep is not None:
-            ids = self.keep[ids]
+        dec, head = decoder_and_head(self.model) if self.keep is not None and not self.sharded else (None, None)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out = self.model(input_ids=ids, use_cache=False).logits
+            if dec is not None:
+                out = kept_logits(head, dec(input_ids=self.keep[ids], use_cache=False).last_hidden_state, self.keep)
+            else:
+                out = self.model(input_ids=self.keep[ids] if self.keep is not None else ids, use_cache=False).logits
+                if self.keep is not None:
+                    out = out.index_select(-1, self.keep)
         if was_training:
             self.model.train()
         return out
+
+
+def kept_logits(head, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`head(hidden)[..., keep]` without the other columns: the kept rows of the LM head's weight
+    (and bias), then the soft-cap of a `perplexity.CappedHead`. The rows are gathered per call
+    (a V_kept × hidden copy), so a teacher whose weights change (teacher correction) stays right."""
+    from engine.evaluate.perplexity import CappedHead
+
+    cap = head.cap if isinstance(head, CappedHead) else None
+    lin = head.head if cap else head
+    bias = getattr(lin, "bias", None)
+    z = torch.nn.functional.linear(hidden, lin.weight.index_select(0, keep),
+                                   bias.index_select(0, keep) if bias is not None else None)
+    return torch.tanh(z / cap) * cap if cap else z

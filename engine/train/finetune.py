@@ -279,6 +279,7 @@ class Finetuner:
             shard(model, self.device)
             if self.teacher is not None and shard_teacher:
                 shard(self.teacher.model, self.device)
+                self.teacher.sharded = True
         elif self.dist.on:  # gradients all-reduced (averaged); each rank computes its rows of every batch
             from torch.nn.parallel import DistributedDataParallel
 
@@ -372,8 +373,8 @@ class Finetuner:
         t_logits = self.teacher.logits(batch)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             s_logits = self.forward(input_ids=batch, use_cache=False).logits
-        loss, kl, ce = distill.kd_loss(s_logits, t_logits, batch, cfg.kd_temperature, cfg.kd_ce_weight,
-                                       keep=self.teacher.keep)
+        # the teacher's logits are already the student's columns (Teacher.logits applies the map)
+        loss, kl, ce = distill.kd_loss(s_logits, t_logits, batch, cfg.kd_temperature, cfg.kd_ce_weight)
         del t_logits, s_logits
         return loss / cfg.grad_accum, kl, ce
 
