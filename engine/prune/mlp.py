@@ -96,12 +96,16 @@ def _rounded(counts: list[int], widths: list[int], cfg: PruneConfig) -> list[int
     """Kept widths as multiples of `round_to`. The threshold rule rounds every layer up (a
     neuron over the threshold is never dropped). The ratio rule keeps its promise: layers are
     rounded up or down by largest remainder so the total stays within round_to / 2 of what the
-    ratio asks (rounding 30% per layer up to multiples of 256 kept 79% of SmolLM2's neurons)."""
+    ratio asks (rounding 30% per layer up to multiples of 256 kept 79% of SmolLM2's neurons).
+    With `allocation = "per_layer"` each layer rounds to its nearest multiple on its own, so one
+    ratio on equal widths stays one width (stock transformers loads it)."""
     r = max(1, cfg.round_to)
     up = [min(w, int(math.ceil(n / r) * r)) for n, w in zip(counts, widths)]
     if r == 1 or cfg.rule != "ratio":
         return up
     least = [min(w, int(math.ceil(min(cfg.min_keep, w) / r) * r)) for w in widths]
+    if cfg.allocation == "per_layer":
+        return [min(w, max(lo, int(math.floor(n / r + 0.5)) * r)) for n, w, lo in zip(counts, widths, least)]
     out = [max(lo, (n // r) * r) for n, lo in zip(counts, least)]
     left = int(math.floor(sum(counts) / r + 0.5)) * r - sum(out)  # half up, not to even
     for i in sorted(range(len(counts)), key=lambda i: (-(counts[i] - out[i]), i)):
