@@ -16,13 +16,6 @@ from engine.errors import MinigptError
 from engine.run.session import Session
 
 FORMATS = ("gguf",)
-EXPORT_DIR = "export"
-
-
-def default_path(session: Session, quant: str, pad_uniform: bool = False, imatrix_tokens: int = 0) -> Path:
-    """SESSION/export/ID-QUANT[-uniform][-imN].gguf: each choice its own file, none overwritten."""
-    tag = ("-uniform" if pad_uniform else "") + (f"-im{imatrix_tokens}" if imatrix_tokens else "")
-    return session.path / EXPORT_DIR / f"{session.id}-{quant}{tag}.gguf"
 
 
 def check(session: Session, fmt: str, quant: str, imatrix_tokens: int = 0) -> str:
@@ -66,7 +59,7 @@ def export(session: Session, fmt: str = "gguf", quant: str = "f16", pad_uniform:
     from engine.models.export import load_model
 
     quant = check(session, fmt, quant, imatrix_tokens)
-    path = Path(out) if out else default_path(session, quant, pad_uniform, imatrix_tokens)
+    path = Path(out) if out else session.export_path(quant, pad_uniform, imatrix_tokens)
     if path.is_dir():
         raise MinigptError(f"{path} is a folder", "pass a file name ending in .gguf to --out")
     say = log or (lambda m: None)

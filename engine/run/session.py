@@ -66,6 +66,12 @@ class Session:
     def checkpoints_dir(self) -> Path:
         return self.path / "checkpoints"
 
+    def export_path(self, quant: str, pad_uniform: bool = False, imatrix_tokens: int = 0) -> Path:
+        """export/ID-QUANT[-uniform][-imN].gguf, the default of `minigpt export` and the workbench's
+        export dialog alike: each choice its own file, none overwritten."""
+        tag = ("-uniform" if pad_uniform else "") + (f"-im{imatrix_tokens}" if imatrix_tokens else "")
+        return self.path / "export" / f"{self.id}-{quant}{tag}.gguf"
+
     def config(self) -> config_mod.RunConfig:
         try:
             return config_mod.load(self.path / CONFIG_FILE)

@@ -47,14 +47,12 @@ DIRECT = ("f32", "f16")  # engine.models.gguf.DIRECT: written directly, nothing 
 # --imatrix N: the mean square of every matmul input over N tokens of the session's calibration split
 IMATRIX = [("none", 0), ("1,024 calibration tokens", 1024), ("4,096 calibration tokens (measured best here)", 4096),
            ("16,384 calibration tokens", 16384)]
-EXPORT_DIR = "export"  # engine.run.export.EXPORT_DIR: the session's own export folder
 REPO = Path(__file__).resolve().parents[2]
 
 
 def target_path(session: session_mod.Session, quant: str, pad_uniform: bool, imatrix: int = 0) -> Path:
-    """Where the file goes (engine.run.export.default_path's name, passed explicitly as --out)."""
-    tag = ("-uniform" if pad_uniform else "") + (f"-im{imatrix}" if imatrix else "")
-    return (session.path / EXPORT_DIR / f"{session.id}-{quant}{tag}.gguf").resolve()
+    """Where the file goes: the session's own export name (the CLI's default), passed as --out."""
+    return session.export_path(quant, pad_uniform, imatrix).resolve()
 
 
 def export_command(session: session_mod.Session, fmt: str, quant: str, pad_uniform: bool, out: Path,
