@@ -47,7 +47,7 @@ def next_token_labels(ids: torch.Tensor) -> torch.Tensor:
 
 class _KD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, labels, keep, temperature: float, ce_weight: float, chunk: int):
+    def forward(ctx, student, teacher, labels, temperature: float, ce_weight: float, chunk: int):
         n = student.shape[0]
         t_inv = 1.0 / temperature
         grad = torch.empty_like(student)
@@ -58,10 +58,7 @@ class _KD(torch.autograd.Function):
         ce_scale = ce_weight / max(n_ce, 1)
         for i in range(0, n, chunk):
             s = student[i:i + chunk].float()
-            t = teacher[i:i + chunk]
-            if keep is not None:
-                t = t.index_select(-1, keep)
-            t = t.float()
+            t = teacher[i:i + chunk].float()
             ls = torch.log_softmax(s * t_inv if temperature != 1 else s, dim=-1)
             lt = torch.log_softmax(t * t_inv if temperature != 1 else t, dim=-1)
             pt = lt.exp()
@@ -90,24 +87,24 @@ class _KD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, g_kl=None, g_ce=None):
         (grad,) = ctx.saved_tensors
-        return grad * g_loss.to(grad.dtype), None, None, None, None, None, None
+        return grad * g_loss.to(grad.dtype), None, None, None, None, None
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor,
-            temperature: float = 1.0, ce_weight: float = 0.0, keep: torch.Tensor | None = None,
+            temperature: float = 1.0, ce_weight: float = 0.0,
             chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, kl, ce) of one micro-batch: student logits [B, L, V] (with grad), teacher logits
-    [B, L, V_teacher] (`keep`: the teacher column of each student id, else V_teacher = V), the
+    [B, L, V] over the same ids (`Teacher.logits` maps a pruned vocabulary's columns), the
     student's ids [B, L]. `kl` is already × T²; `loss` = kl + ce_weight × ce (ce is computed,
     and is 0, only when ce_weight > 0). `kl` and `ce` are float64 and carry no gradient."""
     v = student_logits.shape[-1]
-    if keep is None and teacher_logits.shape[-1] != v:
+    if teacher_logits.shape[-1] != v:
         raise MinigptError(f"the teacher has {teacher_logits.shape[-1]} vocabulary rows and the student {v}, "
                            "with no map between them", "distil from the model this one was pruned from")
     s = student_logits.reshape(-1, v)
     t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
-    return _KD.apply(s, t, next_token_labels(ids).to(s.device), keep, float(temperature), float(ce_weight),
-                     chunk or chunk_rows(max(v, t.shape[-1])))
+    return _KD.apply(s, t, next_token_labels(ids).to(s.device), float(temperature), float(ce_weight),
+                     chunk or chunk_rows(v))
 
 
 class Teacher:
