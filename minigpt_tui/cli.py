@@ -90,11 +90,20 @@ NprocOpt = typer.Option(1, "--nproc", "-n", help="processes (one per GPU): > 1 r
                                                  "(gloo on CPU, NCCL on CUDA)")
 
 
-def _start(session, foreground: bool, follow: bool, redo_from: str | None = None, nproc: int = 1) -> None:
+def _check_launch(foreground: bool, nproc: int) -> None:
+    """The launch options, checked before a session folder is created or a model loads."""
+    if nproc < 1:
+        typer.echo(f"error: --nproc {nproc} is not a number of processes — use --nproc 1 or more (one per GPU)",
+                   err=True)
+        raise typer.Exit(2)
     if foreground and nproc > 1:
         typer.echo("error: --nproc > 1 runs under torchrun, detached — drop --foreground "
                    "(or run: torchrun --nproc_per_node N -m engine.run.runner SESSION)", err=True)
         raise typer.Exit(2)
+
+
+def _start(session, foreground: bool, follow: bool, redo_from: str | None = None, nproc: int = 1) -> None:
+    _check_launch(foreground, nproc)
     if foreground:
         from engine.run import pipeline
 
@@ -139,10 +148,7 @@ def run(config: Path = typer.Argument(..., help="run config (TOML)"),
     from engine.run import session as session_mod
 
     cfg = config_mod.apply_overrides(config_mod.load(config), overrides)
-    if nproc < 1:
-        typer.echo(f"error: --nproc {nproc} is not a number of processes — use --nproc 1 or more (one per GPU)",
-                   err=True)
-        raise typer.Exit(2)
+    _check_launch(foreground, nproc)
     _preflight([cfg], _root(root))  # every problem at once, before a session exists or a model loads
     s = session_mod.create(cfg, _root(root), name=name)
     typer.echo(f"session {s.id} → {s.path}")
@@ -221,10 +227,6 @@ def resume(session: str = typer.Argument(...), root: Optional[Path] = RootOpt,
         typer.echo(f"session {s.id} is already done")
         return
     s.check_writable()
-    if nproc < 1:
-        typer.echo(f"error: --nproc {nproc} is not a number of processes — use --nproc 1 or more (one per GPU)",
-                   err=True)
-        raise typer.Exit(2)
     _start(s, foreground, follow, nproc=nproc)
 
 
@@ -449,8 +451,19 @@ def export_cmd(session: str = typer.Argument(..., help="session id or path"), ro
 def main() -> None:
     from engine.errors import MinigptError
 
+    from typer.exceptions import TyperException  # usage errors (typer runs its own copy of click)
+
     try:
-        app(standalone_mode=True)
+        rv = app(standalone_mode=False)  # usage errors come here as exceptions: one line, not click's box
+    except TyperException as e:
+        ctx = getattr(e, "ctx", None)
+        where = ctx.command_path if ctx is not None else "minigpt"
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        typer.echo(f"error: {message} — see `{where} --help`", err=True)
+        sys.exit(getattr(e, "exit_code", 2))
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
     except MinigptError as e:
         typer.echo(f"error: {e.line()}", err=True)
         sys.exit(2)
@@ -462,6 +475,7 @@ def main() -> None:
             typer.echo(f"error: {e.strerror or e}{where} — check that the folder exists and is writable, "
                        "or pass --root DIR", err=True)
         sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

@@ -112,3 +112,19 @@ def test_corrupt_session(tmp_path):
     s.mkdir(parents=True)
     (s / "config.toml").write_text("[model\n")
     assert_one_line_error(minigpt("resume", "broken", cwd=tmp_path), "broken", "corrupt")
+
+
+@pytest.mark.parametrize("args, needle", [(("check", "a.toml", "b.toml"), "unexpected extra argument"),
+                                          (("check",), "Missing argument"),
+                                          (("sessoins",), "No such command"),
+                                          (("run", "a.toml", "--nprco", "2"), "No such option")])
+def test_a_usage_error_is_one_line_naming_the_help(tmp_path, args, needle):
+    """Typos on the command line get one line and the --help to read, not click's boxed panel."""
+    r = minigpt(*args, cwd=tmp_path)
+    assert_one_line_error(r, needle, "--help`")
+
+
+def test_foreground_with_several_processes_is_refused_before_a_session_exists(tmp_path, tiny_dir, corpus):
+    cfg = write_cfg(tmp_path / "c.toml", base_toml(tiny_dir, corpus))
+    assert_one_line_error(minigpt("run", str(cfg), "--foreground", "--nproc", "2", cwd=tmp_path), "torchrun")
+    assert not (tmp_path / "sessions").exists() or not any((tmp_path / "sessions").iterdir())
