@@ -81,6 +81,8 @@ class PruneConfig:
     vocab_rule: str = "seen"  # seen (keep frequency > ε_emb) | heldout (ranked cut sized by held-out bpb)
     vocab_tolerance: float = 0.01  # heldout: the bpb rise allowed on the validation documents (relative)
     vocab_validation_tokens: int = 4096  # heldout: finetune-split documents held back from counting
+    vocab_prior: float = 0.3  # heldout: the model's expected counts, weighed as this share of the counted tokens
+    vocab_prior_tokens: int = 16384  # heldout: calibration tokens the model's expectation is summed over
     ratio: float = 0.3  # fraction of MLP neurons removed with rule = "ratio"
     allocation: str = "per_layer"  # per_layer | global | sensitivity (ratio rule)
     min_keep: int = 8  # neurons kept in every MLP at least
@@ -230,6 +232,9 @@ def _check_prune(p: PruneConfig) -> None:
     if not (0.0 <= p.vocab_tolerance < 1.0) or p.vocab_validation_tokens < 1:
         raise MinigptError("prune.vocab_tolerance must be in [0, 1) and prune.vocab_validation_tokens >= 1",
                            "e.g. vocab_tolerance = 0.01, vocab_validation_tokens = 4096")
+    if p.vocab_prior < 0 or p.vocab_prior_tokens < 1:
+        raise MinigptError("prune.vocab_prior must be >= 0 and prune.vocab_prior_tokens >= 1",
+                           "e.g. vocab_prior = 0.3 (0: the domain's counts alone), vocab_prior_tokens = 16384")
     _choice("prune.head_mode", p.head_mode, HEAD_MODES)
     _choice("prune.head_criterion", p.head_criterion, HEAD_CRITERIA)
     _choice("prune.depth_criterion", p.depth_criterion, DEPTH_CRITERIA)

@@ -5,10 +5,14 @@ Three document-disjoint sets (engine.data.domain's seeded split, plus a hold-bac
 * validation: those last finetune documents (--validation-tokens), which only the held-out rule reads,
   to size its cut;
 * held-out: the evaluate split, cut at --eval-tokens (base tokenizer), which neither rule sees.
+The held-out rule's ranking is count + --prior × N × the model's expected distribution, summed over
+the first --prior-tokens calibration tokens (`vocab.expected_counts`; N = the counted tokens).
 Rows: the base model; ε_emb = 0 (keep what the counted text used); the held-out rule's ranking cut
 to the same number of rows as ε_emb = 0 (the same size, so only the choice of tokens differs); the
 held-out rule at the size it chooses itself (smallest cut within --tolerance on the validation
-documents). Every row: parameters, vocabulary rows, held-out bits per byte, the relative change.
+documents); with --rows, the ranking cut to each of those sizes, and ε_emb = 0's frequency order
+(then by id) cut there too. Every row: parameters, vocabulary rows, held-out bits per byte, the
+relative change, the held-out tokens kept whole (coverage).
 
 Usage: python scripts/vocab_rule.py --model embedded:smollm2 --corpus builtin:licenses [--json out.json]
 """
@@ -37,7 +41,10 @@ def main() -> None:
     ap.add_argument("--corpus", default="builtin:licenses")
     ap.add_argument("--calib-tokens", type=int, default=65536)
     ap.add_argument("--validation-tokens", type=int, default=4096)
-    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--prior", type=float, default=vocab.PRIOR_WEIGHT)
+    ap.add_argument("--prior-tokens", type=int, default=16384)
+    ap.add_argument("--rows", default="", help="comma-separated sizes to cut the ranking to, e.g. 31000")
     ap.add_argument("--block", type=int, default=512)
     ap.add_argument("--tolerance", type=float, default=0.01)
     ap.add_argument("--json", default="")
@@ -78,11 +85,20 @@ def main() -> None:
         print(name, json.dumps(r), f"{time.time() - t0:.0f}s", flush=True)
         del m
 
+    blocks = data_mod.blocks(d.calibrate, a.block)
+    blocks = blocks[: max(1, -(-a.prior_tokens // a.block))]
+    expected = vocab.expected_counts(model, blocks, 4, rows0)
+    order = vocab.ranking(tok, counts, expected, a.prior)
+    out["prior"] = {"weight": a.prior, "tokens": int(blocks.numel())}
+    print(f"expected counts over {blocks.numel():,} tokens, {time.time() - t0:.0f}s", flush=True)
     p0 = vocab.plan(tok, counts, 0.0, model)
     row("eps0", p0)
-    row("heldout_same_size", vocab.plan_of_size(tok, counts, int(p0.keep.numel()), model))
-    chosen, table = vocab.choose_cut(model, tok, counts, held, e, a.tolerance)
+    row("heldout_same_size", vocab.plan_of_size(tok, counts, int(p0.keep.numel()), model, order))
+    chosen, table = vocab.choose_cut(model, tok, counts, held, e, a.tolerance, expected=expected, weight=a.prior)
     row("heldout_chosen", chosen, {"validation": table})
+    for r in [int(x) for x in a.rows.split(",") if x]:
+        row(f"heldout_{r}", vocab.plan_of_size(tok, counts, r, model, order))
+        row(f"frequency_{r}", vocab.plan_of_size(tok, counts, r, model))
     out["seconds"] = round(time.time() - t0, 1)
     if a.json:
         from engine import atomic

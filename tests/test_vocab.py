@@ -402,6 +402,7 @@ def test_the_heldout_rule_runs_in_the_prune_stage_on_gemma3(tmp_path):
     v = res["vocab"]
     h = v["heldout"]
     assert v["rule"] == "heldout" and h["candidates"] and h["validation_documents"] >= 1
+    assert h["prior_weight"] == pytest.approx(0.3)  # the model's expected counts smoothed the ranking
     assert h["chosen_rows"] == v["rows_after"] < v["rows_before"]
     tried = [c["rows"] for c in h["candidates"]]
     assert tried == sorted(tried) and h["candidates"][-1]["rows"] == v["rows_after"]
@@ -412,32 +413,65 @@ def test_the_heldout_rule_runs_in_the_prune_stage_on_gemma3(tmp_path):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_ranking_without_prior_is_the_frequency_rule(kind):
-    """No prior ranks by domain frequency alone: its top (seen-count) ids are ε_emb = 0's set."""
+    """No prior (or weight 0) ranks by domain frequency alone: its top (seen-count) ids are ε_emb = 0's set."""
     tok = KINDS[kind]()
     rows = len(tok) + PAD_ROWS
     c = counts_for(tok, rows)
     m = tiny.model("llama", vocab=rows)
     seen = int((c > 0).sum())
-    assert torch.equal(vocab.ranked_plan(tok, c, seen, m, vocab.ranking(tok, c, prior=0.0)).keep, vocab.plan(tok, c, 0.0, m).keep)
+    eps0 = vocab.plan(tok, c, 0.0, m).keep
+    assert torch.equal(vocab.ranked_plan(tok, c, seen, m, vocab.ranking(tok, c)).keep, eps0)
+    q = torch.rand(rows, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.equal(vocab.ranked_plan(tok, c, seen, m, vocab.ranking(tok, c, q, weight=0.0)).keep, eps0)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_the_prior_brings_general_tokens_and_sizes_are_met_from_below(kind):
+def test_the_prior_ranks_unseen_tokens_the_model_expects_ahead_of_tokens_seen_once(kind):
+    """score = count + weight · N · q: an unseen token whose prior share exceeds one count comes
+    ahead of a token seen once; one below it does not; unseen tokens follow the model's order;
+    sizes are met from below and the cut still round-trips any text."""
     tok = KINDS[kind]()
     rows = len(tok) + PAD_ROWS
     c = counts_for(tok, rows)
     m = tiny.model("llama", vocab=rows)
-    rank = vocab.general_rank(tok)
-    order = vocab.ranking(tok, c)
-    unseen = [i for i in order.tolist() if i < c.numel() and c[i] == 0 and torch.isfinite(rank[i])]
-    assert unseen and rank[unseen[0]] <= sorted(rank[unseen].tolist())[len(unseen) // 2]  # general ones first
+    plain = vocab._bpe_tokens(tok)
+    unseen = [i for i in range(min(rows, plain.numel())) if plain[i] and c[i] == 0]
+    k = float(c[c > 0].min())  # the rarest seen tokens' count (1 on most of these tokenizers)
+    once = [i for i in range(c.numel()) if c[i] == k]
+    assert len(unseen) >= 3 and once
+    n, w = float(c.sum()) / k, 0.3  # in units of k counts
+    q = torch.zeros(rows, dtype=torch.float64)
+    hi, mid, lo = unseen[:3]
+    q[hi], q[mid], q[lo] = 3.0 / (w * n), 2.0 / (w * n), 0.5 / (w * n)  # 3k, 2k and 0.5k pseudo-counts
+    q[once[0]] = 0.1 / (w * n)
+    q[int(c.argmax())] = 1.0 - float(q.sum())  # the rest on the most frequent token: q sums to 1
+    order = vocab.ranking(tok, c, q * 1000.0, weight=w).tolist()  # any scale: the prior is normalised
+    pos = {i: k for k, i in enumerate(order)}
+    assert pos[hi] < pos[mid] < pos[once[0]] < pos[lo]  # 3k > 2k > k + 0.1k > 0.5k
+    assert all(pos[i] < pos[lo] for i in once[1:])  # k > 0.5k
+    assert all(i not in pos or pos[i] >= len(order) - (~plain).sum() for i in range(plain.numel()) if not plain[i])
     target = int(vocab.plan(tok, c, 0.0, m).keep.numel())
-    p = vocab.plan_of_size(tok, c, target, m)
+    p = vocab.plan_of_size(tok, c, target, m, vocab.ranking(tok, c, q, weight=w))
     assert target - 40 <= p.keep.numel() <= target
     new = vocab.prune_tokenizer(tok, p)  # still encodes and round-trips any text
     for text in TEXTS[:6]:
         assert new.decode(new(text, add_special_tokens=False)["input_ids"]) == \
             tok.decode(tok(text, add_special_tokens=False)["input_ids"])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_expected_counts_are_the_summed_next_token_distributions(family):
+    """The prior is Σ over positions of softmax(logits): the chunked-head sum equals the direct one
+    (Gemma 3: its logit soft-cap included)."""
+    rows = 300
+    m = tiny.model(family, vocab=rows).eval()
+    blocks = torch.randint(0, rows, (5, 24), generator=torch.Generator().manual_seed(1))
+    got = vocab.expected_counts(m, blocks, 2, rows)
+    with torch.no_grad():
+        want = torch.softmax(m(input_ids=blocks).logits.double(), -1).sum((0, 1))
+    assert got.dtype == torch.float64 and got.shape == (rows,)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert abs(float(got.sum()) - blocks.numel()) < 1e-3
 
 
 def test_a_special_token_past_the_embedding_rows_is_dropped():
@@ -454,6 +488,39 @@ def test_a_special_token_past_the_embedding_rows_is_dropped():
     assert p.reasons["special_past_rows_dropped"] == 1 and int(p.keep.max()) < rows
     new = vocab.prune_tokenizer(tok, p)
     assert "<image_soft_token>" not in new.get_vocab() and len(new) == p.keep.numel()
+
+
+def test_reserved_placeholders_are_dropped_where_the_family_reserves_them(tmp_path):
+    """Gemma 3's tokenizer holds 6,242 untrained `<unusedN>` special tokens: its adapter names the
+    pattern, so they leave with the other unused ids (a seen one stays); a llama model, whose
+    family reserves other names, keeps them as special; the cut tokenizer round-trips and the
+    folder reloads with stock AutoTokenizer."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    tok = copy.deepcopy(byte_fallback())
+    base = len(tok)
+    tok.add_tokens([f"<unused{i}>" for i in range(10)], special_tokens=True)  # added, flagged special, unnamed
+    unused = [tok.convert_tokens_to_ids(f"<unused{i}>") for i in range(10)]
+    assert len(tok) == base + 10 and min(unused) >= base
+    rows = len(tok)
+    c = counts_for(tok, rows)
+    c[unused[3]] = 2  # the domain's text used one of them: it stays as any seen token would
+    gemma, llama = tiny.model("gemma3", vocab=rows), tiny.model("llama", vocab=rows)
+    named = set(tok.all_special_ids)
+    pg, pl = vocab.plan(tok, c, 0.0, gemma), vocab.plan(tok, c, 0.0, llama)
+    kept_g, kept_l = set(pg.keep.tolist()), set(pl.keep.tolist())
+    reserved = {i for i in unused if i not in named}
+    assert reserved and pg.reasons["reserved_dropped"] == len(reserved - {unused[3]})
+    assert kept_g & reserved == {unused[3]} & reserved and reserved <= kept_l
+    assert named & set(range(rows)) <= kept_g  # bos/eos/unk/pad and any named one stay
+    new = vocab.prune_tokenizer(tok, pg)
+    for text in TEXTS:
+        assert new.decode(new(text, add_special_tokens=False)["input_ids"]) == \
+            tok.decode(tok(text, add_special_tokens=False)["input_ids"])
+    new.save_pretrained(tmp_path)
+    assert len(AutoTokenizer.from_pretrained(tmp_path)) == pg.new_tokenizer_size
 
 
 def test_a_bad_vocab_rule_is_a_one_line_error():

@@ -173,6 +173,9 @@ class Adapter:
     norm_eps_attr: ClassVar[str] = ""  # ... and the norm module's attribute holding it
     norm_offset: ClassVar[float] = 0.0  # a norm's gain is (offset + weight): Gemma stores weight - 1
     logit_softcap_key: ClassVar[str | None] = None  # config field of a tanh cap on the logits (None: none)
+    # added tokens the family's tokenizers reserve as placeholders the model was never trained on
+    # (a full-match regex; None: none): vocabulary pruning does not keep them as "special"
+    reserved_tokens: ClassVar[str | None] = None
 
     def __init__(self, model):
         self.model = model
@@ -438,6 +441,7 @@ class LlamaAdapter(Adapter):
     model_types = ("llama", "mistral", "qwen2", "qwen3")
     family = "llama"
     bias_switches = {"llama": "mlp_bias"}
+    reserved_tokens = r"<\|reserved_special_token_\d+\|>"  # Llama 3's 250 placeholders
     gated = True
     in_names = ("gate_proj", "up_proj")
     out_name = "down_proj"
@@ -612,6 +616,7 @@ class GemmaAdapter(LlamaAdapter):
     norm_eps_attr = "eps"
     norm_offset = 1.0
     logit_softcap_key = "final_logit_softcapping"
+    reserved_tokens = r"<unused\d+>"  # 6,242 of them in Gemma 3's tokenizer: 4.0M parameters of rows
 
     @property
     def residual_after_mlp(self) -> bool:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,14 +39,39 @@ _ID_LISTS = ("suppress_tokens", "begin_suppress_tokens")
 
 # ---- the keep rule shared with mask mode ----------------------------------------------
 def protected_ids(tokenizer, model=None) -> set[int]:
-    """Ids never pruned: the tokenizer's special tokens and the ids the model's configs name."""
+    """Ids never pruned: the tokenizer's special tokens and the ids the model's configs name.
+
+    Added special tokens that the model's family reserves as untrained placeholders (its
+    adapter's `reserved_tokens`, e.g. Gemma 3's 6,242 `<unusedN>`) are not protected unless the
+    tokenizer or a config names them: like any other token, they stay only if the domain uses them."""
     ids = set(tokenizer.all_special_ids)
-    ids |= {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    ids |= {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} - reserved_ids(tokenizer, model)
     if model is not None:
         for cfg in (model.config, getattr(model, "generation_config", None)):
             for _, value in _config_ids(cfg):
                 ids.update(value if isinstance(value, list) else [value])
     return {int(i) for i in ids if i is not None and int(i) >= 0}
+
+
+def reserved_ids(tokenizer, model) -> set[int]:
+    """The added special tokens the model's family reserves as placeholders (adapter
+    `reserved_tokens`), minus any the tokenizer names (bos, eos, pad, ...)."""
+    if model is None:
+        return set()
+    import re
+
+    from engine.models import adapters
+
+    try:
+        pattern = adapters.for_config(model.config).reserved_tokens
+    except MinigptError:  # a family the adapters do not know: protect every special token
+        return set()
+    if not pattern:
+        return set()
+    rx = re.compile(pattern)
+    named = set(tokenizer.all_special_ids)
+    return {i for i, t in tokenizer.added_tokens_decoder.items()
+            if t.special and i not in named and rx.fullmatch(str(t.content))}
 
 
 def domain_keep(tokenizer, counts: torch.Tensor, threshold: float, model=None) -> torch.Tensor:
@@ -163,6 +189,9 @@ def plan(tokenizer, counts: torch.Tensor, threshold: float, model, chosen: torch
     reasons["ancestors"] = _add(keep, ancestors)
 
     keep[rows:] = False  # ids the model cannot embed (never the post-processor's: checked above)
+    reserved = reserved_ids(tokenizer, model)
+    if reserved:
+        reasons["reserved_dropped"] = sum(1 for i in reserved if i < rows and not keep[i])
     if outside:
         reasons["special_past_rows_dropped"] = len(outside)
     kept = torch.nonzero(keep).flatten()
@@ -227,49 +256,75 @@ def _post_processor_ids(node) -> set[int]:
     return set()
 
 
-# ---- the held-out keep rule: the domain's tokens, smoothed by the tokenizer's general ones --------
+# ---- the held-out keep rule: the domain's counts, smoothed by the model's own expectation ---------
 RULES = ("seen", "heldout")
-PRIOR_COUNTS = 1000.0  # the Zipf prior's pseudo-count mass: the top general tokens weigh a few counts
-ZIPF_OFFSET = 10.0  # z(r) ∝ 1 / (r + offset) over merge ranks
-SIZE_FACTORS = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # candidate cuts, × the tokens the domain used
+PRIOR_WEIGHT = 0.3  # the prior's mass, as a share of the counted tokens (prune.vocab_prior)
+SIZE_FACTORS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # candidate cuts, × the tokens the domain used
 
 
-def general_rank(tokenizer) -> torch.Tensor:
-    """Per id, the rank of the merge that creates the token (BPE learns merges in order of corpus
-    frequency, so a low rank is a general, frequent token); single symbols rank 0; ids that are
-    not BPE tokens (added tokens) +inf."""
-    tj = tokenizer_json(tokenizer)
-    bpe = tj["model"]
-    vocab: dict[str, int] = bpe["vocab"]
+@torch.no_grad()
+def expected_counts(model, blocks: torch.Tensor, batch_size: int, rows: int, progress=None, dist=None) -> torch.Tensor:
+    """Per id, the model's next-token probability summed over every position of `blocks` (float64):
+    the counts the model expects the domain's text to hold. Unlike the counts, it is non-zero for
+    the words the domain has not said yet but will ('preventing', 'trivial' in docstrings), in
+    proportion to how plausible the model finds them in this domain's contexts. The LM head runs
+    a chunk of rows at a time (a 262k vocabulary never materialises tokens × vocabulary). With
+    `dist`, batch i runs on rank i % world and the sums are all-reduced."""
+    from engine.evaluate.perplexity import decoder_and_head, head_chunk
+
+    device = next(model.parameters()).device
+    acc = torch.zeros(rows, dtype=torch.float64, device=device)
+    dec, head = decoder_and_head(model)
+    batches = list(blocks.split(max(1, batch_size)))
+    mine = range(dist.rank, len(batches), dist.world) if dist is not None and dist.on else range(len(batches))
+    t0, done = time.perf_counter(), 0
+    for i in mine:
+        b = batches[i].to(device)
+        if dec is None:
+            parts = [model(input_ids=b, use_cache=False).logits.reshape(-1, model.config.vocab_size)]
+        else:
+            h = dec(input_ids=b, use_cache=False).last_hidden_state
+            parts = (head(x) for x in h.reshape(-1, h.shape[-1]).split(head_chunk(head)))
+        for logits in parts:
+            p = torch.softmax(logits.float(), dim=-1).sum(0, dtype=torch.float64)
+            acc[: p.numel()] += p[:rows]
+        done += b.numel()
+        if progress:
+            dt = time.perf_counter() - t0
+            progress(done, blocks.numel() // (dist.world if dist is not None and dist.on else 1), done / dt if dt > 0 else 0.0)
+    if dist is not None and dist.on:
+        dist.all_sum([acc])
+    return acc.cpu()
+
+
+def _bpe_tokens(tokenizer) -> torch.Tensor:
+    """Per id: a token of the BPE model itself (added tokens are matched before BPE: kept only
+    when special)."""
+    vocab = tokenizer_json(tokenizer)["model"]["vocab"]
     n = max(len(tokenizer), max(vocab.values()) + 1)
-    rank = torch.full((n,), float("inf"), dtype=torch.float64)
-    for r, mg in enumerate(bpe["merges"]):
-        a, b = _pair(mg)
-        i = vocab.get(a + b)
-        if i is not None and rank[i] == float("inf"):
-            rank[i] = r + 1
-    for t, i in vocab.items():
-        if rank[i] == float("inf") and len(t) == 1 or t.startswith("<0x"):
-            rank[i] = 0
-    return rank
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[sorted(vocab.values())] = True
+    return mask
 
 
-def ranking(tokenizer, counts: torch.Tensor, prior: float = PRIOR_COUNTS) -> torch.Tensor:
-    """Ids in keep order (best first): by count + prior·z(rank), z a Zipf law over the tokenizer's
-    merge ranks (`general_rank`), summing to 1: `prior` pseudo-counts spread over the vocabulary as
-    a general text would use it (1000: the most general token weighs ~8 counts, rank 100 ~0.7,
-    rank 1000 ~0.08). prior = 0 is the domain's frequency alone (ε_emb's order); with a prior the
-    tokenizer's most general tokens come in ahead of tokens the counted text used once, and the
-    never-seen tokens are ordered, so a cut can cover what the domain will say next."""
-    rank = general_rank(tokenizer)
-    n = rank.numel()
-    c = torch.zeros(n, dtype=torch.float64)
-    m = min(n, counts.numel())
-    c[:m] = counts.flatten()[:m].double()
-    z = torch.where(torch.isfinite(rank), 1.0 / (rank + ZIPF_OFFSET), torch.zeros_like(rank))
-    z = z / z.sum().clamp_min(1e-300)
-    score = c + prior * z
-    score[~torch.isfinite(rank)] = -1.0  # added tokens: kept only when special
+def ranking(tokenizer, counts: torch.Tensor, expected: torch.Tensor | None = None,
+            weight: float = PRIOR_WEIGHT) -> torch.Tensor:
+    """Ids in keep order (best first): by count + weight · N · q, where q is the model's expected
+    distribution (`expected_counts`, normalised) and N the counted tokens, so the prior holds
+    `weight` × as many pseudo-counts as the domain's text. Without `expected` (or with weight 0) it
+    is the domain's frequency alone (ε_emb's order). With it, a token the counted text never used
+    but the model finds likely here comes in ahead of one the text used once: a cut can cover what
+    the domain will say next."""
+    ok = _bpe_tokens(tokenizer)
+    n = max(ok.numel(), counts.numel())
+    score = torch.zeros(n, dtype=torch.float64)
+    score[: counts.numel()] = counts.flatten().double()
+    if expected is not None and weight > 0 and float(expected.sum()) > 0:
+        q = expected.flatten().double() / expected.sum().double()
+        m = min(n, q.numel())
+        score[:m] += weight * float(score.sum()) * q[:m]
+    score[: ok.numel()][~ok] = -1.0
+    score[ok.numel():] = -1.0
     return torch.argsort(score, descending=True, stable=True)
 
 
@@ -298,6 +353,7 @@ def plan_of_size(tokenizer, counts: torch.Tensor, rows: int, model, order: torch
 
 
 def choose_cut(model, tokenizer, counts: torch.Tensor, validation: list[str], eval_cfg, tolerance: float,
+               expected: torch.Tensor | None = None, weight: float = PRIOR_WEIGHT,
                progress=None) -> tuple[VocabPlan, dict]:
     """The held-out rule: the smallest ranked cut whose bits per byte on `validation` (documents the
     counts did not see) is within `tolerance` (relative) of the unpruned model's; the cut sizes tried
@@ -308,11 +364,11 @@ def choose_cut(model, tokenizer, counts: torch.Tensor, validation: list[str], ev
     if not validation:
         raise MinigptError("the held-out vocabulary rule has no validation documents",
                            "use a corpus with more documents, or prune.vocab_rule = \"seen\"")
-    order = ranking(tokenizer, counts)
+    order = ranking(tokenizer, counts, expected, weight)
     seen = int((counts > 0).sum())
     base = _bpb(model, tokenizer, validation, eval_cfg)
     table = {"validation_bytes": base["bytes"], "validation_documents": len(validation), "tolerance": tolerance,
-             "seen_tokens": seen, "bpb_base": base["bpb"], "candidates": []}
+             "prior_weight": weight if expected is not None else 0.0, "seen_tokens": seen, "bpb_base": base["bpb"], "candidates": []}
     rows_total = model.get_input_embeddings().weight.shape[0]
     chosen, done = None, set()
     for f in SIZE_FACTORS:

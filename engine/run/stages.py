@@ -374,7 +374,16 @@ def _prune_vocabulary(ctx: Context, model, stats, threshold: float):
     counts, chosen, rule = stats.token_counts, None, None
     if p.vocab_rule == "heldout":
         counts, validation = heldout_counts(ctx, model, p.vocab_validation_tokens)
+        expected = None
+        if p.vocab_prior > 0:  # the unpruned model's expectation over the first calibration blocks
+            b = _calib_blocks(ctx)
+            b = b[: max(1, -(-p.vocab_prior_tokens // b.shape[1]))]
+            expected = vocab.expected_counts(model, b, ctx.cfg.calibrate.batch_size, counts.numel(),
+                                             progress=lambda d, n, r: ctx.rep.progress("prune", d, n, "tokens", r,
+                                                                                       phase="vocabulary prior"),
+                                             dist=ctx.dist)
         chosen, rule = vocab.choose_cut(model, ctx.tokenizer, counts, validation, ctx.cfg.evaluate, p.vocab_tolerance,
+                                        expected=expected, weight=p.vocab_prior,
                                         progress=lambda d, n, r: ctx.rep.progress("prune", d, n, "items",
                                                                                   phase="vocabulary cut"))
         ctx.rep.log(f"vocabulary rule heldout: {len(rule['candidates'])} cuts tried on {rule['validation_bytes']:,} "
