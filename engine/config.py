@@ -83,6 +83,7 @@ class PruneConfig:
     vocab_validation_tokens: int = 4096  # heldout: finetune-split documents held back from counting
     vocab_prior: float = 0.3  # heldout: the model's expected counts, weighed as this share of the counted tokens
     vocab_prior_tokens: int = 16384  # heldout: calibration tokens the model's expectation is summed over
+    vocab_rows: int = 0  # heldout: cut the ranking to this many embedding rows (0: sized on the validation documents)
     ratio: float = 0.3  # fraction of MLP neurons removed with rule = "ratio"
     allocation: str = "per_layer"  # per_layer | global | sensitivity (ratio rule)
     min_keep: int = 8  # neurons kept in every MLP at least
@@ -232,6 +233,12 @@ def _check_prune(p: PruneConfig) -> None:
     if not (0.0 <= p.vocab_tolerance < 1.0) or p.vocab_validation_tokens < 1:
         raise MinigptError("prune.vocab_tolerance must be in [0, 1) and prune.vocab_validation_tokens >= 1",
                            "e.g. vocab_tolerance = 0.01, vocab_validation_tokens = 4096")
+    if p.vocab_rows < 0:
+        raise MinigptError(f"prune.vocab_rows = {p.vocab_rows} is not a number of rows",
+                           "use 0 (the held-out rule sizes the cut) or a row count, e.g. vocab_rows = 31000")
+    if p.vocab_rows and p.vocab_rule != "heldout":
+        raise MinigptError("prune.vocab_rows cuts the held-out rule's ranking; the \"seen\" rule keeps what the "
+                           "domain used", "set prune.vocab_rule = \"heldout\", or drop prune.vocab_rows")
     if p.vocab_prior < 0 or p.vocab_prior_tokens < 1:
         raise MinigptError("prune.vocab_prior must be >= 0 and prune.vocab_prior_tokens >= 1",
                            "e.g. vocab_prior = 0.3 (0: the domain's counts alone), vocab_prior_tokens = 16384")

@@ -523,6 +523,38 @@ def test_reserved_placeholders_are_dropped_where_the_family_reserves_them(tmp_pa
     assert len(AutoTokenizer.from_pretrained(tmp_path)) == pg.new_tokenizer_size
 
 
+def test_a_row_budget_cuts_the_ranking_in_the_prune_stage(tmp_path):
+    """prune.vocab_rows: the held-out rule's ranking (prior included) cut to at most that many rows,
+    with no sizing on the validation documents; the saved tokenizer holds the cut."""
+    from transformers import AutoTokenizer
+
+    from engine import config as config_mod
+    from engine.run import pipeline
+    from engine.run import session
+
+    tok = byte_fallback()
+    folder = tmp_path / "base"
+    tiny.model("gemma3", vocab=len(tok) + PAD_ROWS).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    docs = tmp_path / "docs.jsonl"
+    paras = CORPUS.split(". ")
+    docs.write_text("\n".join(json.dumps({"text": ". ".join(paras[i:i + 3])}) for i in range(0, len(paras), 3)))
+    rows = len(tok) - 40
+    cfg = config_mod.from_dict({
+        "model": {"source": str(folder)}, "data": {"source": str(docs)},
+        "calibrate": {"block_size": 32, "max_tokens": 512}, "finetune": {"enabled": False},
+        "prune": {"rule": "ratio", "ratio": 0.0, "embedding_threshold": 0.0, "vocab_rule": "heldout",
+                  "vocab_rows": rows, "vocab_validation_tokens": 64},  # the vocabulary alone
+        "evaluate": {"block_size": 32, "max_tokens": 256}})
+    s = session.create(cfg, tmp_path / "sessions")
+    v = pipeline.run(s)["vocab"]
+    h = v["heldout"]
+    assert h["rows_asked"] == rows and h["candidates"] == [] and h["prior_weight"] == pytest.approx(0.3)
+    assert rows - 40 <= v["rows_after"] == h["chosen_rows"] <= rows
+    assert s.results()["models"]["pruned"]["params"] < s.results()["models"]["base"]["params"]
+    assert len(AutoTokenizer.from_pretrained(s.model_dir)) == v["tokenizer_after"]
+
+
 def test_a_bad_vocab_rule_is_a_one_line_error():
     from engine import config as config_mod
 
@@ -530,6 +562,10 @@ def test_a_bad_vocab_rule_is_a_one_line_error():
         config_mod.from_dict({"prune": {"vocab_rule": "magic"}})
     with pytest.raises(MinigptError, match="vocab_tolerance"):
         config_mod.from_dict({"prune": {"vocab_tolerance": 2.0}})
+    with pytest.raises(MinigptError, match="vocab_rows.*heldout"):
+        config_mod.from_dict({"prune": {"vocab_rows": 100}})
+    with pytest.raises(MinigptError, match="vocab_prior"):
+        config_mod.from_dict({"prune": {"vocab_prior": -1.0}})
 
 
 # ---- 7. SmolLM2 (slow) ---------------------------------------------------------------------------

@@ -382,12 +382,20 @@ def _prune_vocabulary(ctx: Context, model, stats, threshold: float):
                                              progress=lambda d, n, r: ctx.rep.progress("prune", d, n, "tokens", r,
                                                                                        phase="vocabulary prior"),
                                              dist=ctx.dist)
-        chosen, rule = vocab.choose_cut(model, ctx.tokenizer, counts, validation, ctx.cfg.evaluate, p.vocab_tolerance,
-                                        expected=expected, weight=p.vocab_prior,
-                                        progress=lambda d, n, r: ctx.rep.progress("prune", d, n, "items",
-                                                                                  phase="vocabulary cut"))
-        ctx.rep.log(f"vocabulary rule heldout: {len(rule['candidates'])} cuts tried on {rule['validation_bytes']:,} "
-                    f"validation bytes; kept {rule['chosen_rows']:,} rows")
+        if p.vocab_rows:  # a row budget: the ranking cut there, no sizing
+            chosen = vocab.plan_of_size(ctx.tokenizer, counts, p.vocab_rows, model,
+                                        vocab.ranking(ctx.tokenizer, counts, expected, p.vocab_prior))
+            rule = {"rows_asked": p.vocab_rows, "prior_weight": p.vocab_prior if expected is not None else 0.0,
+                    "candidates": [], "chosen_rows": int(chosen.keep.numel())}
+            ctx.rep.log(f"vocabulary rule heldout: the ranking cut to {rule['chosen_rows']:,} rows "
+                        f"(prune.vocab_rows = {p.vocab_rows:,})")
+        else:
+            chosen, rule = vocab.choose_cut(model, ctx.tokenizer, counts, validation, ctx.cfg.evaluate,
+                                            p.vocab_tolerance, expected=expected, weight=p.vocab_prior,
+                                            progress=lambda d, n, r: ctx.rep.progress("prune", d, n, "items",
+                                                                                      phase="vocabulary cut"))
+            ctx.rep.log(f"vocabulary rule heldout: {len(rule['candidates'])} cuts tried on "
+                        f"{rule['validation_bytes']:,} validation bytes; kept {rule['chosen_rows']:,} rows")
     # the kept ids (the same plan prune_vocabulary makes): distillation maps the student's ids to the teacher's
     ctx.vocab_keep = (chosen or vocab.plan(ctx.tokenizer, counts, threshold, model)).keep
     model, ctx.tokenizer, info = vocab.prune_vocabulary(model, ctx.tokenizer, counts, threshold,
