@@ -596,11 +596,13 @@ def test_smollm2_vocabulary_pruning_is_exact_on_kept_text():
     assert (ref[..., p.keep].log_softmax(-1) - got).abs().max().item() <= 1e-5
     for text in TEXTS + fuzz_texts(20) + parts["evaluate"][:2]:
         assert new.decode(new(text)["input_ids"]) == text
-    same = 0
-    for word in " ".join(parts["evaluate"][:3]).split(" "):
+    same = 0  # held-out words made of kept tokens only: as many as 600, wherever the split puts them
+    for word in (w for doc in parts["evaluate"] for w in doc.split(" ")):  # the corpus moves with installs
         a = tok(word)["input_ids"]
         if all(i in o2n for i in a):
             assert new(word)["input_ids"] == [o2n[i] for i in a], word
             same += 1
+            if same >= 600:
+                break
     assert same > 500
     assert new.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).startswith("<|im_start|>")
