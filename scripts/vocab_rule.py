@@ -85,12 +85,11 @@ def main() -> None:
         print(name, json.dumps(r), f"{time.time() - t0:.0f}s", flush=True)
         del m
 
-    blocks = data_mod.blocks(d.calibrate, a.block)
-    blocks = blocks[: max(1, -(-a.prior_tokens // a.block))]
-    expected = vocab.expected_counts(model, blocks, 4, rows0)
+    expected = vocab.expected_counts(model, data_mod.blocks(d.calibrate, a.block), 4, rows0, max_tokens=a.prior_tokens)
+    prior_tokens = round(float(expected.sum()))  # one distribution per position, each summing to 1
     order = vocab.ranking(tok, counts, expected, a.prior)
-    out["prior"] = {"weight": a.prior, "tokens": int(blocks.numel())}
-    print(f"expected counts over {blocks.numel():,} tokens, {time.time() - t0:.0f}s", flush=True)
+    out["prior"] = {"weight": a.prior, "tokens": prior_tokens}
+    print(f"expected counts over {prior_tokens:,} tokens, {time.time() - t0:.0f}s", flush=True)
     p0 = vocab.plan(tok, counts, 0.0, model)
     row("eps0", p0)
     row("heldout_same_size", vocab.plan_of_size(tok, counts, int(p0.keep.numel()), model, order))

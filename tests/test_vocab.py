@@ -375,6 +375,19 @@ def test_prune_stage_reports_and_later_stages_use_the_new_tokenizer(tmp_path):
     assert s.status() == "done"
 
 
+def tiny_gemma3_on_disk(tmp_path):
+    """(tokenizer, model folder, corpus file): a tiny Gemma 3 with the byte-fallback tokenizer saved
+    as a model source, and CORPUS as documents of three sentences each."""
+    tok = byte_fallback()
+    folder = tmp_path / "base"
+    tiny.model("gemma3", vocab=len(tok) + PAD_ROWS).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    docs = tmp_path / "docs.jsonl"
+    paras = CORPUS.split(". ")
+    docs.write_text("\n".join(json.dumps({"text": ". ".join(paras[i:i + 3])}) for i in range(0, len(paras), 3)))
+    return tok, folder, docs
+
+
 def test_the_heldout_rule_runs_in_the_prune_stage_on_gemma3(tmp_path):
     """prune.vocab_rule = "heldout" on a tiny Gemma 3: the cut is sized on held-back finetune
     documents, the candidates tried and the choice are reported, and the saved tokenizer holds it."""
@@ -384,13 +397,7 @@ def test_the_heldout_rule_runs_in_the_prune_stage_on_gemma3(tmp_path):
     from engine.run import pipeline
     from engine.run import session
 
-    tok = byte_fallback()
-    folder = tmp_path / "base"
-    tiny.model("gemma3", vocab=len(tok) + PAD_ROWS).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    docs = tmp_path / "docs.jsonl"
-    paras = CORPUS.split(". ")
-    docs.write_text("\n".join(json.dumps({"text": ". ".join(paras[i:i + 3])}) for i in range(0, len(paras), 3)))
+    tok, folder, docs = tiny_gemma3_on_disk(tmp_path)
     cfg = config_mod.from_dict({
         "model": {"source": str(folder)}, "data": {"source": str(docs)},
         "calibrate": {"block_size": 32, "max_tokens": 512},
@@ -472,6 +479,8 @@ def test_expected_counts_are_the_summed_next_token_distributions(family):
     assert got.dtype == torch.float64 and got.shape == (rows,)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
     assert abs(float(got.sum()) - blocks.numel()) < 1e-3
+    first = vocab.expected_counts(m, blocks, 2, rows, max_tokens=30)  # the first blocks holding 30 tokens: 2
+    assert torch.allclose(first, vocab.expected_counts(m, blocks[:2], 2, rows), rtol=0, atol=0)
 
 
 def test_a_special_token_past_the_embedding_rows_is_dropped():
@@ -532,13 +541,7 @@ def test_a_row_budget_cuts_the_ranking_in_the_prune_stage(tmp_path):
     from engine.run import pipeline
     from engine.run import session
 
-    tok = byte_fallback()
-    folder = tmp_path / "base"
-    tiny.model("gemma3", vocab=len(tok) + PAD_ROWS).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    docs = tmp_path / "docs.jsonl"
-    paras = CORPUS.split(". ")
-    docs.write_text("\n".join(json.dumps({"text": ". ".join(paras[i:i + 3])}) for i in range(0, len(paras), 3)))
+    tok, folder, docs = tiny_gemma3_on_disk(tmp_path)
     rows = len(tok) - 40
     cfg = config_mod.from_dict({
         "model": {"source": str(folder)}, "data": {"source": str(docs)},

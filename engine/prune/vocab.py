@@ -263,8 +263,10 @@ SIZE_FACTORS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # candidate
 
 
 @torch.no_grad()
-def expected_counts(model, blocks: torch.Tensor, batch_size: int, rows: int, progress=None, dist=None) -> torch.Tensor:
-    """Per id, the model's next-token probability summed over every position of `blocks` (float64):
+def expected_counts(model, blocks: torch.Tensor, batch_size: int, rows: int, max_tokens: int = 0, progress=None,
+                    dist=None) -> torch.Tensor:
+    """Per id, the model's next-token probability summed over every position of `blocks` (float64;
+    with `max_tokens`, of the first blocks holding that many tokens, one block at least):
     the counts the model expects the domain's text to hold. Unlike the counts, it is non-zero for
     the words the domain has not said yet but will ('preventing', 'trivial' in docstrings), in
     proportion to how plausible the model finds them in this domain's contexts. The LM head runs
@@ -272,6 +274,8 @@ def expected_counts(model, blocks: torch.Tensor, batch_size: int, rows: int, pro
     `dist`, batch i runs on rank i % world and the sums are all-reduced."""
     from engine.evaluate.perplexity import decoder_and_head, head_chunk
 
+    if max_tokens:
+        blocks = blocks[: max(1, -(-max_tokens // blocks.shape[1]))]
     device = next(model.parameters()).device
     acc = torch.zeros(rows, dtype=torch.float64, device=device)
     dec, head = decoder_and_head(model)

@@ -376,9 +376,8 @@ def _prune_vocabulary(ctx: Context, model, stats, threshold: float):
         counts, validation = heldout_counts(ctx, model, p.vocab_validation_tokens)
         expected = None
         if p.vocab_prior > 0:  # the unpruned model's expectation over the first calibration blocks
-            b = _calib_blocks(ctx)
-            b = b[: max(1, -(-p.vocab_prior_tokens // b.shape[1]))]
-            expected = vocab.expected_counts(model, b, ctx.cfg.calibrate.batch_size, counts.numel(),
+            expected = vocab.expected_counts(model, _calib_blocks(ctx), ctx.cfg.calibrate.batch_size, counts.numel(),
+                                             max_tokens=p.vocab_prior_tokens,
                                              progress=lambda d, n, r: ctx.rep.progress("prune", d, n, "tokens", r,
                                                                                        phase="vocabulary prior"),
                                              dist=ctx.dist)
