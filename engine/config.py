@@ -81,7 +81,7 @@ class PruneConfig:
     vocab_rule: str = "seen"  # seen (keep frequency > ε_emb) | heldout (ranked cut sized by held-out bpb)
     vocab_tolerance: float = 0.01  # heldout: the bpb rise allowed on the validation documents (relative)
     vocab_validation_tokens: int = 4096  # heldout: finetune-split documents held back from counting
-    vocab_prior: float = 0.3  # heldout: the model's expected counts, weighed as this share of the counted tokens
+    vocab_prior: float = 0.3  # heldout: the model's expected counts, weighed as this share of the counted tokens (< 0: as a cost)
     vocab_prior_tokens: int = 16384  # heldout: calibration tokens the model's expectation is summed over
     vocab_rows: int = 0  # heldout: cut the ranking to this many embedding rows (0: sized on the validation documents)
     ratio: float = 0.3  # fraction of MLP neurons removed with rule = "ratio"
@@ -239,9 +239,10 @@ def _check_prune(p: PruneConfig) -> None:
     if p.vocab_rows and p.vocab_rule != "heldout":
         raise MinigptError("prune.vocab_rows cuts the held-out rule's ranking; the \"seen\" rule keeps what the "
                            "domain used", "set prune.vocab_rule = \"heldout\", or drop prune.vocab_rows")
-    if p.vocab_prior < 0 or p.vocab_prior_tokens < 1:
-        raise MinigptError("prune.vocab_prior must be >= 0 and prune.vocab_prior_tokens >= 1",
-                           "e.g. vocab_prior = 0.3 (0: the domain's counts alone), vocab_prior_tokens = 16384")
+    if p.vocab_prior < -1 or p.vocab_prior_tokens < 1:
+        raise MinigptError("prune.vocab_prior must be >= -1 and prune.vocab_prior_tokens >= 1",
+                           "e.g. vocab_prior = 0.3 (0: the domain's counts alone; < 0: the model's expected "
+                           "mass as a cost), vocab_prior_tokens = 16384")
     _choice("prune.head_mode", p.head_mode, HEAD_MODES)
     _choice("prune.head_criterion", p.head_criterion, HEAD_CRITERIA)
     _choice("prune.depth_criterion", p.depth_criterion, DEPTH_CRITERIA)

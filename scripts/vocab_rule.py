@@ -11,8 +11,13 @@ Rows: the base model; ε_emb = 0 (keep what the counted text used); the held-out
 to the same number of rows as ε_emb = 0 (the same size, so only the choice of tokens differs); the
 held-out rule at the size it chooses itself (smallest cut within --tolerance on the validation
 documents); with --rows, the ranking cut to each of those sizes, and ε_emb = 0's frequency order
-(then by id) cut there too. Every row: parameters, vocabulary rows, held-out bits per byte, the
-relative change, the held-out tokens kept whole (coverage).
+(then by id) cut there too; with --weights, the ranking under each of those prior weights cut to
+ε_emb = 0's size (a negative weight counts the model's expected mass as a cost). With --oracle, two
+diagnostic rows that read the held-out text itself, so no rule can reach them: ε_emb = 0's set less
+the ids the held-out text never uses (what dropping unused rows is worth: their probability mass goes
+back to the used ones) and plus the ids it uses that ε_emb = 0 dropped (what full coverage is worth).
+Every row: parameters, vocabulary rows, held-out bits per byte, the relative change, the held-out
+tokens kept whole (coverage).
 
 Usage: python scripts/vocab_rule.py --model embedded:smollm2 --corpus builtin:licenses [--json out.json]
 """
@@ -45,6 +50,8 @@ def main() -> None:
     ap.add_argument("--prior", type=float, default=vocab.PRIOR_WEIGHT)
     ap.add_argument("--prior-tokens", type=int, default=16384)
     ap.add_argument("--rows", default="", help="comma-separated sizes to cut the ranking to, e.g. 31000")
+    ap.add_argument("--weights", default="", help="comma-separated prior weights cut to ε_emb = 0's size, e.g. -0.17,0.1")
+    ap.add_argument("--oracle", action="store_true", help="add the two diagnostic rows that read the held-out text")
     ap.add_argument("--block", type=int, default=512)
     ap.add_argument("--tolerance", type=float, default=0.01)
     ap.add_argument("--json", default="")
@@ -93,6 +100,21 @@ def main() -> None:
     p0 = vocab.plan(tok, counts, 0.0, model)
     row("eps0", p0)
     row("heldout_same_size", vocab.plan_of_size(tok, counts, int(p0.keep.numel()), model, order))
+    for w in [float(x) for x in a.weights.split(",") if x]:
+        row(f"weight_{w:+g}_same_size", vocab.plan_of_size(tok, counts, int(p0.keep.numel()), model,
+                                                          vocab.ranking(tok, counts, expected, w)))
+    if a.oracle:
+        used = torch.zeros(rows0, dtype=torch.bool)
+        used[torch.tensor([i for r in tok(texts, add_special_tokens=False)["input_ids"] for i in r])] = True
+        kept0 = torch.zeros(rows0, dtype=torch.bool)
+        kept0[p0.keep] = True
+        q = expected / expected.sum()
+        out["oracle"] = {"eps0_rows_unused_held_out": int((kept0 & ~used).sum()),
+                         "their_expected_mass_per_position": round(float(q[kept0 & ~used].sum()), 4),
+                         "used_ids_eps0_dropped": int((used & ~kept0).sum())}
+        print("oracle", json.dumps(out["oracle"]), flush=True)
+        row("oracle_eps0_and_used", vocab.plan(tok, counts, 0.0, model, chosen=kept0 & used))
+        row("oracle_eps0_or_used", vocab.plan(tok, counts, 0.0, model, chosen=kept0 | used))
     chosen, table = vocab.choose_cut(model, tok, counts, held, e, a.tolerance, expected=expected, weight=a.prior)
     row("heldout_chosen", chosen, {"validation": table})
     for r in [int(x) for x in a.rows.split(",") if x]:

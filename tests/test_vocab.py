@@ -466,6 +466,29 @@ def test_the_prior_ranks_unseen_tokens_the_model_expects_ahead_of_tokens_seen_on
             tok.decode(tok(text, add_special_tokens=False)["input_ids"])
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_negative_prior_weight_ranks_expected_mass_as_a_cost(kind):
+    """score = count − |weight| · N · q: of tokens counted equally, the one the model expects more
+    (which holds more probability mass at every position) ranks later, and one whose cost exceeds
+    its count falls behind an unseen token the model never expects."""
+    tok = KINDS[kind]()
+    rows = len(tok) + PAD_ROWS
+    c = counts_for(tok, rows)
+    plain = vocab._bpe_tokens(tok)
+    seen = [i for i in range(min(c.numel(), plain.numel())) if c[i] > 0 and plain[i]]
+    k = min(float(c[i]) for i in seen if sum(1 for j in seen if c[j] == c[i]) >= 3)  # 3 tokens counted k times
+    once = [i for i in seen if c[i] == k]
+    unseen = [i for i in range(min(rows, plain.numel())) if plain[i] and c[i] == 0]
+    assert len(once) >= 3 and unseen
+    n, w = float(c.sum()), -0.2
+    q = torch.full((rows,), 1e-12, dtype=torch.float64)
+    a, b, heavy = once[:3]
+    q[a], q[b], q[heavy] = 0.1 * k / (-w * n), 0.5 * k / (-w * n), 2.0 * k / (-w * n)  # cost 0.1k, 0.5k, 2k
+    q[int(c.argmax())] = 1.0 - float(q.sum())
+    pos = {i: j for j, i in enumerate(vocab.ranking(tok, c, q, weight=w).tolist())}
+    assert pos[a] < pos[b] < pos[unseen[0]] and pos[heavy] > pos[unseen[0]]  # 0.9k > 0.5k > ~0 > −k
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
 def test_expected_counts_are_the_summed_next_token_distributions(family):
     """The prior is Σ over positions of softmax(logits): the chunked-head sum equals the direct one
@@ -568,7 +591,8 @@ def test_a_bad_vocab_rule_is_a_one_line_error():
     with pytest.raises(MinigptError, match="vocab_rows.*heldout"):
         config_mod.from_dict({"prune": {"vocab_rows": 100}})
     with pytest.raises(MinigptError, match="vocab_prior"):
-        config_mod.from_dict({"prune": {"vocab_prior": -1.0}})
+        config_mod.from_dict({"prune": {"vocab_prior": -1.5}})
+    assert config_mod.from_dict({"prune": {"vocab_prior": -0.15}}).prune.vocab_prior == -0.15  # a cost
 
 
 # ---- 7. SmolLM2 (slow) ---------------------------------------------------------------------------

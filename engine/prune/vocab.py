@@ -22,6 +22,7 @@ leaves its pair split.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -258,7 +259,7 @@ def _post_processor_ids(node) -> set[int]:
 
 # ---- the held-out keep rule: the domain's counts, smoothed by the model's own expectation ---------
 RULES = ("seen", "heldout")
-PRIOR_WEIGHT = 0.3  # the prior's mass, as a share of the counted tokens (prune.vocab_prior)
+PRIOR_WEIGHT = 0.3  # the prior's mass, as a share of the counted tokens (prune.vocab_prior; < 0: a cost)
 SIZE_FACTORS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # candidate cuts, × the tokens the domain used
 
 
@@ -318,17 +319,20 @@ def ranking(tokenizer, counts: torch.Tensor, expected: torch.Tensor | None = Non
     `weight` × as many pseudo-counts as the domain's text. Without `expected` (or with weight 0) it
     is the domain's frequency alone (ε_emb's order). With it, a token the counted text never used
     but the model finds likely here comes in ahead of one the text used once: a cut can cover what
-    the domain will say next."""
+    the domain will say next. A negative weight reads the expectation as a cost instead: every kept
+    row holds probability mass at every position, which the renormalised cut would give back, so a
+    rarely counted token the model expects often goes first (where the counted text already covers
+    the domain, as licences do, that is the better trade; docs/results/gemma3_270m.md)."""
     ok = _bpe_tokens(tokenizer)
     n = max(ok.numel(), counts.numel())
     score = torch.zeros(n, dtype=torch.float64)
     score[: counts.numel()] = counts.flatten().double()
-    if expected is not None and weight > 0 and float(expected.sum()) > 0:
+    if expected is not None and weight != 0 and float(expected.sum()) > 0:
         q = expected.flatten().double() / expected.sum().double()
         m = min(n, q.numel())
         score[:m] += weight * float(score.sum()) * q[:m]
-    score[: ok.numel()][~ok] = -1.0
-    score[ok.numel():] = -1.0
+    score[: ok.numel()][~ok] = -math.inf  # last, whatever the weight's sign
+    score[ok.numel():] = -math.inf
     return torch.argsort(score, descending=True, stable=True)
 
 

@@ -375,7 +375,7 @@ def _prune_vocabulary(ctx: Context, model, stats, threshold: float):
     if p.vocab_rule == "heldout":
         counts, validation = heldout_counts(ctx, model, p.vocab_validation_tokens)
         expected = None
-        if p.vocab_prior > 0:  # the unpruned model's expectation over the first calibration blocks
+        if p.vocab_prior != 0:  # the unpruned model's expectation over the first calibration blocks
             expected = vocab.expected_counts(model, _calib_blocks(ctx), ctx.cfg.calibrate.batch_size, counts.numel(),
                                              max_tokens=p.vocab_prior_tokens,
                                              progress=lambda d, n, r: ctx.rep.progress("prune", d, n, "tokens", r,
