@@ -15,8 +15,12 @@ other by KD, for the same steps. The CE session of the first budget also runs th
 (`finetune.control`). Rows read back from each session's results.json; the table (Markdown)
 and a CSV go to --out. Re-running reuses finished sessions (resume), so a stopped run continues.
 
+With --teacher-steps N (Minitron's teacher correction) the unpruned model is first fine-tuned N
+CE steps on the domain; calibration, pruning and distillation then start from that teacher, and
+the table names it (sessions and files tagged `-tN`).
+
 Usage: .venv/bin/python scripts/compress_table.py --root /tmp/compress --out docs/results/compress_smollm2
-       [--budgets 0.5 0.7] [--corpus builtin:licenses] [--steps 48] [--kd-only-budget 0.5]
+       [--budgets 0.5 0.7] [--corpus builtin:licenses] [--steps 48] [--only mlp] [--teacher-steps 32]
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import shutil
 import sys
 import time
@@ -32,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def base_config(corpus: str, steps: int, name: str, model: str = "embedded:smollm2") -> dict:
+def base_config(corpus: str, steps: int, name: str, model: str = "embedded:smollm2", teacher_steps: int = 0) -> dict:
     return {
         "name": name, "seed": 0,
         "model": {"source": model},
@@ -42,7 +47,8 @@ def base_config(corpus: str, steps: int, name: str, model: str = "embedded:smoll
                   "allocation": "per_layer"},
         "finetune": {"enabled": True, "lr": 2e-4, "schedule": "cosine", "warmup_steps": 4, "batch_size": 4,
                      "block_size": 256, "max_steps": steps, "eval_every": steps,
-                     "checkpoint_every": max(steps // 2, 1), "keep_checkpoints": 1, "target_ppl_ratio": 0.0},
+                     "checkpoint_every": max(steps // 2, 1), "keep_checkpoints": 1, "target_ppl_ratio": 0.0,
+                     "teacher_steps": teacher_steps},
         "evaluate": {"block_size": 512, "max_tokens": 8192, "batch_size": 4, "mcq_generate": 100},
     }
 
@@ -84,7 +90,7 @@ def pruned_pair(root: Path, name: str, cfg_dict: dict, control: bool, kd_only: b
 
     ce = ensure(root, name + "-ce", {**cfg_dict, "finetune": {**cfg_dict["finetune"], "control": control}})
     if not done(ce, "evaluate"):
-        run_stages(ce, ["baseline", "calibrate", "prune", "evaluate"])
+        run_stages(ce, ["baseline", "teacher", "calibrate", "prune", "evaluate"])
     kd_path = root / (name + "-kd")
     if not kd_path.exists():
         shutil.copytree(ce.path, kd_path, ignore=shutil.ignore_patterns("checkpoints", "runner.lock", "*.tmp*"))
@@ -101,10 +107,14 @@ def pruned_pair(root: Path, name: str, cfg_dict: dict, control: bool, kd_only: b
 
 
 def _has_control(root: Path, name: str) -> bool:
-    """Another session of this root already ran the control (same model, corpus and budget of
-    steps): it is not run twice."""
+    """Another session of this root, on the same corpus and teacher, already ran the control: it
+    is not run twice (use one root per model and step budget)."""
+    tag = re.sub(r"-(mlp|mix)-\d+$", "", name)  # the corpus (and teacher) part of the name
+    same = re.compile(rf"{re.escape(tag)}-(mlp|mix)-\d+-ce")
     for res in root.glob("*/results.json"):
-        if res.parent.name != name + "-ce" and "control" in json.loads(res.read_text()).get("models", {}):
+        if not same.fullmatch(res.parent.name) or res.parent.name == name + "-ce":
+            continue
+        if "control" in json.loads(res.read_text()).get("models", {}):
             return True
     return False
 
@@ -131,16 +141,20 @@ def main() -> None:
     ap.add_argument("--only", choices=["mlp", "mix"], default=None, help="one variant only")
     ap.add_argument("--kd-only", action="store_true", help="recover by KD only (no CE copy, no control)")
     ap.add_argument("--model", default="embedded:smollm2", help="model source (a tiny folder for a smoke run)")
+    ap.add_argument("--teacher-steps", type=int, default=0,
+                    help="teacher correction: CE steps on the unpruned model before calibration (0 = off); "
+                         "every row is then pruned from, and distilled from, the corrected teacher")
     args = ap.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
-    tag = args.corpus.split(":")[-1]
+    tag = args.corpus.split(":")[-1] + (f"-t{args.teacher_steps}" if args.teacher_steps else "")
     rows = []
     t0 = time.time()
     for i, b in enumerate(args.budgets):
         for var, keys in variants(b).items():
             if args.only and var != args.only:
                 continue
-            cfg = base_config(args.corpus, args.steps, f"{tag}-{var}-{int(round(100 * b))}", args.model)
+            cfg = base_config(args.corpus, args.steps, f"{tag}-{var}-{int(round(100 * b))}", args.model,
+                              args.teacher_steps)
             cfg["prune"].update(keys)
             control = i == 0 and var == "mlp" and not args.kd_only and not _has_control(args.root, cfg["name"])
             ce, kd = pruned_pair(args.root, cfg["name"], cfg, control=control,
@@ -148,6 +162,9 @@ def main() -> None:
             rce, rkd = ce.results(), kd.results()
             if not rows:
                 rows.append({"row": "(a) unpruned", "budget": 1.0, **figures(rce, "base")})
+                if "teacher" in rce.get("models", {}):
+                    rows.append({"row": f"(a') corrected teacher ({args.teacher_steps} CE steps)", "budget": 1.0,
+                                 **figures(rce, "teacher")})
                 if "control" in rce.get("models", {}):
                     rows.append({"row": "(b) unpruned + same recovery (CE)", "budget": 1.0,
                                  **figures(rce, "control")})
@@ -178,7 +195,10 @@ def write(out: Path, tag: str, rows: list[dict], args, seconds: float) -> None:
     base = rows[0]["params"] or 1
     lines = [f"Corpus `{args.corpus}`, SmolLM2-135M-Instruct fp32 on CPU; recovery {args.steps} steps x 4 x 256 "
              f"tokens ({args.steps * 1024:,} tokens) for every recovered row; held-out bits per byte and ppl "
-             f"(8,192 tokens), generated MCQ (100 questions, acc ± SE). {seconds / 60:.0f} min in all.", "",
+             f"(8,192 tokens), generated MCQ (100 questions, acc ± SE)"
+             + (f"; every pruned row pruned from, and distilled from, a teacher first fine-tuned {args.teacher_steps}"
+                f" CE steps (the control: that teacher after the same recovery)" if args.teacher_steps else "")
+             + f". {seconds / 60:.0f} min in all.", "",
              "| row | kept | mix | params | bpb | ppl | MCQ |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         mcq = f"{r['mcq']:.2f} ± {r['mcq_se']:.2f}" if r.get("mcq") is not None and r.get("mcq_se") is not None \
