@@ -146,7 +146,8 @@ def main() -> None:
                          "every row is then pruned from, and distilled from, the corrected teacher")
     args = ap.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
-    tag = args.corpus.split(":")[-1] + (f"-t{args.teacher_steps}" if args.teacher_steps else "")
+    tag = re.sub(r"\.(jsonl|json|txt)$", "", Path(args.corpus.split(":")[-1]).name)  # a name, not a path
+    tag += f"-t{args.teacher_steps}" if args.teacher_steps else ""
     rows = []
     t0 = time.time()
     for i, b in enumerate(args.budgets):
@@ -166,7 +167,8 @@ def main() -> None:
                     rows.append({"row": f"(a') corrected teacher ({args.teacher_steps} CE steps)", "budget": 1.0,
                                  **figures(rce, "teacher")})
                 if "control" in rce.get("models", {}):
-                    rows.append({"row": "(b) unpruned + same recovery (CE)", "budget": 1.0,
+                    who = "corrected teacher" if args.teacher_steps else "unpruned"
+                    rows.append({"row": f"(b) {who} + same recovery (CE)", "budget": 1.0,
                                  **figures(rce, "control")})
             name = "(c) MLP-only + vocab" if var == "mlp" else "(d) searched mix"
             chosen = (rce.get("search") or {}).get("chosen", {}).get("label", "")

@@ -1,0 +1,54 @@
+"""scripts/compress_table.py end to end on a tiny Llama: the teacher-corrected table runs its
+teacher before calibration and names it, and a later table without the teacher runs its own
+control instead of reusing the corrected one's (a control is only shared within a corpus and teacher)."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+
+import ft_case
+from ft_case import one_thread  # noqa: F401  (fixture)
+import tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def _table(monkeypatch, root: Path, out: Path, model: Path, corpus: Path, *extra: str) -> list[dict]:
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import compress_table
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    monkeypatch.setattr(sys, "argv", ["compress_table.py", "--root", str(root), "--out", str(out), "--budgets", "0.8",
+                                      "--corpus", str(corpus), "--steps", "2", "--only", "mlp",
+                                      "--model", str(model), *extra])
+    compress_table.main()
+    return list(csv.DictReader(open(next(out.glob("*.csv")))))
+
+
+def test_teacher_corrected_table_and_its_own_control(tmp_path, monkeypatch):
+    from engine.run import session as session_mod
+
+    model = tiny.save("llama", tmp_path / "model")
+    corpus = ft_case.corpus(tmp_path / "data")
+    root = tmp_path / "root"
+    rows = _table(monkeypatch, root, tmp_path / "out-t", model, corpus, "--teacher-steps", "2")
+    names = [r["row"] for r in rows]
+    assert names[:3] == ["(a) unpruned", "(a') corrected teacher (2 CE steps)",
+                         "(b) corrected teacher + same recovery (CE)"]
+    assert any(n.endswith(", KD") for n in names) and any(n.endswith(", CE") for n in names)
+    assert all(float(r["bpb"]) > 0 for r in rows)
+    kd = session_mod.open_session(root / "corpus-t2-mlp-80-kd")
+    assert kd.config().finetune.loss == "kd" and kd.config().finetune.teacher_steps == 2
+    assert "teacher" in kd.state()["completed_stages"]
+    # the teacher moved: its held-out figures are not the unpruned model's
+    assert rows[1]["bpb"] != rows[0]["bpb"]
+
+    plain = _table(monkeypatch, root, tmp_path / "out", model, corpus)
+    assert [r["row"] for r in plain][:2] == ["(a) unpruned", "(b) unpruned + same recovery (CE)"]
+    assert plain[1]["bpb"] != rows[2]["bpb"]  # its own control, not the corrected teacher's
