@@ -5,39 +5,53 @@ control instead of reusing the corrected one's (a control is only shared within 
 from __future__ import annotations
 
 import csv
+import json
+import os
+import random
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 import ft_case
-from ft_case import one_thread  # noqa: F401  (fixture)
 import tiny
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.process
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
-def _table(monkeypatch, root: Path, out: Path, model: Path, corpus: Path, *extra: str) -> list[dict]:
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import compress_table
-    finally:
-        sys.path.remove(str(SCRIPTS))
-    monkeypatch.setattr(sys, "argv", ["compress_table.py", "--root", str(root), "--out", str(out), "--budgets", "0.8",
-                                      "--corpus", str(corpus), "--steps", "2", "--only", "mlp",
-                                      "--model", str(model), *extra])
-    compress_table.main()
+def _corpus(folder: Path, docs: int = 120, seed: int = 0) -> Path:
+    """Seeded sentences over the tiny tokenizer's words: prose the generated MCQ can cut."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "corpus.jsonl"
+    with open(path, "w") as f:
+        for i in range(docs):
+            sents = [" ".join([rng.choice(ft_case.WORDS).capitalize()] + rng.choices(ft_case.WORDS, k=rng.randint(9, 14)))
+                     + "." for _ in range(8)]
+            f.write(json.dumps({"text": f"Document {i}. " + " ".join(sents)}) + "\n")
+    return path
+
+
+def _table(root: Path, out: Path, model: Path, corpus: Path, *extra: str) -> list[dict]:
+    """Runs the script as a user does (its own interpreter, from the repository root)."""
+    r = subprocess.run([sys.executable, str(SCRIPTS / "compress_table.py"), "--root", str(root), "--out", str(out),
+                        "--budgets", "0.8", "--corpus", str(corpus), "--steps", "2", "--only", "mlp",
+                        "--model", str(model), *extra],
+                       cwd=SCRIPTS.parent, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
     return list(csv.DictReader(open(next(out.glob("*.csv")))))
 
 
-def test_teacher_corrected_table_and_its_own_control(tmp_path, monkeypatch):
+def test_teacher_corrected_table_and_its_own_control(tmp_path):
     from engine.run import session as session_mod
 
     model = tiny.save("llama", tmp_path / "model")
-    corpus = ft_case.corpus(tmp_path / "data")
+    corpus = _corpus(tmp_path / "data")
     root = tmp_path / "root"
-    rows = _table(monkeypatch, root, tmp_path / "out-t", model, corpus, "--teacher-steps", "2")
+    rows = _table(root, tmp_path / "out-t", model, corpus, "--teacher-steps", "2")
     names = [r["row"] for r in rows]
     assert names[:3] == ["(a) unpruned", "(a') corrected teacher (2 CE steps)",
                          "(b) corrected teacher + same recovery (CE)"]
@@ -49,6 +63,6 @@ def test_teacher_corrected_table_and_its_own_control(tmp_path, monkeypatch):
     # the teacher moved: its held-out figures are not the unpruned model's
     assert rows[1]["bpb"] != rows[0]["bpb"]
 
-    plain = _table(monkeypatch, root, tmp_path / "out", model, corpus)
+    plain = _table(root, tmp_path / "out", model, corpus)
     assert [r["row"] for r in plain][:2] == ["(a) unpruned", "(b) unpruned + same recovery (CE)"]
     assert plain[1]["bpb"] != rows[2]["bpb"]  # its own control, not the corrected teacher's
