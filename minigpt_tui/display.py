@@ -22,7 +22,13 @@ from .data import fmt_gpu
 
 
 def _fmt_rate(rate, unit) -> str:
-    return f"{rate:,.0f} {unit}/s" if rate else ""
+    """Tokens/s as a whole number; a slow unit (a search candidate, a calibration block) as
+    seconds each, so a run at one item a minute does not read "0 items/s"."""
+    if not rate:
+        return ""
+    if rate >= 1:
+        return f"{rate:,.0f} {unit}/s" if rate >= 10 else f"{rate:.1f} {unit}/s"
+    return f"{1 / rate:,.0f} s per {unit[:-1] if unit.endswith('s') else unit}"
 
 
 def layer_table(report: dict) -> Table:

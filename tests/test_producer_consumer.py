@@ -101,6 +101,18 @@ def _recording_display() -> tuple[display.Display, io.StringIO]:
     return display.Display(console=console, plain=True), buf
 
 
+def test_the_cli_display_shows_a_slow_rate_as_seconds_each():
+    """A search at one candidate a minute read "0 items/s"; tokens/s stay whole numbers."""
+    disp, buf = _recording_display()
+    disp({"type": "progress", "stage": "prune", "phase": "search", "done": 4, "total": 4, "unit": "items",
+          "rate": 0.02})
+    disp({"type": "progress", "stage": "baseline", "done": 8192, "total": 8192, "unit": "tokens", "rate": 401.3})
+    disp({"type": "progress", "stage": "finetune", "done": 32, "total": 32, "unit": "steps", "rate": 2.5})
+    text = buf.getvalue()
+    assert "4/4 items  50 s per item" in text and "8,192/8,192 tokens  401 tokens/s" in text
+    assert "32/32 steps  2.5 steps/s" in text
+
+
 # ---- (a) every kind the engine emits is the record's and is rendered ---------------------------------
 def test_every_emitted_event_passes_the_record_as_read_back(runs):
     for s in runs.values():
