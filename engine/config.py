@@ -108,6 +108,8 @@ class PruneConfig:
     search_candidates: int = 6  # mixes within the budget ranked by a short distillation run each
     search_steps: int = 8  # distillation steps per candidate
     search_tolerance: float = 0.05  # candidates within target ± this share of the budget
+    search_speedup: float = 0.0  # 0 = off; else candidates must cut the MACs per token (prefill at the
+    # evaluate block size, attention counted: budget.macs) by at least this factor
 
 
 @dataclass
@@ -258,6 +260,11 @@ def _check_prune(p: PruneConfig) -> None:
     if bad or not p.search_axes:
         raise MinigptError(f"prune.search_axes = {p.search_axes} is invalid",
                            f"name one or more of: {', '.join(SEARCH_AXES)}")
+    if p.search_speedup and (p.search_speedup <= 1.0 or not p.target_params):
+        raise MinigptError(f"prune.search_speedup = {p.search_speedup:g} "
+                           + ("needs a parameter budget" if p.search_speedup > 1.0 else "is no speed floor"),
+                           "set prune.target_params (e.g. 0.5) with it" if p.search_speedup > 1.0
+                           else "set it above 1 (e.g. 1.9 for a 1.9x cut in MACs per token) or 0 (off)")
     if p.search_candidates < 1 or p.search_steps < 0 or not (0.0 < p.search_tolerance < 1.0):
         raise MinigptError("prune.search_candidates must be >= 1, search_steps >= 0 and search_tolerance in (0, 1)",
                            "e.g. search_candidates = 6, search_steps = 8, search_tolerance = 0.05")

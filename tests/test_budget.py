@@ -114,3 +114,75 @@ def test_mlp_only_is_always_a_candidate_where_it_reaches_the_budget():
     cands = budget.choose(c, target, 0.05, ["mlp", "heads", "hidden", "depth", "vocab"], 4)
     assert len(cands) == 4
     assert any(not (mix.heads or mix.hidden or mix.depth) and mix.mlp > 0 for mix, _ in cands)
+
+
+@pytest.mark.parametrize("mix", [budget.Mix(), budget.Mix(heads=0.5, vocab=True), budget.Mix(hidden=0.25),
+                                 budget.Mix(mlp=0.5, heads=0.25, hidden=0.375, depth=1, vocab=True)])
+def test_macs_match_torch_flop_counter_on_the_pruned_model(mix):
+    """`budget.macs` against torch's own count of a forward pass over the pruned model: the
+    weights (every linear and the tied head) exactly, and the attention term as the causal
+    half of the full L x L products the eager kernels run."""
+    import dataclasses
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from engine.config import PruneConfig
+    from engine.prune import mlp as prune
+    from engine.prune import structure, vocab
+    from engine.prune.calibrate import calibrate, token_counts
+    from engine.run import compress
+
+    m = tiny.model("llama")
+    m.set_attn_implementation("eager")
+    tok = tiny.tokenizer()
+    ids = tok(tiny.TEXT, return_tensors="pt")["input_ids"][:, :256].reshape(2, 128)
+    stats, struct = calibrate(m, ids, 2), structure.collect(m, ids, 2)
+    counts = token_counts(ids.reshape(-1), m.config.vocab_size)
+    rows_cut = int(vocab.plan(tok, counts, 0.0, m).keep.numel())
+    c = budget.costs(m, adapters.for_model(m), vocab_rows_cut=rows_cut)
+    p = dataclasses.replace(PruneConfig(), **mix.prune_keys())
+    if p.ratio:
+        prune.apply_structural(m, prune.select(m, stats, p))
+    compress.apply_axes(m, p, struct)
+    if mix.vocab:
+        m, tok, _ = vocab.prune_vocabulary(m, tok, counts, 0.0)
+    assert rows_cut < 320 or not mix.vocab
+    weights = sum(x.weight.numel() for x in m.modules() if isinstance(x, torch.nn.Linear))
+    assert budget.macs(c, mix) == weights  # the tied head is the Linear lm_head here
+    L = 64
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        m(input_ids=torch.zeros(1, L, dtype=torch.long))
+    per_token = fc.get_total_flops() / 2 / L  # MACs
+    full_attention = per_token - weights  # L keys per query in the eager kernels
+    assert full_attention > 0
+    assert budget.macs(c, mix, L) - budget.macs(c, mix) == pytest.approx(full_attention * (L + 1) / (2 * L))
+
+
+def test_a_speed_floor_keeps_only_mixes_that_reach_it():
+    m = tiny.model("llama")
+    c = budget.costs(m, adapters.for_model(m), vocab_rows_cut=120)
+    target = budget.target_count(c.total(), 0.6)
+    axes = ["mlp", "heads", "hidden", "depth", "vocab"]
+    free = budget.feasible(c, target, 0.05, axes)
+    speeds = sorted(budget.speedup(c, mx, 128) for mx, _ in free)
+    fastest, floor = speeds[-1], speeds[len(speeds) // 2]  # the faster half passes
+    kept = budget.feasible(c, target, 0.05, axes, floor, 128)
+    assert 0 < len(kept) < len(free)
+    assert all(budget.speedup(c, mx, 128) >= floor for mx, _ in kept)
+    assert {mx for mx, _ in kept} == {mx for mx, _ in free if budget.speedup(c, mx, 128) >= floor}
+    cands = budget.choose(c, target, 0.05, axes, 3, floor, 128)
+    assert all(budget.speedup(c, mx, 128) >= floor for mx, _ in cands)
+    with pytest.raises(MinigptError, match=f"fastest reaches {fastest:.2f}x") as e:
+        budget.choose(c, target, 0.05, axes, 3, fastest + 0.5, 128)
+    assert "prune.search_speedup" in e.value.fix and "\n" not in str(e.value)
+
+
+def test_speed_floor_config_errors_name_the_fix():
+    from engine import config as config_mod
+
+    with pytest.raises(MinigptError, match="search_speedup = 1.5 needs a parameter budget"):
+        config_mod.from_dict({"prune": {"search_speedup": 1.5}})
+    with pytest.raises(MinigptError, match="search_speedup = 0.8 is no speed floor"):
+        config_mod.from_dict({"prune": {"search_speedup": 0.8, "target_params": 0.5}})
+    assert config_mod.from_dict({"prune": {"search_speedup": 1.5, "target_params": 0.5}}).prune.search_speedup == 1.5

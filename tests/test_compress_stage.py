@@ -64,3 +64,20 @@ def test_budget_search_lands_on_target_and_writes_its_table(tmp_path):
     with open(s.path / "search.csv") as f:
         assert [r["label"] for r in csv.DictReader(f)] == [r["label"] for r in search["candidates"]]
     assert any(e["type"] == "progress" and e.get("phase") == "search" for e in s.events())
+
+
+def test_a_speed_floor_limits_the_search_to_mixes_that_reach_it(tmp_path):
+    """`prune.search_speedup`: every candidate cuts the estimated MACs per token by the floor,
+    the table records each one's figure, and the run log names the floor."""
+    cfg = _cfg(tmp_path, target_params=0.6, search_candidates=2, search_steps=1, search_speedup=1.7,
+               embedding_threshold=-1.0)
+    s = ft_case.session(tmp_path, "floor", cfg)
+    res = pipeline.run(s, stages=PRE)
+    search = res["search"]
+    assert search["min_speedup"] == 1.7 and search["speedup_context"] == cfg.evaluate.block_size
+    assert len(search["candidates"]) == 2
+    assert all(r["mac_speedup"] >= 1.7 for r in search["candidates"])
+    assert search["chosen"]["mac_speedup"] >= 1.7
+    with open(s.path / "search.csv") as f:
+        assert all(float(r["mac_speedup"]) >= 1.7 for r in csv.DictReader(f))
+    assert any("estimated ≥ 1.7x faster" in (e.get("message") or e.get("text") or "") for e in s.events())

@@ -141,6 +141,28 @@ def estimate(c: Costs, m: Mix) -> int:
     return int(round(keep_layers * per_layer + vocab + c.fixed_h * scale))
 
 
+def macs(c: Costs, m: Mix, context: int = 0) -> int:
+    """Multiply-accumulates per token after mix `m`, for a prefill of `context` tokens: every
+    weight matrix of the kept blocks once, the LM head over the kept rows (tied or not: the
+    embedding lookup is free, the head's matmul is not), and causal attention, whose scores and
+    weighted values cost 2 × head_dim per query head per key, over (context + 1) / 2 keys on
+    average (0: weights only). The speed floor of the search (`prune.search_speedup`) reads it;
+    norms, softmax and kernel overheads are not counted, so a measured speed-up falls short of
+    it (docs/results/benchmarks.md §2)."""
+    q_kept, kv_kept = heads_kept(c, m.heads)
+    h = c.hidden - hidden_cut(c, m.hidden, math.lcm(c.hidden_round, q_kept))
+    kept_neurons = sum(w - int(round(m.mlp * w)) for w in c.widths) / c.layers
+    weights = (q_kept * c.per_q_h + kv_kept * c.per_kv_h + kept_neurons * c.per_neuron_h) * h / c.hidden
+    attention = q_kept * c.head_dim * (context + 1) if context > 0 else 0
+    rows = c.vocab_rows_cut if (m.vocab and c.vocab_rows_cut) else c.vocab_rows
+    return int(round((c.layers - m.depth) * (weights + attention) + rows * h))
+
+
+def speedup(c: Costs, m: Mix, context: int = 0) -> float:
+    """The unpruned model's multiply-accumulates per token ÷ the mix's (`macs`)."""
+    return macs(c, Mix(), context) / macs(c, m, context)
+
+
 def heads_kept(c: Costs, ratio: float) -> tuple[int, int]:
     """(query heads, KV groups) kept per layer when `ratio` of the query heads go, GQA-aware:
     whole KV groups first when the cut is a multiple of the group size, else the same number
@@ -197,8 +219,10 @@ def target_count(total: int, target: float) -> int:
     return n
 
 
-def feasible(c: Costs, target: int, tolerance: float, axes) -> list[tuple[Mix, int]]:
-    """Every mix on the level grid whose count is within target × (1 ± tolerance)."""
+def feasible(c: Costs, target: int, tolerance: float, axes, min_speedup: float = 0.0,
+             context: int = 0) -> list[tuple[Mix, int]]:
+    """Every mix on the level grid whose count is within target × (1 ± tolerance) and, when
+    `min_speedup` is set, whose estimated speed-up at `context` tokens (`speedup`) reaches it."""
     lv = levels(c, axes)
     lo, hi = target * (1 - tolerance), target * (1 + tolerance)
     out = []
@@ -209,7 +233,7 @@ def feasible(c: Costs, target: int, tolerance: float, axes) -> list[tuple[Mix, i
                     for vocab in lv["vocab"]:
                         m = Mix(mlp, heads, hidden, depth, vocab)
                         n = estimate(c, m)
-                        if lo <= n <= hi:
+                        if lo <= n <= hi and (not min_speedup or speedup(c, m, context) >= min_speedup):
                             out.append((m, n))
     return out
 
@@ -218,12 +242,19 @@ def _vector(m: Mix, c: Costs) -> tuple:
     return (m.mlp, m.heads, m.hidden * 2, m.depth / max(c.layers * DEPTH_SHARE, 1), 0.5 * m.vocab)
 
 
-def choose(c: Costs, target: int, tolerance: float, axes, n: int) -> list[tuple[Mix, int]]:
+def choose(c: Costs, target: int, tolerance: float, axes, n: int, min_speedup: float = 0.0,
+           context: int = 0) -> list[tuple[Mix, int]]:
     """`n` candidates from the feasible mixes: the `BALANCED` × n most balanced ones (smallest
     largest share of an axis's units, the vocabulary cut aside: Minitron found that cutting a
     little from every axis beats cutting one axis hard), and among them the most balanced first, then each next the one farthest from those
     chosen, so the candidates still differ."""
-    pool = feasible(c, target, tolerance, axes)
+    pool = feasible(c, target, tolerance, axes, min_speedup, context)
+    if not pool and min_speedup:
+        fastest = max(speedup(c, m, context) for m, _ in feasible(c, target, tolerance, axes) or [(Mix(), 0)])
+        raise MinigptError(f"no mix of {', '.join(axes)} within ±{tolerance:.0%} of {target:,} parameters reaches "
+                           f"an estimated {min_speedup:g}x speed-up (the fastest reaches {fastest:.2f}x)",
+                           "lower prune.search_speedup, add heads or depth to prune.search_axes, "
+                           "or lower prune.target_params")
     if not pool:
         raise MinigptError(f"no mix of {', '.join(axes)} lands within ±{tolerance:.0%} of {target:,} parameters",
                            "widen prune.search_tolerance, add axes to prune.search_axes, or move prune.target_params")
@@ -257,10 +288,12 @@ class Trial:
     params: int | None = None  # the applied model's own count
     bpb: float | None = None  # held-out bits per byte after the short distillation
     seconds: float = 0.0
+    speedup: float | None = None  # estimated: the unpruned model's MACs per token ÷ the mix's (`speedup`)
 
     def row(self) -> dict:
         return {**dataclasses.asdict(self.mix), "label": self.mix.label(), "estimated_params": self.estimated,
-                "params": self.params, "bpb": self.bpb, "seconds": round(self.seconds, 2)}
+                "params": self.params, "bpb": self.bpb, "seconds": round(self.seconds, 2),
+                "mac_speedup": None if self.speedup is None else round(self.speedup, 3)}
 
 
 def search(cands: list[tuple[Mix, int]], trial, progress=None, stop=None) -> list[Trial]:

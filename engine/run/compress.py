@@ -104,11 +104,16 @@ def search(ctx, model, stats, struct, calib, retokenize, sensitivities=None):
         costs.vocab_rows = int(vocab.plan(ctx.tokenizer, stats.token_counts, p.embedding_threshold, model).keep.numel())
     total = size.count_params(model)
     target = budget.target_count(total, p.target_params)
-    cands = budget.choose(costs, target, p.search_tolerance, list(p.search_axes), p.search_candidates)
+    context = ctx.cfg.evaluate.block_size  # the speed floor is estimated for a prefill of this length
+    cands = budget.choose(costs, target, p.search_tolerance, list(p.search_axes), p.search_candidates,
+                          p.search_speedup, context)
+    floor = f", estimated ≥ {p.search_speedup:g}x faster" if p.search_speedup else ""
     ctx.rep.log(f"budget {target:,} of {total:,} parameters ({target / total:.1%}): {len(cands)} candidate mixes "
-                f"within ±{p.search_tolerance:.0%}" + (f", each distilled {p.search_steps} steps" if len(cands) > 1 else ""))
+                f"within ±{p.search_tolerance:.0%}{floor}"
+                + (f", each distilled {p.search_steps} steps" if len(cands) > 1 else ""))
     for i, (mix, n) in enumerate(cands, 1):
-        ctx.rep.log(f"  candidate {i}: {mix.label()} → {n:,} parameters")
+        ctx.rep.log(f"  candidate {i}: {mix.label()} → {n:,} parameters, "
+                    f"{budget.speedup(costs, mix, context):.2f}x fewer MACs per token")
     if len(cands) == 1:
         trials = [budget.Trial(cands[0][0], cands[0][1])]
     else:
@@ -116,9 +121,12 @@ def search(ctx, model, stats, struct, calib, retokenize, sensitivities=None):
         trials = budget.search(cands, trial,
                                progress=lambda d, n, r: ctx.rep.progress("prune", d, n, "items", r, phase="search"),
                                stop=ctx.rep.check_stop)
+    for t in trials:
+        t.speedup = budget.speedup(costs, t.mix, context)
     win = budget.best(trials)
     rows = [t.row() for t in trials]
     ctx.rep.section("search", {"target_params": target, "total_params": total, "tolerance": p.search_tolerance,
+                               "min_speedup": p.search_speedup, "speedup_context": context,
                                "axes": list(p.search_axes), "steps": p.search_steps, "vocab_rows_cut": rows_cut,
                                "candidates": rows, "chosen": win.row()})
     _write_csv(ctx.session.path / "search.csv", rows)

@@ -104,6 +104,8 @@ SECTIONS: list[tuple[str, list[tuple[str, str, str, str, Any]]]] = [
         ("prune.search_candidates", "candidates", "int", "f-search-candidates", "e.g. 6 mixes within the budget"),
         ("prune.search_steps", "steps each", "int", "f-search-steps", "e.g. 8 distillation steps per candidate"),
         ("prune.search_tolerance", "tolerance", "float", "f-search-tolerance", "e.g. 0.05 of the budget"),
+        ("prune.search_speedup", "speed floor", "float", "f-search-speedup",
+         "e.g. 2.0x fewer MACs per token; 0 = off"),
     ]),
     ("Fine-tune (recovery)", [
         ("finetune.enabled", "", "bool", "f-finetune", "fine-tune after pruning"),

@@ -210,7 +210,7 @@ async def test_compression_and_distillation_keys_reach_the_config(root, make_app
         for fid, text in (("f-head-ratio", "0.25"), ("f-hidden-ratio", "0.1"), ("f-depth", "2"),
                           ("f-target-params", "0.5"), ("f-search-axes", "mlp, heads depth"),
                           ("f-search-candidates", "4"), ("f-search-steps", "3"), ("f-search-tolerance", "0.1"),
-                          ("f-kd-temperature", "2"), ("f-kd-ce-weight", "0.5"), ("f-teacher-steps", "5")):
+                          ("f-search-speedup", "1.5"), ("f-kd-temperature", "2"), ("f-kd-ce-weight", "0.5"), ("f-teacher-steps", "5")):
             form.query_one(f"#{fid}", Input).value = text
         form.query_one("#f-control", Tick).value = True
         await pilot.pause()
@@ -219,8 +219,8 @@ async def test_compression_and_distillation_keys_reach_the_config(root, make_app
         p, ft = cfg.prune, cfg.finetune
         assert (p.head_ratio, p.head_mode, p.head_criterion, p.hidden_ratio, p.depth, p.depth_criterion) == \
             (0.25, "per_layer", "norm", 0.1, 2, "loss")
-        assert (p.target_params, p.search_axes, p.search_candidates, p.search_steps, p.search_tolerance) == \
-            (0.5, ["mlp", "heads", "depth"], 4, 3, 0.1)
+        assert (p.target_params, p.search_axes, p.search_candidates, p.search_steps, p.search_tolerance,
+                p.search_speedup) == (0.5, ["mlp", "heads", "depth"], 4, 3, 0.1, 1.5)
         assert (ft.loss, ft.kd_temperature, ft.kd_ce_weight, ft.teacher_steps, ft.control) == ("kd", 2.0, 0.5, 5, True)
         assert "teacher 2.6K tok" in str(form.query_one("#estimate").content)  # 5 steps x 2 x 256
 
@@ -244,7 +244,7 @@ def test_a_config_file_with_the_new_keys_fills_the_form_and_round_trips():
 
     for key in ("prune.head_ratio", "prune.head_mode", "prune.head_criterion", "prune.hidden_ratio", "prune.depth",
                 "prune.depth_criterion", "prune.target_params", "prune.search_axes", "prune.search_candidates",
-                "prune.search_steps", "prune.search_tolerance", "finetune.loss", "finetune.kd_temperature",
+                "prune.search_steps", "prune.search_tolerance", "prune.search_speedup", "finetune.loss", "finetune.kd_temperature",
                 "finetune.kd_ce_weight", "finetune.teacher_steps", "finetune.control"):
         assert key in FIELDS, key
         section, name = key.split(".")
