@@ -19,8 +19,13 @@ With --teacher-steps N (Minitron's teacher correction) the unpruned model is fir
 CE steps on the domain; calibration, pruning and distillation then start from that teacher, and
 the table names it (sessions and files tagged `-tN`).
 
+With --speedup X the searched mix keeps only candidates that cut the estimated multiply-accumulates
+per token by X or more (`prune.search_speedup`, `engine.prune.budget.macs`): the mix for a speed
+goal, at the quality it costs (its sessions and files tagged `-sX`).
+
 Usage: .venv/bin/python scripts/compress_table.py --root /tmp/compress --out docs/results/compress_smollm2
        [--budgets 0.5 0.7] [--corpus builtin:licenses] [--steps 48] [--only mlp] [--teacher-steps 32]
+       [--only mix --speedup 2.0]
 """
 
 from __future__ import annotations
@@ -53,13 +58,18 @@ def base_config(corpus: str, steps: int, name: str, model: str = "embedded:smoll
     }
 
 
-def variants(budget: float) -> dict[str, dict]:
+def variants(budget: float, speedup: float = 0.0) -> dict[str, dict]:
     return {
         "mlp": {"target_params": budget, "search_axes": ["mlp", "vocab"], "search_candidates": 1,
                 "sequential": True},
         "mix": {"target_params": budget, "search_axes": ["mlp", "heads", "hidden", "depth", "vocab"],
-                "search_candidates": 4, "search_steps": 6},
+                "search_candidates": 4, "search_steps": 6, "search_speedup": speedup},
     }
+
+
+def session_name(tag: str, var: str, budget: float, speedup: float = 0.0) -> str:
+    """`{corpus}[-tN]-{mlp|mix}-{kept %}`, and `-s{floor}` for a mix searched under a speed floor."""
+    return f"{tag}-{var}-{int(round(100 * budget))}" + (f"-s{speedup:g}" if var == "mix" and speedup else "")
 
 
 def run_stages(session, stages, redo_from=None):
@@ -109,8 +119,8 @@ def pruned_pair(root: Path, name: str, cfg_dict: dict, control: bool, kd_only: b
 def _has_control(root: Path, name: str) -> bool:
     """Another session of this root, on the same corpus and teacher, already ran the control: it
     is not run twice (use one root per model and step budget)."""
-    tag = re.sub(r"-(mlp|mix)-\d+$", "", name)  # the corpus (and teacher) part of the name
-    same = re.compile(rf"{re.escape(tag)}-(mlp|mix)-\d+-ce")
+    tag = re.sub(r"-(mlp|mix)-\d+(-s[\d.]+)?$", "", name)  # the corpus (and teacher) part of the name
+    same = re.compile(rf"{re.escape(tag)}-(mlp|mix)-\d+(-s[\d.]+)?-ce")
     for res in root.glob("*/results.json"):
         if not same.fullmatch(res.parent.name) or res.parent.name == name + "-ce":
             continue
@@ -144,6 +154,9 @@ def main() -> None:
     ap.add_argument("--teacher-steps", type=int, default=0,
                     help="teacher correction: CE steps on the unpruned model before calibration (0 = off); "
                          "every row is then pruned from, and distilled from, the corrected teacher")
+    ap.add_argument("--speedup", type=float, default=0.0,
+                    help="the searched mix only: a speed floor (prune.search_speedup), the least estimated cut "
+                         "in MACs per token a candidate must reach (0 = off)")
     args = ap.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
     tag = re.sub(r"\.(jsonl|json|txt)$", "", Path(args.corpus.split(":")[-1]).name)  # a name, not a path
@@ -151,13 +164,15 @@ def main() -> None:
     rows = []
     t0 = time.time()
     for i, b in enumerate(args.budgets):
-        for var, keys in variants(b).items():
+        for var, keys in variants(b, args.speedup).items():
             if args.only and var != args.only:
                 continue
-            cfg = base_config(args.corpus, args.steps, f"{tag}-{var}-{int(round(100 * b))}", args.model,
+            cfg = base_config(args.corpus, args.steps, session_name(tag, var, b, args.speedup), args.model,
                               args.teacher_steps)
             cfg["prune"].update(keys)
-            control = i == 0 and var == "mlp" and not args.kd_only and not _has_control(args.root, cfg["name"])
+            # the first variant of the first budget runs the control, unless this root has it already
+            first = var == (args.only or "mlp")
+            control = i == 0 and first and not args.kd_only and not _has_control(args.root, cfg["name"])
             ce, kd = pruned_pair(args.root, cfg["name"], cfg, control=control,
                                  kd_only=args.kd_only)
             rce, rkd = ce.results(), kd.results()
@@ -170,7 +185,8 @@ def main() -> None:
                     who = "corrected teacher" if args.teacher_steps else "unpruned"
                     rows.append({"row": f"(b) {who} + same recovery (CE)", "budget": 1.0,
                                  **figures(rce, "control")})
-            name = "(c) MLP-only + vocab" if var == "mlp" else "(d) searched mix"
+            name = "(c) MLP-only + vocab" if var == "mlp" else (
+                f"(d) searched mix, ≥ {args.speedup:g}x fewer MACs" if args.speedup else "(d) searched mix")
             chosen = (rce.get("search") or {}).get("chosen", {}).get("label", "")
             rows.append({"row": f"{name}, before recovery", "budget": b, "mix": chosen, **figures(rce, "pruned")})
             size = figures(rce, "pruned")["params"]
@@ -178,7 +194,7 @@ def main() -> None:
                 rows.append({"row": f"{name}, CE", "budget": b, "mix": chosen, **figures(rce, "finetuned"),
                              "params": size})
             rows.append({"row": f"{name}, KD", "budget": b, "mix": chosen, **figures(rkd, "finetuned"), "params": size})
-            write(args.out, tag, rows, args, time.time() - t0)
+            write(args.out, tag + (f"-s{args.speedup:g}" if args.speedup else ""), rows, args, time.time() - t0)
     print(json.dumps(rows, indent=1))
 
 
