@@ -181,8 +181,10 @@ RESULTS: dict[str, Section] = {s.name: s for s in (
         "nonzero_params_after", "stored_params", "heads_before", "heads_after", "kv_before", "kv_after",
         "hidden_before", "hidden_after", "dropped_blocks")),
     Section("search", "the parameter-budget search (prune.target_params): every candidate mix ranked by held-out "
-                      "bits per byte after a short distillation, and the chosen one", (
-        "target_params", "total_params", "tolerance", "axes", "steps", "vocab_rows_cut", "candidates", "chosen")),
+                      "bits per byte after a short distillation, and the chosen one; each with its estimated "
+                      "`mac_speedup`, and the speed floor (prune.search_speedup) at `speedup_context` tokens", (
+        "target_params", "total_params", "tolerance", "axes", "steps", "vocab_rows_cut", "min_speedup",
+        "speedup_context", "candidates", "chosen")),
     Section("vocab", "structural vocabulary pruning", (
         "threshold", "tokenizer_before", "tokenizer_after", "rows_before", "rows_after", "kept_because",
         "params_before", "params_after", "params_saved", "coverage", "bpb_before", "bpb_after",
