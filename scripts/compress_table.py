@@ -21,7 +21,7 @@ the table names it (sessions and files tagged `-tN`).
 
 With --speedup X the searched mix keeps only candidates that cut the estimated multiply-accumulates
 per token by X or more (`prune.search_speedup`, `engine.prune.budget.macs`): the mix for a speed
-goal, at the quality it costs (its sessions and files tagged `-sX`).
+goal, at the quality it costs (its sessions tagged `-s{10X}`, its files `-sX`).
 
 Usage: .venv/bin/python scripts/compress_table.py --root /tmp/compress --out docs/results/compress_smollm2
        [--budgets 0.5 0.7] [--corpus builtin:licenses] [--steps 48] [--only mlp] [--teacher-steps 32]
@@ -67,9 +67,28 @@ def variants(budget: float, speedup: float = 0.0) -> dict[str, dict]:
     }
 
 
-def session_name(tag: str, var: str, budget: float, speedup: float = 0.0) -> str:
-    """`{corpus}[-tN]-{mlp|mix}-{kept %}`, and `-s{floor}` for a mix searched under a speed floor."""
-    return f"{tag}-{var}-{int(round(100 * budget))}" + (f"-s{speedup:g}" if var == "mix" and speedup else "")
+NAME_MAX = 21  # the session store cuts names to 24 characters (`session._slug`): room for "-ce" / "-kd"
+TAG_MAX = 10  # a longer corpus-and-teacher tag is hashed, so the longest name ("-mix-50-s20") still fits
+
+
+def session_name(corpus_tag: str, teacher_steps: int, var: str, budget: float, speedup: float = 0.0) -> str:
+    """`{corpus}[-tN]-{mlp|mix}-{kept %}`, and `-s{10 × floor}` for a mix searched under a speed
+    floor. A corpus name that would push it past what the store keeps is replaced by a hash of
+    it: cut names made the CE copy's folder differ from the name a re-run looks for, and could
+    make the CE and KD copies collide. The rule reads the corpus and teacher alone, so every
+    variant of one corpus and teacher shares the prefix the control is found by."""
+    import hashlib
+
+    corpus = re.sub(r"[^A-Za-z0-9]+", "-", corpus_tag).strip("-").lower()
+    teacher = f"-t{teacher_steps}" if teacher_steps else ""
+    if len(corpus + teacher) > TAG_MAX:
+        corpus = hashlib.sha1(corpus_tag.encode()).hexdigest()[:TAG_MAX - len(teacher)]
+    name = f"{corpus}{teacher}-{var}-{int(round(100 * budget))}"
+    name += f"-s{int(round(10 * speedup))}" if var == "mix" and speedup else ""
+    if len(name) > NAME_MAX:
+        raise SystemExit(f"error: session name {name} is longer than {NAME_MAX} characters — use fewer "
+                         "teacher steps or a speed floor with one decimal")
+    return name
 
 
 def run_stages(session, stages, redo_from=None):
@@ -119,8 +138,8 @@ def pruned_pair(root: Path, name: str, cfg_dict: dict, control: bool, kd_only: b
 def _has_control(root: Path, name: str) -> bool:
     """Another session of this root, on the same corpus and teacher, already ran the control: it
     is not run twice (use one root per model and step budget)."""
-    tag = re.sub(r"-(mlp|mix)-\d+(-s[\d.]+)?$", "", name)  # the corpus (and teacher) part of the name
-    same = re.compile(rf"{re.escape(tag)}-(mlp|mix)-\d+(-s[\d.]+)?-ce")
+    tag = re.sub(r"-(mlp|mix)-\d+(-s\d+)?$", "", name)  # the corpus (and teacher) part of the name
+    same = re.compile(rf"{re.escape(tag)}-(mlp|mix)-\d+(-s\d+)?-ce")
     for res in root.glob("*/results.json"):
         if not same.fullmatch(res.parent.name) or res.parent.name == name + "-ce":
             continue
@@ -159,16 +178,19 @@ def main() -> None:
                          "in MACs per token a candidate must reach (0 = off)")
     args = ap.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
-    tag = re.sub(r"\.(jsonl|json|txt)$", "", Path(args.corpus.split(":")[-1]).name)  # a name, not a path
-    tag += f"-t{args.teacher_steps}" if args.teacher_steps else ""
+    corpus_tag = re.sub(r"\.(jsonl|json|txt)$", "", Path(args.corpus.split(":")[-1]).name)  # a name, not a path
+    tag = corpus_tag + (f"-t{args.teacher_steps}" if args.teacher_steps else "")  # the output files' names
+    for b in args.budgets:  # a name too long stops here, before any run
+        for var in ("mlp", "mix"):
+            session_name(corpus_tag, args.teacher_steps, var, b, args.speedup)
     rows = []
     t0 = time.time()
     for i, b in enumerate(args.budgets):
         for var, keys in variants(b, args.speedup).items():
             if args.only and var != args.only:
                 continue
-            cfg = base_config(args.corpus, args.steps, session_name(tag, var, b, args.speedup), args.model,
-                              args.teacher_steps)
+            cfg = base_config(args.corpus, args.steps, session_name(corpus_tag, args.teacher_steps, var, b, args.speedup),
+                              args.model, args.teacher_steps)
             cfg["prune"].update(keys)
             # the first variant of the first budget runs the control, unless this root has it already
             first = var == (args.only or "mlp")

@@ -66,3 +66,26 @@ def test_teacher_corrected_table_and_its_own_control(tmp_path):
     plain = _table(root, tmp_path / "out", model, corpus)
     assert [r["row"] for r in plain][:2] == ["(a) unpruned", "(b) unpruned + same recovery (CE)"]
     assert plain[1]["bpb"] != rows[2]["bpb"]  # its own control, not the corrected teacher's
+
+
+def test_session_names_fit_the_store_and_keep_the_control_prefix():
+    """The store cuts names to 24 characters: a 25-character name ("stdlib-docs-t32-mlp-50-ce")
+    came back as "...-50-c", so a re-run did not find it and the control was looked for in vain."""
+    import importlib.util
+
+    from engine.run import session as session_mod
+
+    spec = importlib.util.spec_from_file_location("compress_table", SCRIPTS / "compress_table.py")
+    ct = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ct)
+    names = set()
+    for corpus, teacher in (("licenses", 0), ("licenses", 32), ("stdlib-docs", 32), ("my_long_corpus_file", 96)):
+        mlp = ct.session_name(corpus, teacher, "mlp", 0.5)
+        mix = ct.session_name(corpus, teacher, "mix", 0.5, 2.0)
+        for n in (mlp, mix):
+            for copy in ("-ce", "-kd"):
+                assert session_mod._slug(n + copy) == n + copy  # the store keeps the name whole
+        assert mix.startswith(mlp[: -len("-mlp-50")] + "-mix-50")  # one corpus-and-teacher prefix
+        names |= {mlp, mix}
+    assert len(names) == 8
+    assert ct.session_name("licenses", 0, "mlp", 0.5) == "licenses-mlp-50"  # short names unchanged
