@@ -10,7 +10,11 @@ are removed from the embedding, the tied lm_head and the tokenizer); their prefi
 is the same text re-tokenized by the pruned tokenizer, cut to the same shape. Two
 workloads, each timed round-robin over all the models:
 
-* prefill: one forward pass over a batch of 512-token blocks (throughput, tokens/s);
+* prefill: one forward pass over a batch of 512-token blocks (throughput, tokens/s), with
+  logits at every position (scoring, as perplexity and MCQ do);
+* prompt: the same pass with the LM head on the last position only (`logits_to_keep=1`, what
+  generation's prefill needs and llama.cpp's prompt speed measures): without it a full-vocabulary
+  model also writes 2 × 512 × 49,152 fp32 logits (201 MB) per call, which no MAC count sees;
 * decode: greedy generation of new tokens after a 64-token prompt, batch 1, KV cache
   (what a chat user waits for, tokens/s).
 
@@ -114,6 +118,10 @@ def main() -> None:
         assert xi.shape == x.shape, (k, xi.shape, x.shape)
         return lambda: m(input_ids=xi, use_cache=False)
 
+    def prompt_only(k, m):
+        xi = inputs[k][0] if k in inputs else x
+        return lambda: m(input_ids=xi, use_cache=False, logits_to_keep=1)
+
     def decode(k, m):
         p, t = (inputs[k][1], inputs[k][2]) if k in inputs else (prompt, tok)
         return lambda: m.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=n_new,
@@ -121,24 +129,28 @@ def main() -> None:
 
     for k, m in models.items():  # warm-up
         prefill(k, m)()
+        prompt_only(k, m)()
         decode(k, m)()
     pre = interleaved({k: prefill(k, m) for k, m in models.items()}, args.rounds)
+    last = interleaved({k: prompt_only(k, m) for k, m in models.items()}, args.rounds)
     dec = interleaved({k: decode(k, m) for k, m in models.items()}, args.rounds)
 
     print(f"model: {name}; prefill {x.shape[0]}x{x.shape[1]} tokens; decode {n_new} new tokens after 64, "
           f"batch 1; {args.rounds} interleaved rounds; {machine()}")
-    print(f"{'model':24} {'params':>12} {'MACs/token':>12} {'prefill tok/s':>14} {'decode tok/s':>13}")
+    print(f"{'model':24} {'params':>12} {'MACs/token':>12} {'prefill tok/s':>14} {'prompt tok/s':>13} "
+          f"{'decode tok/s':>13}")
     base_macs = macs_per_token(base)
     for k, m in models.items():
         print(f"{k:24} {size.count_params(m):12,} {macs_per_token(m):12,} "
-              f"{x.numel() / min(pre[k]):14.0f} {n_new / min(dec[k]):13.1f}")
+              f"{x.numel() / min(pre[k]):14.0f} {x.numel() / min(last[k]):13.0f} {n_new / min(dec[k]):13.1f}")
     for k in list(models)[1:]:
         p, plo, phi = ratio(pre, "base", k)
         q, qlo, qhi = ratio(dec, "base", k)
+        u, ulo, uhi = ratio(last, "base", k)
         bound = base_macs / macs_per_token(models[k])
         removed = 1 - size.count_params(models[k]) / size.count_params(base)
         print(f"RATIO {k} ({removed:.1%} of params removed) ÷ base tokens/s: prefill {p:.3f}x "
-              f"(rounds {plo:.3f}-{phi:.3f}), decode {q:.3f}x (rounds {qlo:.3f}-{qhi:.3f}); MAC bound {bound:.3f}x")
+              f"(rounds {plo:.3f}-{phi:.3f}), prompt {u:.3f}x (rounds {ulo:.3f}-{uhi:.3f}), decode {q:.3f}x (rounds {qlo:.3f}-{qhi:.3f}); MAC bound {bound:.3f}x")
     print("target: pruned 40% >= 1.5x")
 
 
