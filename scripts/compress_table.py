@@ -67,7 +67,7 @@ def variants(budget: float, speedup: float = 0.0) -> dict[str, dict]:
     }
 
 
-NAME_MAX = 21  # the session store cuts names to 24 characters (`session._slug`): room for "-ce" / "-kd"
+COPY_SUFFIX = 3  # "-ce" / "-kd", after the name, inside the store's `session.NAME_MAX`
 TAG_MAX = 10  # a longer corpus-and-teacher tag is hashed, so the longest name ("-mix-50-s20") still fits
 
 
@@ -79,14 +79,17 @@ def session_name(corpus_tag: str, teacher_steps: int, var: str, budget: float, s
     variant of one corpus and teacher shares the prefix the control is found by."""
     import hashlib
 
-    corpus = re.sub(r"[^A-Za-z0-9]+", "-", corpus_tag).strip("-").lower()
+    from engine.run import session as session_mod
+
+    name_max = session_mod.NAME_MAX - COPY_SUFFIX
+    corpus = session_mod.slug(corpus_tag)
     teacher = f"-t{teacher_steps}" if teacher_steps else ""
     if len(corpus + teacher) > TAG_MAX:
         corpus = hashlib.sha1(corpus_tag.encode()).hexdigest()[:TAG_MAX - len(teacher)]
     name = f"{corpus}{teacher}-{var}-{int(round(100 * budget))}"
     name += f"-s{int(round(10 * speedup))}" if var == "mix" and speedup else ""
-    if len(name) > NAME_MAX:
-        raise SystemExit(f"error: session name {name} is longer than {NAME_MAX} characters — use fewer "
+    if len(name) > name_max:
+        raise SystemExit(f"error: session name {name} is longer than {name_max} characters — use fewer "
                          "teacher steps or a speed floor with one decimal")
     return name
 

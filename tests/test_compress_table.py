@@ -84,7 +84,7 @@ def test_session_names_fit_the_store_and_keep_the_control_prefix():
         mix = ct.session_name(corpus, teacher, "mix", 0.5, 2.0)
         for n in (mlp, mix):
             for copy in ("-ce", "-kd"):
-                assert session_mod._slug(n + copy) == n + copy  # the store keeps the name whole
+                assert session_mod.slug(n + copy) == n + copy  # the store keeps the name whole
         assert mix.startswith(mlp[: -len("-mlp-50")] + "-mix-50")  # one corpus-and-teacher prefix
         names |= {mlp, mix}
     assert len(names) == 8

@@ -35,10 +35,14 @@ def default_root() -> Path:
     return Path(os.environ.get("MINIGPT_SESSIONS", "sessions"))
 
 
-def _slug(text: str) -> str:
+NAME_MAX = 24  # a session folder's name is cut to this many characters
+
+
+def slug(text: str) -> str:
+    """A folder name from a name, model or corpus source: lower-case, dashes, at most NAME_MAX."""
     text = text.rsplit("/", 1)[-1].replace("embedded:", "").replace("builtin:", "")
     text = re.sub(r"\.gguf$", "", text)
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:24] or "run"
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:NAME_MAX] or "run"
 
 
 @dataclass
@@ -197,8 +201,8 @@ class RunnerLock:
 def create(cfg: config_mod.RunConfig, root: Path | None = None, name: str | None = None) -> Session:
     root = Path(root or default_root())
     check_root_writable(root)
-    base = name or cfg.name or f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(cfg.model.source)}-{_slug(cfg.data.source)}"
-    base = _slug(base) if name or cfg.name else base
+    base = name or cfg.name or f"{time.strftime('%Y%m%d-%H%M%S')}-{slug(cfg.model.source)}-{slug(cfg.data.source)}"
+    base = slug(base) if name or cfg.name else base
     path = root / base
     n = 1
     while path.exists():
