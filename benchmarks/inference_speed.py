@@ -113,14 +113,11 @@ def main() -> None:
     prompt = d.evaluate[:64][None]
     n_new = args.new_tokens
 
-    def prefill(k, m):
+    def prefill(k, m, last_only=False):
         xi = inputs[k][0] if k in inputs else x
         assert xi.shape == x.shape, (k, xi.shape, x.shape)
-        return lambda: m(input_ids=xi, use_cache=False)
-
-    def prompt_only(k, m):
-        xi = inputs[k][0] if k in inputs else x
-        return lambda: m(input_ids=xi, use_cache=False, logits_to_keep=1)
+        keep = {"logits_to_keep": 1} if last_only else {}  # the prompt workload: the last position's logits
+        return lambda: m(input_ids=xi, use_cache=False, **keep)
 
     def decode(k, m):
         p, t = (inputs[k][1], inputs[k][2]) if k in inputs else (prompt, tok)
@@ -129,10 +126,10 @@ def main() -> None:
 
     for k, m in models.items():  # warm-up
         prefill(k, m)()
-        prompt_only(k, m)()
+        prefill(k, m, last_only=True)()
         decode(k, m)()
     pre = interleaved({k: prefill(k, m) for k, m in models.items()}, args.rounds)
-    last = interleaved({k: prompt_only(k, m) for k, m in models.items()}, args.rounds)
+    last = interleaved({k: prefill(k, m, last_only=True) for k, m in models.items()}, args.rounds)
     dec = interleaved({k: decode(k, m) for k, m in models.items()}, args.rounds)
 
     print(f"model: {name}; prefill {x.shape[0]}x{x.shape[1]} tokens; decode {n_new} new tokens after 64, "
