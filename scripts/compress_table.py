@@ -89,8 +89,9 @@ def session_name(corpus_tag: str, teacher_steps: int, var: str, budget: float, s
     name = f"{corpus}{teacher}-{var}-{int(round(100 * budget))}"
     name += f"-s{int(round(10 * speedup))}" if var == "mix" and speedup else ""
     if len(name) > name_max:
-        raise SystemExit(f"error: session name {name} is longer than {name_max} characters — use fewer "
-                         "teacher steps or a speed floor with one decimal")
+        print(f"error: session name {name} is longer than {name_max} characters — use fewer "
+              "teacher steps or a speed floor with one decimal", file=sys.stderr)
+        raise SystemExit(2)
     return name
 
 
