@@ -19,13 +19,17 @@ With --teacher-steps N (Minitron's teacher correction) the unpruned model is fir
 CE steps on the domain; calibration, pruning and distillation then start from that teacher, and
 the table names it (sessions and files tagged `-tN`).
 
+With --kd-ce-weight W a third copy of each pruned model recovers by KD with a cross-entropy term
+(`finetune.kd_ce_weight` = W: loss = KL + W × CE), at the same steps (sessions `-kc`): the
+teacher's distribution and the domain's next tokens together, beside either alone.
+
 With --speedup X the searched mix keeps only candidates that cut the estimated multiply-accumulates
 per token by X or more (`prune.search_speedup`, `engine.prune.budget.macs`): the mix for a speed
 goal, at the quality it costs (its sessions tagged `-s{10X}`, its files `-sX`).
 
 Usage: .venv/bin/python scripts/compress_table.py --root /tmp/compress --out docs/results/compress_smollm2
        [--budgets 0.5 0.7] [--corpus builtin:licenses] [--steps 48] [--only mlp] [--teacher-steps 32]
-       [--only mix --speedup 2.0]
+       [--only mix --speedup 2.0] [--kd-ce-weight 1.0]
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ def variants(budget: float, speedup: float = 0.0) -> dict[str, dict]:
     }
 
 
-COPY_SUFFIX = 3  # "-ce" / "-kd", after the name, inside the store's `session.NAME_MAX`
+COPY_SUFFIX = 3  # "-ce" / "-kd" / "-kc", after the name, inside the store's `session.NAME_MAX`
 TAG_MAX = 10  # a longer corpus-and-teacher tag is hashed, so the longest name ("-mix-50-s20") still fits
 
 
@@ -115,28 +119,40 @@ def done(session, stage: str) -> bool:
     return stage in session.state().get("completed_stages", [])
 
 
-def pruned_pair(root: Path, name: str, cfg_dict: dict, control: bool, kd_only: bool = False):
-    """Prune once and evaluate the pruned model; then a CE copy and a KD copy, both recovered."""
-    from engine import atomic
-    from engine import config as config_mod
+def pruned_pair(root: Path, name: str, cfg_dict: dict, control: bool, kd_only: bool = False,
+                kd_ce_weight: float = 0.0):
+    """Prune once and evaluate the pruned model; then a CE copy and a KD copy, both recovered, and
+    with `kd_ce_weight` > 0 a third, KD + that weight × CE. Returns (ce, kd, kc or None)."""
     from engine.run import session as session_mod
 
     ce = ensure(root, name + "-ce", {**cfg_dict, "finetune": {**cfg_dict["finetune"], "control": control}})
     if not done(ce, "evaluate"):
         run_stages(ce, ["baseline", "teacher", "calibrate", "prune", "evaluate"])
-    kd_path = root / (name + "-kd")
-    if not kd_path.exists():
-        shutil.copytree(ce.path, kd_path, ignore=shutil.ignore_patterns("checkpoints", "runner.lock", "*.tmp*"))
-        kd_cfg = {**cfg_dict, "name": name + "-kd", "finetune": {**cfg_dict["finetune"], "loss": "kd"}}
-        atomic.write_text(kd_path / session_mod.CONFIG_FILE, config_mod.from_dict(kd_cfg).to_toml())
-    kd = session_mod.open_session(kd_path)
-    for s in ((kd,) if kd_only else (ce, kd)):
+    kd = _copy(ce, root, name + "-kd", cfg_dict, {"loss": "kd"})
+    kc = _copy(ce, root, name + "-kc", cfg_dict, {"loss": "kd", "kd_ce_weight": kd_ce_weight}) if kd_ce_weight else None
+    for s in ((kd, kc) if kd_only else (ce, kd, kc)):
+        if s is None:
+            continue
         if not done(s, "finetune"):
             run_stages(s, ["finetune"])
             run_stages(s, ["evaluate"], redo_from="evaluate")
         if s is ce and control and "control" in session_mod.STAGES and not done(s, "control"):
             run_stages(s, ["control"])
-    return ce, kd
+    return ce, kd, kc
+
+
+def _copy(ce, root: Path, name: str, cfg_dict: dict, finetune: dict):
+    """A copy of the pruned CE session (before its recovery) that recovers with other `finetune` keys."""
+    from engine import atomic
+    from engine import config as config_mod
+    from engine.run import session as session_mod
+
+    path = root / name
+    if not path.exists():
+        shutil.copytree(ce.path, path, ignore=shutil.ignore_patterns("checkpoints", "runner.lock", "*.tmp*"))
+        cfg = {**cfg_dict, "name": name, "finetune": {**cfg_dict["finetune"], **finetune}}
+        atomic.write_text(path / session_mod.CONFIG_FILE, config_mod.from_dict(cfg).to_toml())
+    return session_mod.open_session(path)
 
 
 def _has_control(root: Path, name: str) -> bool:
@@ -180,7 +196,12 @@ def main() -> None:
     ap.add_argument("--speedup", type=float, default=0.0,
                     help="the searched mix only: a speed floor (prune.search_speedup), the least estimated cut "
                          "in MACs per token a candidate must reach (0 = off)")
+    ap.add_argument("--kd-ce-weight", type=float, default=0.0,
+                    help="also recover each pruned model by KD + this weight x CE (a third copy, -kc; 0 = off)")
     args = ap.parse_args()
+    if args.kd_ce_weight < 0:
+        print("error: --kd-ce-weight must be >= 0 — give the CE term's weight, e.g. 1.0", file=sys.stderr)
+        raise SystemExit(2)
     args.root.mkdir(parents=True, exist_ok=True)
     corpus_tag = re.sub(r"\.(jsonl|json|txt)$", "", Path(args.corpus.split(":")[-1]).name)  # a name, not a path
     tag = corpus_tag + (f"-t{args.teacher_steps}" if args.teacher_steps else "")  # the output files' names
@@ -199,8 +220,8 @@ def main() -> None:
             # the first variant of the first budget runs the control, unless this root has it already
             first = var == (args.only or "mlp")
             control = i == 0 and first and not args.kd_only and not _has_control(args.root, cfg["name"])
-            ce, kd = pruned_pair(args.root, cfg["name"], cfg, control=control,
-                                 kd_only=args.kd_only)
+            ce, kd, kc = pruned_pair(args.root, cfg["name"], cfg, control=control,
+                                     kd_only=args.kd_only, kd_ce_weight=args.kd_ce_weight)
             rce, rkd = ce.results(), kd.results()
             if not rows:
                 rows.append({"row": "(a) unpruned", "budget": 1.0, **figures(rce, "base")})
@@ -220,7 +241,11 @@ def main() -> None:
                 rows.append({"row": f"{name}, CE", "budget": b, "mix": chosen, **figures(rce, "finetuned"),
                              "params": size})
             rows.append({"row": f"{name}, KD", "budget": b, "mix": chosen, **figures(rkd, "finetuned"), "params": size})
-            write(args.out, tag + (f"-s{args.speedup:g}" if args.speedup else ""), rows, args, time.time() - t0)
+            if kc is not None:
+                rows.append({"row": f"{name}, KD + {args.kd_ce_weight:g} x CE", "budget": b, "mix": chosen,
+                             **figures(kc.results(), "finetuned"), "params": size})
+            write(args.out, tag + (f"-s{args.speedup:g}" if args.speedup else "")
+                  + (f"-kc{args.kd_ce_weight:g}" if args.kd_ce_weight else ""), rows, args, time.time() - t0)
     print(json.dumps(rows, indent=1))
 
 

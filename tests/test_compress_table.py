@@ -51,7 +51,7 @@ def test_teacher_corrected_table_and_its_own_control(tmp_path):
     model = tiny.save("llama", tmp_path / "model")
     corpus = _corpus(tmp_path / "data")
     root = tmp_path / "root"
-    rows = _table(root, tmp_path / "out-t", model, corpus, "--teacher-steps", "2")
+    rows = _table(root, tmp_path / "out-t", model, corpus, "--teacher-steps", "2", "--kd-ce-weight", "0.5")
     names = [r["row"] for r in rows]
     assert names[:3] == ["(a) unpruned", "(a') corrected teacher (2 CE steps)",
                          "(b) corrected teacher + same recovery (CE)"]
@@ -60,6 +60,13 @@ def test_teacher_corrected_table_and_its_own_control(tmp_path):
     kd = session_mod.open_session(root / "corpus-t2-mlp-80-kd")
     assert kd.config().finetune.loss == "kd" and kd.config().finetune.teacher_steps == 2
     assert "teacher" in kd.state()["completed_stages"]
+    # the third copy: KD with a CE term, recovered from the same pruned model, its own row
+    kc = session_mod.open_session(root / "corpus-t2-mlp-80-kc")
+    assert kc.config().finetune.loss == "kd" and kc.config().finetune.kd_ce_weight == 0.5
+    assert kc.results()["finetune"]["final_ce"] > 0 and kd.results()["finetune"].get("final_ce") in (None, 0)
+    by = {r["row"]: r for r in rows}
+    kd_row, kc_row = by["(c) MLP-only + vocab, KD"], by["(c) MLP-only + vocab, KD + 0.5 x CE"]
+    assert kc_row["params"] == kd_row["params"] and kc_row["bpb"] != kd_row["bpb"]
     # the teacher moved: its held-out figures are not the unpruned model's
     assert rows[1]["bpb"] != rows[0]["bpb"]
 
@@ -83,7 +90,7 @@ def test_session_names_fit_the_store_and_keep_the_control_prefix():
         mlp = ct.session_name(corpus, teacher, "mlp", 0.5)
         mix = ct.session_name(corpus, teacher, "mix", 0.5, 2.0)
         for n in (mlp, mix):
-            for copy in ("-ce", "-kd"):
+            for copy in ("-ce", "-kd", "-kc"):
                 assert session_mod.slug(n + copy) == n + copy  # the store keeps the name whole
         assert mix.startswith(mlp[: -len("-mlp-50")] + "-mix-50")  # one corpus-and-teacher prefix
         names |= {mlp, mix}
