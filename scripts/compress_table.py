@@ -224,6 +224,8 @@ def main() -> None:
                                      kd_only=args.kd_only, kd_ce_weight=args.kd_ce_weight)
             rce, rkd = ce.results(), kd.results()
             if not rows:
+                proto = rce.get("models", {}).get("base", {}).get("bpb_protocol") or {}
+                args.corpus_sha256 = proto.get("corpus_sha256", "")  # which install's corpus the table is of
                 rows.append({"row": "(a) unpruned", "budget": 1.0, **figures(rce, "base")})
                 if "teacher" in rce.get("models", {}):
                     rows.append({"row": f"(a') corrected teacher ({args.teacher_steps} CE steps)", "budget": 1.0,
@@ -267,6 +269,7 @@ def write(out: Path, tag: str, rows: list[dict], args, seconds: float) -> None:
              f"(8,192 tokens), generated MCQ (100 questions, acc ± SE)"
              + (f"; every pruned row pruned from, and distilled from, a teacher first fine-tuned {args.teacher_steps}"
                 f" CE steps (the control: that teacher after the same recovery)" if args.teacher_steps else "")
+             + (f"; corpus sha256 {args.corpus_sha256[:16]}" if getattr(args, "corpus_sha256", "") else "")
              + f". {seconds / 60:.0f} min in all.", "",
              "| row | kept | mix | params | bpb | ppl | MCQ |", "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -37,6 +37,12 @@ def test_per_axis_keys_cut_every_axis(tmp_path):
     assert res["models"]["pruned"]["bpb"] > 0 and res["models"]["base"]["bpb"] > 0
     # the bits per byte of both models are over the same held-out bytes
     assert res["models"]["pruned"]["bpb_protocol"]["bytes"] == res["models"]["base"]["bpb_protocol"]["bytes"]
+    # ... and say which bytes and which corpus (the test's own documents, hashed as the stage read them)
+    from engine.data.domain import load_documents, texts_sha256
+
+    base_p, pruned_p = res["models"]["base"]["bpb_protocol"], res["models"]["pruned"]["bpb_protocol"]
+    assert base_p["texts_sha256"] == pruned_p["texts_sha256"] and len(base_p["texts_sha256"]) == 64
+    assert base_p["corpus_sha256"] == pruned_p["corpus_sha256"] == texts_sha256(load_documents(s.config().data))
     from transformers import AutoModelForCausalLM
 
     stock = AutoModelForCausalLM.from_pretrained(s.model_dir, dtype=torch.float32).eval()

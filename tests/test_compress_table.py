@@ -67,6 +67,9 @@ def test_teacher_corrected_table_and_its_own_control(tmp_path):
     by = {r["row"]: r for r in rows}
     kd_row, kc_row = by["(c) MLP-only + vocab, KD"], by["(c) MLP-only + vocab, KD + 0.5 x CE"]
     assert kc_row["params"] == kd_row["params"] and kc_row["bpb"] != kd_row["bpb"]
+    # the table names the corpus it measured (the base model's bits-per-byte protocol)
+    sha = kd.results()["models"]["base"]["bpb_protocol"]["corpus_sha256"]
+    assert f"corpus sha256 {sha[:16]}" in next((tmp_path / "out-t").glob("*.md")).read_text()
     # the teacher moved: its held-out figures are not the unpruned model's
     assert rows[1]["bpb"] != rows[0]["bpb"]
 

@@ -82,6 +82,17 @@ def test_data_splits_are_document_disjoint_and_seeded():
     assert split_documents(docs, cfg) != a
 
 
+def test_corpus_fingerprint_names_the_documents_and_their_order():
+    """`builtin:licenses` reads whatever is installed: the fingerprint is how two installs' figures
+    are told apart. Same documents, same digest; an edit, a reorder or a moved boundary, another."""
+    from engine.data.domain import texts_sha256
+
+    docs = ["MIT License\nPermission is hereby granted", "Apache License 2.0", "BSD 3-Clause"]
+    assert texts_sha256(docs) == texts_sha256(list(docs))
+    assert len({texts_sha256(docs), texts_sha256(docs[::-1]), texts_sha256(docs[:2]),
+                texts_sha256([docs[0] + docs[1], docs[2]]), texts_sha256([docs[0], docs[1] + " ", docs[2]])}) == 5
+
+
 def test_template_joins_columns(tmp_path):
     from engine.data.domain import load_documents
 

@@ -6,6 +6,7 @@ a calibration or fine-tuning token, nor another copy of the same document.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from dataclasses import dataclass
@@ -297,6 +298,15 @@ def texts_from_rows(ds, cfg: DataConfig) -> list[str]:
     return [str(t) for t in ds[cfg.column] if t is not None]
 
 
+def texts_sha256(texts: list[str]) -> str:
+    """A fingerprint of documents in order (each UTF-8, NUL-separated)."""
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
 def split_documents(docs: list[str], cfg: DataConfig) -> dict[str, list[str]]:
     """Seeded, document-level split by character share (greedy: most-behind split first)."""
     order = list(range(len(docs)))
@@ -360,6 +370,8 @@ class DomainData:
     evaluate: object
     eval_texts: list
     finetune_texts: list = None  # the finetune split's documents (the held-out vocabulary rule validates on some)
+    corpus_sha256: str = ""  # of every document, in order: `builtin:licenses` reads what is installed, so
+    # two machines' figures compare only where this (and the split settings) agree
 
     @classmethod
     def build(cls, cfg: DataConfig, tokenizer, max_calib: int = 0, max_eval: int = 0, max_finetune: int = 0,
@@ -369,4 +381,4 @@ class DomainData:
         return cls(calibrate=tokenize(tokenizer, parts["calibrate"], max_calib),
                    finetune=tokenize(tokenizer, parts["finetune"], max_finetune),
                    evaluate=tokenize(tokenizer, parts["evaluate"], max_eval),
-                   eval_texts=parts["evaluate"], finetune_texts=parts["finetune"])
+                   eval_texts=parts["evaluate"], finetune_texts=parts["finetune"], corpus_sha256=texts_sha256(docs))

@@ -481,8 +481,13 @@ def _evaluate(ctx: Context, model, stage: str, label: str) -> None:
     res["protocol"]["vocab_size"] = len(ctx.tokenizer)
     ctx.rep.metric(stage, label, "ppl", res["ppl"], protocol=res["protocol"])
     if e.bpb:  # bits per byte compare across vocabularies: the same held-out bytes for every model
-        b = perplexity.bits_per_byte(model, ctx.tokenizer, _bpb_texts(ctx, d), e.block_size, e.stride, e.batch_size,
+        from engine.data.domain import texts_sha256
+
+        texts = _bpb_texts(ctx, d)
+        b = perplexity.bits_per_byte(model, ctx.tokenizer, texts, e.block_size, e.stride, e.batch_size,
                                      progress=progress_or_stop, dist=ctx.dist)
+        # which bytes, and which corpus: figures from another install compare only where both agree
+        b["protocol"].update(texts_sha256=texts_sha256(texts), corpus_sha256=d.corpus_sha256)
         ctx.rep.metric(stage, label, "bpb", round(b["bpb"], 6), protocol=b["protocol"])
     if e.mcq_files or e.mcq_generate:
         _mcq(ctx, model, stage, label, d)
