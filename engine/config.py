@@ -119,7 +119,7 @@ class FinetuneConfig:
     betas: tuple = (0.9, 0.999)
     weight_decay: float = 0.0
     schedule: str = "cosine"  # cosine | linear | constant
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear from lr 0; cut to total steps - 1 where the run is shorter
     batch_size: int = 4
     block_size: int = 512
     grad_accum: int = 1

@@ -69,6 +69,18 @@ def test_step_limits():
         plan_steps(FinetuneConfig(max_steps=0, max_epochs=0), per_epoch=30)
 
 
+def test_a_warmup_longer_than_the_run_still_trains():
+    """HF's warm-up starts at lr 0: one step with warmup_steps = 4 used to change nothing."""
+    m, _ = _masked()
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    ft = Finetuner(m, _blocks(), FinetuneConfig(lr=1e-2, batch_size=4, max_steps=1, warmup_steps=4))
+    ft.train_step()
+    assert ft.warmup == 0
+    assert any(not torch.equal(p, before[n]) for n, p in m.named_parameters())
+    # a warm-up that fits is kept as set
+    assert Finetuner(_masked()[0], _blocks(), FinetuneConfig(batch_size=4, max_steps=12, warmup_steps=4)).warmup == 4
+
+
 # ---- masks ----------------------------------------------------------------------------------
 def test_mask_mode_pruned_weights_stay_exactly_zero_under_adamw():
     cfg = FinetuneConfig(lr=1e-2, weight_decay=0.1, batch_size=4, max_steps=5, warmup_steps=0)

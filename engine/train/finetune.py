@@ -298,7 +298,9 @@ class Finetuner:
             self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
         from transformers import get_scheduler
 
-        self.scheduler = get_scheduler(_SCHEDULES[cfg.schedule], self.optimizer, num_warmup_steps=cfg.warmup_steps,
+        # a warm-up as long as the run would spend all of it below the set lr (1 step: at lr 0, so no update)
+        self.warmup = min(cfg.warmup_steps, max(self.total_steps - 1, 0))
+        self.scheduler = get_scheduler(_SCHEDULES[cfg.schedule], self.optimizer, num_warmup_steps=self.warmup,
                                        num_training_steps=self.total_steps)
         self.step = 0
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * blocks.shape[1]
