@@ -171,6 +171,32 @@ def test_the_resume_fingerprint_holds_the_loss_keys(tmp_path):
     assert fp(on) == base
 
 
+def test_kd_says_where_its_teacher_puts_the_floor():
+    """KL alone cannot take the student past its teacher: the run says where that floor is, and
+    warns when the teacher holds out no better than the pruned model (then KL alone cannot help)."""
+    from engine.config import FinetuneConfig
+    from engine.run import recovery
+
+    def said(teacher_bpb, pruned_bpb, ce_weight=0.0, name="teacher"):
+        logs = []
+        models = {name: {"bpb": teacher_bpb}, "pruned": {"bpb": pruned_bpb}}
+        ctx = types.SimpleNamespace(results={"models": models},
+                                    cfg=types.SimpleNamespace(finetune=FinetuneConfig(loss="kd", kd_ce_weight=ce_weight)),
+                                    rep=types.SimpleNamespace(log=lambda m, level="info": logs.append((level, m))))
+        recovery._headroom(ctx, name)
+        return logs
+
+    [(level, msg)] = said(0.41, 0.48)
+    assert level == "info" and "0.4100" in msg and "0.4800" in msg and "corrected teacher" in msg
+    [(level, msg)] = said(0.50, 0.48, name="base")
+    assert level == "warning" and "unpruned model" in msg and "kd_ce_weight" in msg and "teacher_steps" in msg
+    [(level, msg)] = said(0.50, 0.48, ce_weight=1.0)
+    assert level == "info" and "CE term" in msg
+    [(level, msg)] = said(0.41, None)  # the pipeline's order: the pruned model is evaluated after recovery
+    assert level == "info" and "0.4100" in msg and "pruned" not in msg
+    assert said(None, 0.48) == []  # no held-out figure for the teacher: nothing to say
+
+
 # ---- the stages end to end ---------------------------------------------------------------------------
 KD = {"loss": "kd", "kd_temperature": 2.0, "kd_ce_weight": 0.5, "teacher_steps": 4, "control": True}
 
@@ -230,6 +256,8 @@ def test_teacher_correction_kd_and_the_control_run_end_to_end(kd_run):
     assert first["kl"] == 0.0  # the teacher distilled into itself starts at KL 0 ...
     warned = [e["message"] for e in ft_case.events(sess) if e["type"] == "log" and e["level"] == "warning"]
     assert any("distils the corrected teacher into itself" in m for m in warned)  # ... and says so
+    infos = [e["message"] for e in ft_case.events(sess) if e["type"] == "log"]
+    assert any(f"{models['teacher']['bpb']:.4f}" in m and "CE term" in m for m in infos)  # KD's floor, said
     assert (sess.path / "control_checkpoints").is_dir()
     for name in ("teacher", "finetune", "control"):  # the record's layout (engine/run/record.py RESULTS)
         assert set(res[name]) <= set(record.RESULTS[name].keys), (name, set(res[name]) - set(record.RESULTS[name].keys))

@@ -79,8 +79,30 @@ def load_teacher(ctx, student, keep=None):
                 f"(KL at T = {ctx.cfg.finetune.kd_temperature:g}"
                 + (f" + {ctx.cfg.finetune.kd_ce_weight:g} x CE" if ctx.cfg.finetune.kd_ce_weight > 0 else "")
                 + (f"; its distribution restricted to the {keep.numel():,} kept ids" if keep is not None else "") + ")")
+    _headroom(ctx, name)
     return distill.Teacher(model, keep=keep, student_vocab=student.get_input_embeddings().weight.shape[0],
                            owned=True), name
+
+
+def _headroom(ctx, teacher_name: str) -> None:
+    """KL alone pulls the student to its teacher, not past it: say where that floor is, against the
+    pruned model where its held-out bits per byte are measured already (compress_table's order)."""
+    models = ctx.results.get("models", {})
+    t, s = (models.get(teacher_name) or {}).get("bpb"), (models.get("pruned") or {}).get("bpb")
+    if t is None:
+        return
+    who = "corrected teacher" if teacher_name == "teacher" else "unpruned model"
+    pruned = f", the pruned model at {s:.4f}" if s is not None else ""
+    if ctx.cfg.finetune.kd_ce_weight > 0:
+        ctx.rep.log(f"the {who} holds out at {t:.4f} bits per byte{pruned}; the CE term can take the student "
+                    "past the teacher")
+    elif s is not None and t >= s:
+        ctx.rep.log(f"the {who} holds out at {t:.4f} bits per byte, no better than the pruned model's {s:.4f}: "
+                    "KL alone cannot improve it — set finetune.kd_ce_weight, or correct the teacher first "
+                    "(finetune.teacher_steps)", level="warning")
+    else:
+        ctx.rep.log(f"KL alone brings the student at best to its teacher: the {who} holds out at {t:.4f} bits "
+                    f"per byte{pruned}")
 
 
 def train(ctx, job: Job):
