@@ -13,7 +13,8 @@ one after the other (CPU-heavy: start it detached, e.g. `nohup ... &`):
 Each is pruned once, evaluated before recovery, then copied: one copy recovers by CE, the
 other by KD, for the same steps. The CE session of the first budget also runs the control
 (`finetune.control`). Rows read back from each session's results.json; the table (Markdown)
-and a CSV go to --out. Re-running reuses finished sessions (resume), so a stopped run continues.
+and a CSV go to --out, named for the corpus, the teacher and the kept shares (e.g.
+`licenses-t32-50.md`). Re-running reuses finished sessions (resume), so a stopped run continues.
 
 With --teacher-steps N (Minitron's teacher correction) the unpruned model is first fine-tuned N
 CE steps on the domain; calibration, pruning and distillation then start from that teacher, and
@@ -183,7 +184,7 @@ def _mcq_se(m: dict):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, required=True, help="sessions folder for the runs")
-    ap.add_argument("--out", type=Path, required=True, help="folder for table.md and table.csv")
+    ap.add_argument("--out", type=Path, required=True, help="folder for the table (.md) and its CSV")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5])
     ap.add_argument("--corpus", default="builtin:licenses")
     ap.add_argument("--steps", type=int, default=48, help="recovery steps (x 4 x 256 tokens)")
@@ -204,7 +205,9 @@ def main() -> None:
         raise SystemExit(2)
     args.root.mkdir(parents=True, exist_ok=True)
     corpus_tag = re.sub(r"\.(jsonl|json|txt)$", "", Path(args.corpus.split(":")[-1]).name)  # a name, not a path
-    tag = corpus_tag + (f"-t{args.teacher_steps}" if args.teacher_steps else "")  # the output files' names
+    # the output files' names: corpus, teacher and kept shares, so another budget's table does not replace this one
+    tag = corpus_tag + (f"-t{args.teacher_steps}" if args.teacher_steps else "") + "".join(
+        f"-{int(round(100 * b))}" for b in args.budgets)
     for b in args.budgets:  # a name too long stops here, before any run
         for var in ("mlp", "mix"):
             session_name(corpus_tag, args.teacher_steps, var, b, args.speedup)
