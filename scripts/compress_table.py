@@ -206,8 +206,9 @@ def main() -> None:
     args.root.mkdir(parents=True, exist_ok=True)
     corpus_tag = re.sub(r"\.(jsonl|json|txt)$", "", Path(args.corpus.split(":")[-1]).name)  # a name, not a path
     # the output files' names: corpus, teacher and kept shares, so another budget's table does not replace this one
-    tag = corpus_tag + (f"-t{args.teacher_steps}" if args.teacher_steps else "") + "".join(
-        f"-{int(round(100 * b))}" for b in args.budgets)
+    tag = (corpus_tag + (f"-t{args.teacher_steps}" if args.teacher_steps else "")
+           + "".join(f"-{int(round(100 * b))}" for b in args.budgets)
+           + (f"-s{args.speedup:g}" if args.speedup else "") + (f"-kc{args.kd_ce_weight:g}" if args.kd_ce_weight else ""))
     for b in args.budgets:  # a name too long stops here, before any run
         for var in ("mlp", "mix"):
             session_name(corpus_tag, args.teacher_steps, var, b, args.speedup)
@@ -228,7 +229,7 @@ def main() -> None:
             rce, rkd = ce.results(), kd.results()
             if not rows:
                 proto = rce.get("models", {}).get("base", {}).get("bpb_protocol") or {}
-                args.corpus_sha256 = proto.get("corpus_sha256", "")  # which install's corpus the table is of
+                corpus_sha256 = proto.get("corpus_sha256", "")  # which install's corpus the table is of
                 rows.append({"row": "(a) unpruned", "budget": 1.0, **figures(rce, "base")})
                 if "teacher" in rce.get("models", {}):
                     rows.append({"row": f"(a') corrected teacher ({args.teacher_steps} CE steps)", "budget": 1.0,
@@ -249,12 +250,11 @@ def main() -> None:
             if kc is not None:
                 rows.append({"row": f"{name}, KD + {args.kd_ce_weight:g} x CE", "budget": b, "mix": chosen,
                              **figures(kc.results(), "finetuned"), "params": size})
-            write(args.out, tag + (f"-s{args.speedup:g}" if args.speedup else "")
-                  + (f"-kc{args.kd_ce_weight:g}" if args.kd_ce_weight else ""), rows, args, time.time() - t0)
+            write(args.out, tag, rows, args, time.time() - t0, corpus_sha256)
     print(json.dumps(rows, indent=1))
 
 
-def write(out: Path, tag: str, rows: list[dict], args, seconds: float) -> None:
+def write(out: Path, tag: str, rows: list[dict], args, seconds: float, corpus_sha256: str = "") -> None:
     from engine import atomic
 
     out.mkdir(parents=True, exist_ok=True)
@@ -272,7 +272,7 @@ def write(out: Path, tag: str, rows: list[dict], args, seconds: float) -> None:
              f"(8,192 tokens), generated MCQ (100 questions, acc ± SE)"
              + (f"; every pruned row pruned from, and distilled from, a teacher first fine-tuned {args.teacher_steps}"
                 f" CE steps (the control: that teacher after the same recovery)" if args.teacher_steps else "")
-             + (f"; corpus sha256 {args.corpus_sha256[:16]}" if getattr(args, "corpus_sha256", "") else "")
+             + (f"; corpus sha256 {corpus_sha256[:16]}" if corpus_sha256 else "")
              + f". {seconds / 60:.0f} min in all.", "",
              "| row | kept | mix | params | bpb | ppl | MCQ |", "|---|---|---|---|---|---|---|"]
     for r in rows:
