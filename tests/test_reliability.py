@@ -378,6 +378,15 @@ def test_an_in_run_error_is_printed_once(tmp_path, one_thread):
     assert len(errs) == 1 and "would leave layer 0" in errs[0], out[-3000:]
 
 
+def test_a_session_name_too_long_is_one_line_before_a_folder(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(ft_case.config(tmp_path, "gpt2").to_toml())
+    r = cli("run", str(cfg), "--root", "sessions", "--name", "a-name-of-thirty-characters-x", "--no-follow",
+            cwd=tmp_path)
+    one_line(r, 2, "a-name-of-thirty-characters-x", "the most is 24", "--name")
+    assert not (tmp_path / "sessions").exists() or not any((tmp_path / "sessions").iterdir())
+
+
 @pytest.mark.process
 def test_logs_say_when_there_are_no_events_and_when_the_runner_is_gone(tmp_path):
     s = ft_case.session(tmp_path, "quiet", ft_case.config(tmp_path, "gpt2"))

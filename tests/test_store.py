@@ -57,6 +57,21 @@ def test_session_create_list_state(tmp_path):
     assert {r["id"] for r in rows} == {"demo", "demo-2"}
 
 
+def test_a_users_session_name_is_kept_whole_or_refused(tmp_path):
+    """A name of NAME_MAX characters is the folder; a longer one was cut silently (two names
+    differing after the cut became `x` and `x-2`): now it is a one-line error and no folder."""
+    whole = "licenses-t128-mix-50-s20"
+    assert len(whole) == session_mod.NAME_MAX
+    assert session_mod.create(config_mod.RunConfig(), tmp_path, name=whole).id == whole
+    assert session_mod.create(config_mod.RunConfig(name="My Run_v2"), tmp_path).id == "my-run-v2"
+    for kw in ({"name": whole + "-kd"}, {}):
+        cfg = config_mod.RunConfig(name="" if kw else "docstrings-t128-mlp-50-control")
+        with pytest.raises(MinigptError) as ei:
+            session_mod.create(cfg, tmp_path, **kw)
+        assert "characters as a folder name" in ei.value.problem and "--name" in ei.value.fix
+    assert sorted(p.name for p in tmp_path.iterdir()) == [whole, "my-run-v2"]
+
+
 def test_corrupt_state_is_reported_not_lost(tmp_path):
     s = session_mod.create(config_mod.RunConfig(name="x"), tmp_path)
     (s.path / "state.json").write_text("{not json")

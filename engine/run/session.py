@@ -35,14 +35,27 @@ def default_root() -> Path:
     return Path(os.environ.get("MINIGPT_SESSIONS", "sessions"))
 
 
-NAME_MAX = 24  # a session folder's name is cut to this many characters
+NAME_MAX = 24  # a session folder's name: derived parts are cut to this, a user's name must fit
 
 
-def slug(text: str) -> str:
-    """A folder name from a name, model or corpus source: lower-case, dashes, at most NAME_MAX."""
+def slug(text: str, limit: int | None = NAME_MAX) -> str:
+    """A folder name from a name, model or corpus source: lower-case, dashes, at most `limit`."""
     text = text.rsplit("/", 1)[-1].replace("embedded:", "").replace("builtin:", "")
     text = re.sub(r"\.gguf$", "", text)
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:NAME_MAX] or "run"
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:limit] or "run"
+
+
+def user_name(name: str) -> str:
+    """The folder name for a name the user gave (`--name`, the config's `name`, the form): its
+    slug, never cut. One longer than NAME_MAX is an error, not a silent cut: two names that
+    differ only after the cut would land in `<name>` and `<name>-2`, and a re-run asking for the
+    name given would not find either."""
+    folder = slug(name, limit=None)
+    if len(folder) > NAME_MAX:
+        raise MinigptError(f"session name {name!r} is {len(folder)} characters as a folder name ({folder}); "
+                           f"the most is {NAME_MAX}",
+                           f"pass --name with at most {NAME_MAX} letters, digits and dashes, or shorten `name` in the config")
+    return folder
 
 
 @dataclass
@@ -201,8 +214,10 @@ class RunnerLock:
 def create(cfg: config_mod.RunConfig, root: Path | None = None, name: str | None = None) -> Session:
     root = Path(root or default_root())
     check_root_writable(root)
-    base = name or cfg.name or f"{time.strftime('%Y%m%d-%H%M%S')}-{slug(cfg.model.source)}-{slug(cfg.data.source)}"
-    base = slug(base) if name or cfg.name else base
+    if name or cfg.name:
+        base = user_name(name or cfg.name)
+    else:
+        base = f"{time.strftime('%Y%m%d-%H%M%S')}-{slug(cfg.model.source)}-{slug(cfg.data.source)}"
     path = root / base
     n = 1
     while path.exists():
