@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from rich.markup import escape
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
@@ -122,9 +121,11 @@ class CompareScreen(Screen):
             self.notify(err, severity="error")
         self._render_table()
         self._render_curves()
-        # loaded once the table has been laid out and painted (DataTable sizes its columns on
-        # idle), so a reader of `loaded` (tests, snapshots) never sees a half-drawn table
-        self.call_after_refresh(self._mark_loaded)
+        # loaded once the table has measured its cells and been painted: DataTable sizes its
+        # columns on its own idle, which only comes once something reaches its queue, so
+        # call_next (run after that idle; it prompts one) and then wait for the paint. A reader of
+        # `loaded` (tests, snapshots) never sees columns sized by their headers alone.
+        self.query_one(DataTable).call_next(self.call_after_refresh, self._mark_loaded)
 
     def _mark_loaded(self) -> None:
         self.loaded = True
@@ -176,13 +177,13 @@ class CompareScreen(Screen):
                 best[key] = min(vals) if lower else max(vals)
         return best
 
-    def _cell(self, key: str, kind: str, value, best: dict) -> Text | str:
+    def _cell(self, key: str, kind: str, value, best: dict) -> Text:
         text = format_cell(kind, value)
         if key in ("model", "domain"):
             text = short_source(text)
         if key in best and value == best[key]:
             return Text(text, style=theme_style(self.app, "success", bold=True))
-        return escape(text)
+        return Text(text)
 
     def _render_table(self) -> None:
         table = self.query_one(DataTable)
@@ -190,22 +191,24 @@ class CompareScreen(Screen):
         table.clear(columns=True)
         rows = self.sorted_rows()
         best = self._best()
+
+        def marked(key: str, label: str) -> Text:
+            return Text(label + ((" ▼" if self.reverse else " ▲") if key == self.sort_by else ""))
+
         if self.transposed:
-            table.add_column("", key="field")
-            for r in rows:
-                table.add_column(escape(r["id"]), key=r["id"])
-            for key, label, kind in COMPARE_COLUMNS[1:]:
-                mark = (" ▼" if self.reverse else " ▲") if key == self.sort_by else ""
-                table.add_row(label + mark, *[self._cell(key, kind, r.get(key), best) for r in rows], key=key)
+            header = [("field", Text(""))] + [(r["id"], Text(r["id"])) for r in rows]
+            body = [(key, [marked(key, label)] + [self._cell(key, kind, r.get(key), best) for r in rows])
+                    for key, label, kind in COMPARE_COLUMNS[1:]]
         else:
-            for key, label, _ in COMPARE_COLUMNS:
-                mark = ""
-                if key == self.sort_by:
-                    mark = " ▼" if self.reverse else " ▲"
-                table.add_column(label + mark, key=key)
-            for r in rows:
-                table.add_row(*[self._cell(key, kind, r.get(key), best) for key, _, kind in COMPARE_COLUMNS],
-                              key=r["id"])
+            header = [(key, marked(key, label)) for key, label, _ in COMPARE_COLUMNS]
+            body = [(r["id"], [self._cell(key, kind, r.get(key), best) for key, _, kind in COMPARE_COLUMNS])
+                    for r in rows]
+        # each column as wide as its widest cell, given up front: left to DataTable, the widths
+        # wait for its idle, and a paint before that left a stale zero-width column in its cache
+        for i, (key, label) in enumerate(header):
+            table.add_column(label, key=key, width=max([label.cell_len] + [cells[i].cell_len for _, cells in body]))
+        for key, cells in body:
+            table.add_row(*cells, key=key)
         if table.row_count:
             table.move_cursor(row=min(cursor.row, table.row_count - 1),
                               column=min(cursor.column, len(table.columns) - 1), animate=False)

@@ -15,10 +15,25 @@ from minigpt_tui.screens.compare import CompareScreen
 from minigpt_tui.screens.monitor import MonitorScreen
 from minigpt_tui.screens.new_run import NewRunScreen
 from minigpt_tui.screens.sessions import SessionsScreen
-from tui_helpers import standard_root, wait_for
+from tui_helpers import standard_root, tables_measured, wait_for
 
 SIZES = [pytest.param((80, 24), id="80x24"), pytest.param((120, 40), id="120x40")]
 SNAP_DIR = Path("/tmp/minigpt-tui-snapshots")  # a fixed folder: the titles show the absolute root
+
+
+@pytest.fixture
+def snap_compare(snap_compare):
+    """The plugin's snap_compare, with every table measured and painted before the picture
+    (after `run_before`, before any `press`)."""
+    def compare(app, *, run_before=None, **kw):
+        async def before(pilot):
+            if run_before is not None:
+                await run_before(pilot)
+            await tables_measured(pilot)
+
+        return snap_compare(app, run_before=before, **kw)
+
+    return compare
 
 
 @pytest.fixture

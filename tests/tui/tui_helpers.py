@@ -232,6 +232,20 @@ async def wait_for(pilot, predicate, timeout: float = 10.0, step: float = 0.02) 
     await pilot.pause()  # let layout and paint catch up with the state just reached
 
 
+async def tables_measured(pilot, timeout: float = 10.0) -> None:
+    """Pause until every DataTable on the screen has run its idle (where it sizes columns to
+    their cells; until then they are only as wide as their headers) and the screen has painted
+    that. The idle comes only once something reaches a table's queue: call_next prompts one and
+    runs after it. On a loaded machine a snapshot taken without this caught header-wide columns."""
+    from textual.widgets import DataTable
+
+    tables = list(pilot.app.screen.query(DataTable))
+    done: list[DataTable] = []
+    for table in tables:
+        table.call_next(done.append, table)
+    await wait_for(pilot, lambda: len(done) == len(tables), timeout=timeout)
+
+
 def screen_text(app) -> str:
     """The current screen as plain text, exactly as composited (for asserting what users see)."""
     import io
