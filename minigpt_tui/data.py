@@ -60,11 +60,18 @@ def fmt_count(n: float | None) -> str:
     return f"{n:.0f}" if float(n).is_integer() else f"{n:.3g}"
 
 
-def fmt_rate(rate: float | None, unit: str) -> str:
-    if rate is None:
+def fmt_rate(rate: float | None, unit: str, compact: bool = True) -> str:
+    """A progress rate: `1.2K tok/s` (compact: the monitor's table) or `1,234 tokens/s` (the CLI).
+    Under one per second it reads as seconds each, so a search at one candidate a minute does
+    not show "0.02 it/s" (or "0 items/s")."""
+    if not rate:
         return ""
-    short = {"tokens": "tok", "steps": "step", "items": "it", "bytes": "B"}.get(unit, unit)
-    return f"{fmt_count(rate)} {short}/s"
+    if rate < 1:
+        return f"{1 / rate:,.0f} s per {unit[:-1] if unit.endswith('s') else unit}"
+    if compact:
+        short = {"tokens": "tok", "steps": "step", "items": "it", "bytes": "B"}.get(unit, unit)
+        return f"{fmt_count(rate)} {short}/s"
+    return f"{rate:,.0f} {unit}/s" if rate >= 10 else f"{rate:.1f} {unit}/s"
 
 
 _COUNTED = {"parameters", "tokens", "rows", "tokens/s"}  # record units shown as 1.2K / 3.4M

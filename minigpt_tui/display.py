@@ -18,17 +18,7 @@ from rich.table import Table
 
 from engine.run import record
 
-from .data import fmt_gpu
-
-
-def _fmt_rate(rate, unit) -> str:
-    """Tokens/s as a whole number; a slow unit (a search candidate, a calibration block) as
-    seconds each, so a run at one item a minute does not read "0 items/s"."""
-    if not rate:
-        return ""
-    if rate >= 1:
-        return f"{rate:,.0f} {unit}/s" if rate >= 10 else f"{rate:.1f} {unit}/s"
-    return f"{1 / rate:,.0f} s per {unit[:-1] if unit.endswith('s') else unit}"
+from .data import fmt_gpu, fmt_rate
 
 
 def layer_table(report: dict) -> Table:
@@ -93,14 +83,14 @@ class Display:
                 self._last_plain = now
                 eta = e.get("eta_s")
                 self.console.print(f"\\[{label}] {e.get('done'):,}/{e.get('total'):,} {unit}  "
-                                   f"{_fmt_rate(e.get('rate'), unit)}" + (f"  ETA {eta:.0f}s" if eta else ""),
+                                   f"{fmt_rate(e.get('rate'), unit, compact=False)}" + (f"  ETA {eta:.0f}s" if eta else ""),
                                    highlight=False)
             return
         bar = self._bar()
         if stage not in self.tasks:
             self.tasks[stage] = bar.add_task(label, total=e.get("total") or 1, rate="")
         bar.update(self.tasks[stage], description=label, completed=e.get("done", 0), total=e.get("total") or 1,
-                   rate=_fmt_rate(e.get("rate"), unit))
+                   rate=fmt_rate(e.get("rate"), unit, compact=False))
 
     def _on_train(self, e: dict) -> None:
         if self.plain or e.get("step", 0) % 10 == 0:

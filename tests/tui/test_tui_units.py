@@ -3,7 +3,7 @@ Fast, no app needed; these pin the numbers the screens show."""
 
 from __future__ import annotations
 
-from minigpt_tui.data import bar, fmt_ago, fmt_count, fmt_duration, fmt_metric, progress_text, to_markdown
+from minigpt_tui.data import bar, fmt_ago, fmt_count, fmt_duration, fmt_metric, fmt_rate, progress_text, to_markdown
 from engine.run import record
 from minigpt_tui.runview import METRIC_ORDER, RunView, delta
 from minigpt_tui.widgets import plot_lines, resample
@@ -62,6 +62,10 @@ def test_formatting():
     assert fmt_metric("mcq_acc", 0.625) == "62.5%" and fmt_metric("calibration_seconds", 65) == "1m05s"
     assert fmt_metric("calibration_tokens", 2048) == "2.0K"
     assert bar(0.5, 10) == "█████░░░░░" and bar(None, 4) == "····"
+    # one formatter for the monitor (compact) and the CLI: slow units as seconds each in both
+    assert fmt_rate(1234, "tokens") == "1.2K tok/s" and fmt_rate(1234, "tokens", compact=False) == "1,234 tokens/s"
+    assert fmt_rate(1 / 50, "items") == fmt_rate(1 / 50, "items", compact=False) == "50 s per item"
+    assert fmt_rate(None, "tokens") == fmt_rate(0, "tokens") == ""
     row = {"status": "running", "completed": ["baseline"]}
     assert progress_text(row, {"type": "train", "step": 30, "total_steps": 120}) == "1/5 25%"
     assert progress_text({"status": "done", "completed": []}, None) == "100%"
