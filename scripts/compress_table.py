@@ -230,6 +230,7 @@ def main() -> None:
             if not rows:
                 proto = rce.get("models", {}).get("base", {}).get("bpb_protocol") or {}
                 corpus_sha256 = proto.get("corpus_sha256", "")  # which install's corpus the table is of
+                overlap = (proto.get("finetune_overlap") or {}).get("share")  # how much of held-out CE trains on
                 rows.append({"row": "(a) unpruned", "budget": 1.0, **figures(rce, "base")})
                 if "teacher" in rce.get("models", {}):
                     rows.append({"row": f"(a') corrected teacher ({args.teacher_steps} CE steps)", "budget": 1.0,
@@ -250,11 +251,12 @@ def main() -> None:
             if kc is not None:
                 rows.append({"row": f"{name}, KD + {args.kd_ce_weight:g} x CE", "budget": b, "mix": chosen,
                              **figures(kc.results(), "finetuned"), "params": size})
-            write(args.out, tag, rows, args, time.time() - t0, corpus_sha256)
+            write(args.out, tag, rows, args, time.time() - t0, corpus_sha256, overlap)
     print(json.dumps(rows, indent=1))
 
 
-def write(out: Path, tag: str, rows: list[dict], args, seconds: float, corpus_sha256: str = "") -> None:
+def write(out: Path, tag: str, rows: list[dict], args, seconds: float, corpus_sha256: str = "",
+          overlap: float | None = None) -> None:
     from engine import atomic
 
     out.mkdir(parents=True, exist_ok=True)
@@ -273,6 +275,8 @@ def write(out: Path, tag: str, rows: list[dict], args, seconds: float, corpus_sh
              + (f"; every pruned row pruned from, and distilled from, a teacher first fine-tuned {args.teacher_steps}"
                 f" CE steps (the control: that teacher after the same recovery)" if args.teacher_steps else "")
              + (f"; corpus sha256 {corpus_sha256[:16]}" if corpus_sha256 else "")
+             + (f"; {overlap:.0%} of the held-out 13-word windows occur in the fine-tune split"
+                if overlap is not None else "")
              + f". {seconds / 60:.0f} min in all.", "",
              "| row | kept | mix | params | bpb | ppl | MCQ |", "|---|---|---|---|---|---|---|"]
     for r in rows:

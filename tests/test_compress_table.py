@@ -68,8 +68,11 @@ def test_teacher_corrected_table_and_its_own_control(tmp_path):
     kd_row, kc_row = by["(c) MLP-only + vocab, KD"], by["(c) MLP-only + vocab, KD + 0.5 x CE"]
     assert kc_row["params"] == kd_row["params"] and kc_row["bpb"] != kd_row["bpb"]
     # the table names the corpus it measured (the base model's bits-per-byte protocol)
-    sha = kd.results()["models"]["base"]["bpb_protocol"]["corpus_sha256"]
-    assert f"corpus sha256 {sha[:16]}" in (tmp_path / "out-t" / "corpus-t2-80-kc0.5.md").read_text()
+    proto = kd.results()["models"]["base"]["bpb_protocol"]
+    table = (tmp_path / "out-t" / "corpus-t2-80-kc0.5.md").read_text()
+    assert f"corpus sha256 {proto['corpus_sha256'][:16]}" in table
+    # ... and how much of its held-out text the fine-tune split holds
+    assert f"{proto['finetune_overlap']['share']:.0%} of the held-out 13-word windows" in table
     # the teacher moved: its held-out figures are not the unpruned model's
     assert rows[1]["bpb"] != rows[0]["bpb"]
 
