@@ -225,6 +225,7 @@ COMPARE_COLUMNS: list[tuple[str, str, str]] = [
     ("ppl_control", "ppl control", "ppl"),
     ("bpb_pruned", "bpb pruned", "bpb"),
     ("bpb_finetuned", "bpb ft", "bpb"),
+    ("heldout_overlap", "held-out ∩ ft", "pct"),
     ("tokens_per_s", "tok/s ft", "rate"),
     ("disk", "disk", "bytes"),
     ("model_bytes", "model size", "bytes"),
@@ -271,12 +272,25 @@ def compare_row(s: session_mod.Session) -> dict:
     out["mcq_ft_se"] = mcq_with_error(results, "finetuned")
     out["bpb_pruned"] = metrics.get(("pruned", "bpb"), metrics.get(("pruned", "vocab_bpb")))
     out["bpb_finetuned"] = metrics.get(("finetuned", "bpb"))
+    out["heldout_overlap"] = heldout_overlap(results)
     out["recipe"] = recipe(s)
     ft = results.get("finetune") if isinstance(results.get("finetune"), dict) else {}
     out["tokens_per_s"] = _num(ft.get("tokens_per_s"))
     disk = session_disk(s)
     out["disk"], out["model_bytes"] = disk["total"], (disk["model"] or None)
     return out
+
+
+def heldout_overlap(results: dict) -> float | None:
+    """The share (%) of the held-out text's 13-word windows found in the fine-tune split, from
+    a bits-per-byte protocol (engine.data.overlap): high, and bpb after recovery rewards recall."""
+    models = results.get("models") if isinstance(results.get("models"), dict) else {}
+    for entry in models.values():
+        proto = entry.get("bpb_protocol") if isinstance(entry, dict) else None
+        share = (proto or {}).get("finetune_overlap", {}).get("share") if isinstance(proto, dict) else None
+        if isinstance(share, (int, float)):
+            return round(100 * share, 1)
+    return None
 
 
 def recipe(s: session_mod.Session) -> str | None:

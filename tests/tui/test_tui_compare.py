@@ -186,11 +186,14 @@ def test_recipe_and_control_columns_read_the_config_and_results(root):
     s = make_session(root, "heads-kd", head_events(), status="done",
                      overrides={"prune": {"head_ratio": 0.25, "head_mode": "per_layer", "depth": 2},
                                 "finetune": {"enabled": True, "loss": "kd", "teacher_steps": 10, "control": True}},
-                     results={"models": {"base": {"ppl": 12.5}, "finetuned": {"ppl": 14.0, "bpb": 0.91},
-                                         "control": {"ppl": 11.8}}})
+                     results={"models": {"base": {"ppl": 12.5}, "finetuned": {
+                         "ppl": 14.0, "bpb": 0.91,
+                         "bpb_protocol": {"finetune_overlap": {"n": 13, "windows": 5245, "share": 0.9415}}},
+                         "control": {"ppl": 11.8}}})
     row = compare_row(session_mod.Session(s.path))
     assert row["recipe"] == "mlp · heads 25% per layer · depth 2 · kd+teacher 10 +control"
     assert row["ppl_control"] == 11.8 and row["bpb_finetuned"] == 0.91
+    assert row["heldout_overlap"] == 94.2  # % of the held-out 13-word windows in the fine-tune split
     budget = make_session(root, "budget", head_events(), status="done",
                           overrides={"prune": {"target_params": 0.5, "search_axes": ["mlp", "heads"]}})
     assert compare_row(session_mod.Session(budget.path))["recipe"].startswith("budget 50% · mlp/heads")
