@@ -287,7 +287,8 @@ def heldout_overlap(results: dict) -> float | None:
     models = results.get("models") if isinstance(results.get("models"), dict) else {}
     for entry in models.values():
         proto = entry.get("bpb_protocol") if isinstance(entry, dict) else None
-        share = (proto or {}).get("finetune_overlap", {}).get("share") if isinstance(proto, dict) else None
+        found = proto.get("finetune_overlap") if isinstance(proto, dict) else None
+        share = found.get("share") if isinstance(found, dict) else None
         if isinstance(share, (int, float)):
             return round(100 * share, 1)
     return None

@@ -488,8 +488,9 @@ def _evaluate(ctx: Context, model, stage: str, label: str) -> None:
         b = perplexity.bits_per_byte(model, ctx.tokenizer, texts, e.block_size, e.stride, e.batch_size,
                                      progress=progress_or_stop, dist=ctx.dist)
         # which bytes, and which corpus: figures from another install compare only where both agree
-        b["protocol"].update(texts_sha256=texts_sha256(texts), corpus_sha256=d.corpus_sha256,
-                             finetune_overlap=_finetune_overlap(ctx, d, texts))
+        texts_hash = texts_sha256(texts)
+        b["protocol"].update(texts_sha256=texts_hash, corpus_sha256=d.corpus_sha256,
+                             finetune_overlap=_finetune_overlap(ctx, d, texts, texts_hash))
         ctx.rep.metric(stage, label, "bpb", round(b["bpb"], 6), protocol=b["protocol"])
     if e.mcq_files or e.mcq_generate:
         _mcq(ctx, model, stage, label, d)
@@ -507,14 +508,13 @@ def _bpb_texts(ctx: Context, d) -> list[str]:
     return held_out_texts(ctx.tokenizer, d.eval_texts, ctx.cfg.evaluate.max_tokens)
 
 
-def _finetune_overlap(ctx: Context, d, texts: list[str]) -> dict:
+def _finetune_overlap(ctx: Context, d, texts: list[str], key: str) -> dict:
     """The share of the measured held-out text's 13-word windows found in the fine-tune split
-    (engine.data.overlap), once per run and held-out text; logged, with a warning when it is high
-    enough that bits per byte after recovery measure recall of the fine-tune text."""
+    (engine.data.overlap), once per run and held-out text (`key`: its sha256); logged, with a
+    warning when it is high enough that bits per byte after recovery measure recall of the
+    fine-tune text."""
     from engine.data import overlap
-    from engine.data.domain import texts_sha256
 
-    key = texts_sha256(texts)
     if ctx.finetune_overlap.get("key") != key:
         o = overlap.ngram_overlap(texts, list(d.finetune_texts or []))
         ctx.finetune_overlap = {"key": key, "value": o}
