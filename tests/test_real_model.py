@@ -89,8 +89,8 @@ def test_pruning_uses_the_domain_it_was_calibrated_on():
     from engine.prune import mlp as prune
 
     model, tok, _ = models.load(config_mod.ModelConfig(device="cpu", dtype="float32"))
-    dom = {src: data_mod.DomainData.build(config_mod.DataConfig(source=src), tok, max_calib=8192,
-                                          max_eval=4096, max_finetune=1)
+    dom = {src: data_mod.DomainData.build(config_mod.DataConfig(source=src), tok, max_calib=4096,
+                                          max_eval=2048, max_finetune=1)
            for src in ("builtin:licenses", "builtin:stdlib-docs")}
     held_out = dom["builtin:licenses"].evaluate
     ppl = {}

@@ -129,6 +129,40 @@ def test_builtin_corpora_are_real_and_distinct():
     assert not set(lic) & set(docs)
 
 
+def test_the_licence_corpus_does_not_depend_on_the_order_distributions_are_listed(monkeypatch):
+    """site-packages is listed in the filesystem's order; the corpus (which near-copy is kept,
+    and so the seeded split) must not follow it."""
+    import importlib.metadata as md
+
+    from engine.data import corpora
+
+    listed = list(md.distributions())
+    first = corpora.licenses()
+    monkeypatch.setattr(corpora.md, "distributions", lambda: iter(listed[::-1]))
+    assert corpora.licenses() == first
+
+
+def test_licence_near_copies_are_kept_once(tmp_path):
+    from engine.data import corpora
+
+    words = [f"w{i}" for i in range(300)]
+    base = " ".join(words)
+    other = " ".join(f"v{i}" for i in range(300))
+    files = {
+        "a": f"Copyright 2020 A\n{base}",
+        "b": f"Copyright 2021 B\n{base}",  # the same text but for its copyright line
+        "c": " ".join(words[:200] + [f"x{i}" for i in range(100)]),  # two thirds of a's windows: a near-copy
+        "d": " ".join(words[:100] + [f"y{i}" for i in range(200)]),  # a third: its own text
+        "e": other,
+    }
+    paths = []
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        paths.append(tmp_path / name)
+    kept = corpora._read_unique(paths, min_chars=10)
+    assert kept == [files["a"], files["d"], files["e"]]
+
+
 def test_redoing_a_stage_forgets_what_it_and_later_stages_wrote():
     from engine.run.pipeline import _forget_results
 

@@ -15,7 +15,8 @@ N = 13  # words per sequence
 HIGH = 0.5  # a share from which a run warns (licences: 0.94 in one install, 0.29 in another; docstrings: 0.06)
 
 
-def _grams(text: str, n: int):
+def word_windows(text: str, n: int = N):
+    """The text's n-word windows (whitespace-split words), in order."""
     words = text.split()
     return (tuple(words[i:i + n]) for i in range(len(words) - n + 1))
 
@@ -27,12 +28,12 @@ def ngram_overlap(heldout: list[str], reference: list[str], n: int = N) -> dict:
     memory; the reference is streamed."""
     positions: dict[tuple, int] = {}
     for doc in heldout:
-        for g in _grams(doc, n):
+        for g in word_windows(doc, n):
             positions[g] = positions.get(g, 0) + 1
     total = sum(positions.values())
     found: set[tuple] = set()
     for doc in reference:
-        for g in _grams(doc, n):
+        for g in word_windows(doc, n):
             if g in positions:
                 found.add(g)
         if len(found) == len(positions):
