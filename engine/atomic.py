@@ -287,7 +287,7 @@ def _swap_in(target: str | os.PathLike, fill: Callable[[Path], Any], commit: Cal
         fill(tmp)
         commit(tmp, target)
     except BaseException as e:
-        full = _full(target, tmp, needed=needed(target)) if _caused_by_full_disk(e) else None
+        full = _full(target, tmp, needed=needed(target)) if _caused_by_full_disk(e, target) else None
         _discard(tmp)
         if full is not None:
             raise full from None
@@ -295,9 +295,17 @@ def _swap_in(target: str | os.PathLike, fill: Callable[[Path], Any], commit: Cal
     return target
 
 
-def _caused_by_full_disk(e: BaseException) -> bool:
+_LOW_WATER = 16 << 20  # bytes: a write that failed with less than this free ran out of space
+
+
+def _caused_by_full_disk(e: BaseException, target: Path | None = None) -> bool:
     """ENOSPC itself, or a library's error wrapping it (safetensors and torch re-raise as
-    RuntimeError with the OS message)."""
+    RuntimeError with the OS message), or a write error of any wording while the disk holding
+    `target` is all but full: torch's zip writer reports a short write as "unexpected pos"."""
+    if target is not None and isinstance(e, (OSError, RuntimeError)):
+        free = free_bytes(target.parent)
+        if free is not None and free < _LOW_WATER:
+            return True
     seen = 0
     while e is not None and seen < 5:
         if isinstance(e, DiskFull) or is_disk_full(e):

@@ -289,6 +289,19 @@ def test_a_real_full_tmpfs_is_disk_full_with_the_old_copy_intact(tmp_path):
         assert not folder.exists() and _temps(disk) == [] and sorted(p.name for p in disk.iterdir()) == ["stats.bin"]
 
 
+def test_torch_save_onto_a_full_tmpfs_is_disk_full(tmp_path):
+    """torch's zip writer reports a short write as "unexpected pos", without the OS message (a
+    recovery checkpoint died that way on a full disk): it must still read as DiskFull."""
+    import torch
+
+    with small_tmpfs(tmp_path / "disk", "1m") as disk:
+        folder = disk / "checkpoint"
+        with pytest.raises(atomic.DiskFull, match=f"disk full writing {folder}") as ei:
+            atomic.write_dir(folder, lambda tmp: torch.save({"w": torch.randn(1 << 19)}, tmp / "state.pt"))
+        assert ei.value.free is not None and ei.value.free < (1 << 20) and "\n" not in ei.value.line()
+        assert not folder.exists() and _temps(disk) == []
+
+
 @pytest.mark.process
 def test_a_session_on_a_real_small_tmpfs_fails_in_one_line_and_resumes_elsewhere(tmp_path):
     """A tiny model's session on a 96 KiB tmpfs: the config, state, events and calibration
