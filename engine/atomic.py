@@ -8,9 +8,9 @@ ones a dead process left (`remove_stale`), so a kill -9 mid-write costs no disk 
 Small files are written through `.<name>.tmp<pid>.<random>`; `remove_orphans(folder)`
 removes every dead writer's temp in a folder (a session's, when it is opened).
 
-A full disk (ENOSPC, EDQUOT) is a `DiskFull` error, one line with the path, the bytes the
-write needed and the bytes free, and the fix; the temp is removed and the previous copy
-of the target stays as it was.
+A full disk (ENOSPC, EDQUOT, or a library's write error of any wording while under 16 MiB is
+free there) is a `DiskFull` error, one line with the path, the bytes the write needed and the
+bytes free, and the fix; the temp is removed and the previous copy of the target stays as it was.
 """
 
 from __future__ import annotations
