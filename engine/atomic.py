@@ -298,11 +298,11 @@ def _swap_in(target: str | os.PathLike, fill: Callable[[Path], Any], commit: Cal
 _LOW_WATER = 16 << 20  # bytes: a write that failed with less than this free ran out of space
 
 
-def _caused_by_full_disk(e: BaseException, target: Path | None = None) -> bool:
+def _caused_by_full_disk(e: BaseException, target: Path) -> bool:
     """ENOSPC itself, or a library's error wrapping it (safetensors and torch re-raise as
     RuntimeError with the OS message), or a write error of any wording while the disk holding
     `target` is all but full: torch's zip writer reports a short write as "unexpected pos"."""
-    if target is not None and isinstance(e, (OSError, RuntimeError)):
+    if isinstance(e, (OSError, RuntimeError)):
         free = free_bytes(target.parent)
         if free is not None and free < _LOW_WATER:
             return True

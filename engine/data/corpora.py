@@ -46,7 +46,7 @@ def licenses() -> list[str]:
             s = str(f)
             if _LICENSE_NAME.search(s) and not s.endswith((".py", ".pyc", ".pyi")) and ".dist-info" in s:
                 found.append((name, s, Path(dist.locate_file(f))))
-    paths = [p for *_, p in sorted(found, key=lambda t: (t[0], t[1], str(t[2])))]
+    paths = [p for *_, p in sorted(found)]
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     paths += [stdlib / "LICENSE.txt", Path(sys.base_prefix) / "LICENSE.txt"]
     common = Path("/usr/share/common-licenses")

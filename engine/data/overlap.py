@@ -2,17 +2,17 @@
 
 The splits are document-disjoint, which is not enough for a corpus of near-copies: licence
 variants (Apache, MIT, BSD, each many times with other copyright lines; `builtin:licenses`
-now drops them with these windows) share most of their word sequences across splits. After recovery on such a
-corpus, held-out bits per byte measure recall of the fine-tune text as much as the domain;
-recovery by cross-entropy on that very text then looks better than distillation. This module
-puts a number on it: the share of the held-out text's word n-grams (13 words, the window of
+now drops them with these windows) share most of their word sequences across splits. After
+recovery on such a corpus, held-out bits per byte measure recall of the fine-tune text as much
+as the domain; recovery by cross-entropy on that very text then looks better than
+distillation. This module puts a number on it: the share of the held-out text's word n-grams (13 words, the window of
 GPT-3's contamination check) that also occur in the reference text.
 """
 
 from __future__ import annotations
 
 N = 13  # words per sequence
-HIGH = 0.5  # a share from which a run warns (licences before near-copies were dropped: 0.29-0.94; now 0.08; docstrings 0.06)
+HIGH = 0.5  # a share from which a run warns (licences: 0.29-0.94 with near-copies, 0.08 without; docstrings 0.06)
 
 
 def word_windows(text: str, n: int = N):
