@@ -138,6 +138,7 @@ class FinetuneConfig:
     kd_temperature: float = 1.0  # softmax temperature of both distributions (the KL is scaled by T^2)
     kd_ce_weight: float = 0.0  # kd loss = KL + kd_ce_weight x CE
     teacher_steps: int = 0  # teacher correction: fine-tune the unpruned model this many steps first (0 = off)
+    teacher_lr: float = 0.0  # the teacher correction's learning rate (0 = finetune.lr)
     control: bool = False  # also recover the unpruned model with the same budget and loss (the honest control)
 
 
@@ -298,6 +299,9 @@ def _check_finetune(ft: FinetuneConfig, cal: CalibrateConfig) -> None:
         raise MinigptError("finetune.warmup_steps, eval_every, checkpoint_every, lora_rank and "
                            "calibrate.checkpoint_every must not be negative", "use 0 to turn one off")
     _choice("finetune.loss", ft.loss, LOSSES)
+    if ft.teacher_lr < 0:
+        raise MinigptError(f"finetune.teacher_lr = {ft.teacher_lr} is negative",
+                           "set finetune.teacher_lr > 0 (e.g. 2e-4), or 0 to use finetune.lr")
     if not ft.kd_temperature > 0 or ft.kd_ce_weight < 0 or ft.teacher_steps < 0:
         raise MinigptError(f"finetune.kd_temperature = {ft.kd_temperature}, kd_ce_weight = {ft.kd_ce_weight}, "
                            f"teacher_steps = {ft.teacher_steps} are invalid",

@@ -30,7 +30,12 @@ goal, at the quality it costs (its sessions tagged `-s{10X}`, its files `-sX`).
 
 Usage: .venv/bin/python scripts/compress_table.py --root /tmp/compress --out docs/results/compress_smollm2
        [--budgets 0.5 0.7] [--corpus builtin:licenses] [--steps 48] [--only mlp] [--teacher-steps 32]
-       [--only mix --speedup 2.0] [--kd-ce-weight 1.0]
+       [--only mix --speedup 2.0] [--kd-ce-weight 1.0] [--lr 6e-4]
+
+With --lr X every recovery (CE, KD, KD + CE and the control) runs at learning rate X, while the
+teacher correction stays at the table's 2e-4 (`finetune.teacher_lr`), so the rows start from the
+same corrected teacher as the default table's (files tagged `-lrX`). A root holds one setting: a
+session made with other settings is refused, never read back as this table's.
 """
 
 from __future__ import annotations
@@ -47,7 +52,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def base_config(corpus: str, steps: int, name: str, model: str = "embedded:smollm2", teacher_steps: int = 0) -> dict:
+LR = 2e-4  # the table's recovery learning rate, and always its teacher correction's
+
+
+def base_config(corpus: str, steps: int, name: str, model: str = "embedded:smollm2", teacher_steps: int = 0,
+                lr: float = LR) -> dict:
     return {
         "name": name, "seed": 0,
         "model": {"source": model},
@@ -55,10 +64,10 @@ def base_config(corpus: str, steps: int, name: str, model: str = "embedded:smoll
         "calibrate": {"block_size": 512, "max_tokens": 16384, "batch_size": 4},
         "prune": {"mode": "structural", "criterion": "wanda", "compensation": "lstsq", "rule": "ratio",
                   "allocation": "per_layer"},
-        "finetune": {"enabled": True, "lr": 2e-4, "schedule": "cosine", "warmup_steps": 4, "batch_size": 4,
+        "finetune": {"enabled": True, "lr": lr, "schedule": "cosine", "warmup_steps": 4, "batch_size": 4,
                      "block_size": 256, "max_steps": steps, "eval_every": steps,
                      "checkpoint_every": max(steps // 2, 1), "keep_checkpoints": 1, "target_ppl_ratio": 0.0,
-                     "teacher_steps": teacher_steps},
+                     "teacher_steps": teacher_steps, **({"teacher_lr": LR} if lr != LR else {})},
         "evaluate": {"block_size": 512, "max_tokens": 8192, "batch_size": 4, "mcq_generate": 100},
     }
 
@@ -112,8 +121,27 @@ def ensure(root: Path, name: str, cfg_dict: dict):
 
     path = root / name
     if path.exists():
-        return session_mod.open_session(path)
+        return _reused(session_mod.open_session(path), cfg_dict)
     return session_mod.create(config_mod.from_dict(cfg_dict), root=root, name=name)
+
+
+def _reused(session, cfg_dict: dict):
+    """An existing session is resumed only when it was made with the settings asked for: another
+    step count or learning rate in the same root used to be read back as this table's rows."""
+    from engine import config as config_mod
+
+    want, have = config_mod.from_dict(cfg_dict).to_dict(), session.config().to_dict()
+    for d in (want, have):  # which session of a root runs the control depends on the order the tables ran
+        d.get("finetune", {}).pop("control", None)
+    for section in sorted(set(want) | set(have)):
+        w, h = want.get(section), have.get(section)
+        if w != h:
+            key = next((f"{section}.{k}" for k in sorted(set(w or {}) | set(h or {}))
+                        if (w or {}).get(k) != (h or {}).get(k)), section) if isinstance(w, dict) else section
+            print(f"error: {session.path} was made with other settings ({key} differs) — give this table "
+                  "another --root, or repeat the settings it was made with", file=sys.stderr)
+            raise SystemExit(2)
+    return session
 
 
 def done(session, stage: str) -> bool:
@@ -149,11 +177,11 @@ def _copy(ce, root: Path, name: str, cfg_dict: dict, finetune: dict):
     from engine.run import session as session_mod
 
     path = root / name
+    cfg = {**cfg_dict, "name": name, "finetune": {**cfg_dict["finetune"], **finetune}}
     if not path.exists():
         shutil.copytree(ce.path, path, ignore=shutil.ignore_patterns("checkpoints", "runner.lock", "*.tmp*"))
-        cfg = {**cfg_dict, "name": name, "finetune": {**cfg_dict["finetune"], **finetune}}
         atomic.write_text(path / session_mod.CONFIG_FILE, config_mod.from_dict(cfg).to_toml())
-    return session_mod.open_session(path)
+    return _reused(session_mod.open_session(path), cfg)
 
 
 def _has_control(root: Path, name: str) -> bool:
@@ -199,7 +227,13 @@ def main() -> None:
                          "in MACs per token a candidate must reach (0 = off)")
     ap.add_argument("--kd-ce-weight", type=float, default=0.0,
                     help="also recover each pruned model by KD + this weight x CE (a third copy, -kc; 0 = off)")
+    ap.add_argument("--lr", type=float, default=LR,
+                    help=f"recovery learning rate of every recovered row and the control (the teacher correction "
+                         f"stays at {LR:g}); use its own --root")
     args = ap.parse_args()
+    if not args.lr > 0:
+        print("error: --lr must be > 0 — give a learning rate, e.g. 2e-4", file=sys.stderr)
+        raise SystemExit(2)
     if args.kd_ce_weight < 0:
         print("error: --kd-ce-weight must be >= 0 — give the CE term's weight, e.g. 1.0", file=sys.stderr)
         raise SystemExit(2)
@@ -208,7 +242,8 @@ def main() -> None:
     # the output files' names: corpus, teacher and kept shares, so another budget's table does not replace this one
     tag = (corpus_tag + (f"-t{args.teacher_steps}" if args.teacher_steps else "")
            + "".join(f"-{int(round(100 * b))}" for b in args.budgets)
-           + (f"-s{args.speedup:g}" if args.speedup else "") + (f"-kc{args.kd_ce_weight:g}" if args.kd_ce_weight else ""))
+           + (f"-s{args.speedup:g}" if args.speedup else "") + (f"-kc{args.kd_ce_weight:g}" if args.kd_ce_weight else "")
+           + (f"-lr{args.lr:g}" if args.lr != LR else ""))
     for b in args.budgets:  # a name too long stops here, before any run
         for var in ("mlp", "mix"):
             session_name(corpus_tag, args.teacher_steps, var, b, args.speedup)
@@ -219,7 +254,7 @@ def main() -> None:
             if args.only and var != args.only:
                 continue
             cfg = base_config(args.corpus, args.steps, session_name(corpus_tag, args.teacher_steps, var, b, args.speedup),
-                              args.model, args.teacher_steps)
+                              args.model, args.teacher_steps, args.lr)
             cfg["prune"].update(keys)
             # the first variant of the first budget runs the control, unless this root has it already
             first = var == (args.only or "mlp")
@@ -270,10 +305,10 @@ def write(out: Path, tag: str, rows: list[dict], args, seconds: float, corpus_sh
     atomic.write_text(out / f"{tag}.csv", buf.getvalue())
     base = rows[0]["params"] or 1
     lines = [f"Corpus `{args.corpus}`, SmolLM2-135M-Instruct fp32 on CPU; recovery {args.steps} steps x 4 x 256 "
-             f"tokens ({args.steps * 1024:,} tokens) for every recovered row; held-out bits per byte and ppl "
+             f"tokens ({args.steps * 1024:,} tokens, lr {args.lr:g}) for every recovered row; held-out bits per byte and ppl "
              f"(8,192 tokens), generated MCQ (100 questions, acc ± SE)"
              + (f"; every pruned row pruned from, and distilled from, a teacher first fine-tuned {args.teacher_steps}"
-                f" CE steps (the control: that teacher after the same recovery)" if args.teacher_steps else "")
+                f" CE steps at lr {LR:g} (the control: that teacher after the same recovery)" if args.teacher_steps else "")
              + (f"; corpus sha256 {corpus_sha256[:16]}" if corpus_sha256 else "")
              + (f"; {overlap:.0%} of the held-out 13-word windows occur in the fine-tune split"
                 if overlap is not None else "")

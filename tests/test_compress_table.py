@@ -36,13 +36,17 @@ def _corpus(folder: Path, docs: int = 120, seed: int = 0) -> Path:
 
 def _table(root: Path, out: Path, model: Path, corpus: Path, *extra: str) -> list[dict]:
     """Runs the script as a user does (its own interpreter, from the repository root)."""
-    r = subprocess.run([sys.executable, str(SCRIPTS / "compress_table.py"), "--root", str(root), "--out", str(out),
+    r = _run(root, out, model, corpus, *extra)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return list(csv.DictReader(open(next(out.glob("*.csv")))))
+
+
+def _run(root: Path, out: Path, model: Path, corpus: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPTS / "compress_table.py"), "--root", str(root), "--out", str(out),
                         "--budgets", "0.8", "--corpus", str(corpus), "--steps", "2", "--only", "mlp",
                         "--model", str(model), *extra],
                        cwd=SCRIPTS.parent, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    return list(csv.DictReader(open(next(out.glob("*.csv")))))
 
 
 def test_teacher_corrected_table_and_its_own_control(tmp_path):
@@ -79,6 +83,18 @@ def test_teacher_corrected_table_and_its_own_control(tmp_path):
     plain = _table(root, tmp_path / "out", model, corpus)
     assert [r["row"] for r in plain][:2] == ["(a) unpruned", "(b) unpruned + same recovery (CE)"]
     assert plain[1]["bpb"] != rows[2]["bpb"]  # its own control, not the corrected teacher's
+
+    # a root holds one setting: the same table at another recovery lr is refused, not read back as its rows
+    r = _run(root, tmp_path / "out-lr", model, corpus, "--teacher-steps", "2", "--lr", "1e-3")
+    assert r.returncode == 2 and "finetune.lr differs" in r.stderr and "another --root" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "out-lr").exists()
+    # in a root of its own it runs: every recovery at that lr, from the very same corrected teacher
+    fast = _table(tmp_path / "root-lr", tmp_path / "out-lr", model, corpus, "--teacher-steps", "2", "--lr", "1e-3")
+    res = session_mod.open_session(tmp_path / "root-lr" / "corpus-t2-mlp-80-ce").results()
+    assert res["teacher"]["lr"] == 2e-4 and res["finetune"]["lr"] == res["control"]["lr"] == 1e-3
+    assert fast[1]["row"].startswith("(a') corrected teacher") and fast[1]["bpb"] == rows[1]["bpb"]
+    assert fast[2]["bpb"] != rows[2]["bpb"]  # the control recovered at the other lr
+    assert (tmp_path / "out-lr" / "corpus-t2-80-lr0.001.md").is_file()
 
 
 def test_session_names_fit_the_store_and_keep_the_control_prefix():

@@ -163,12 +163,24 @@ def test_the_resume_fingerprint_holds_the_loss_keys(tmp_path):
         return recovery._fingerprint(types.SimpleNamespace(cfg=c, results={}), job, 32, 10)
 
     base = fp(cfg)
-    for key, value in (("loss", "ce"), ("kd_temperature", 2.0), ("kd_ce_weight", 0.1), ("teacher_steps", 3)):
+    for key, value in (("loss", "ce"), ("kd_temperature", 2.0), ("kd_ce_weight", 0.1), ("teacher_steps", 3),
+                       ("teacher_lr", 1e-4)):
         other = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, **{key: value}))
         assert fp(other) != base, key
+    # teacher_lr came later: at its default (0, finetune.lr) it is not in the fingerprint, so
+    # checkpoints written before the key existed still resume
+    assert "teacher_lr" not in base["finetune"] and "teacher_steps" in base["finetune"]
     # the control is a later stage: switching it on does not invalidate the pruned model's checkpoints
     on = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, control=True))
     assert fp(on) == base
+
+
+def test_a_negative_teacher_lr_is_refused_in_one_line(tmp_path):
+    from engine.errors import MinigptError
+
+    with pytest.raises(MinigptError) as e:
+        ft_case.config(tmp_path, "llama", finetune={"teacher_steps": 4, "teacher_lr": -1e-4})
+    assert "finetune.teacher_lr = -0.0001 is negative" in e.value.line() and "0 to use finetune.lr" in e.value.line()
 
 
 def test_kd_says_where_its_teacher_puts_the_floor():
@@ -198,7 +210,7 @@ def test_kd_says_where_its_teacher_puts_the_floor():
 
 
 # ---- the stages end to end ---------------------------------------------------------------------------
-KD = {"loss": "kd", "kd_temperature": 2.0, "kd_ce_weight": 0.5, "teacher_steps": 4, "control": True}
+KD = {"loss": "kd", "kd_temperature": 2.0, "kd_ce_weight": 0.5, "teacher_steps": 4, "teacher_lr": 1e-3, "control": True}
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +245,8 @@ def test_teacher_correction_kd_and_the_control_run_end_to_end(kd_run):
     assert (sess.path / "teacher" / "config.json").is_file()
     assert models["teacher"]["ppl"] < models["base"]["ppl"]
     assert res["teacher"]["steps"] == 4 and res["teacher"]["loss"] == "ce"
+    # the teacher trains at its own learning rate (finetune.teacher_lr), the recoveries at finetune.lr
+    assert res["teacher"]["lr"] == 1e-3 and res["finetune"]["lr"] == res["control"]["lr"] == cfg.finetune.lr == 3e-3
     assert res["teacher"]["path"] == str(sess.path / "teacher")
     # pruning started from it: the calibrated model is the teacher (its params, its bits per byte)
     assert models["base"]["vocab_bpb"] == pytest.approx(models["teacher"]["bpb"], rel=1e-6)
@@ -246,6 +260,8 @@ def test_teacher_correction_kd_and_the_control_run_end_to_end(kd_run):
     trains = [e for e in ft_case.events(sess) if e["type"] == "train"]
     assert all("kl" in e and "ce" in e for e in trains if e.get("stage", "finetune") != "teacher")
     assert not any("kl" in e for e in trains if e.get("stage") == "teacher")  # teacher correction is CE
+    assert 0 < max(e["lr"] for e in trains if e.get("stage") == "teacher") <= 1e-3
+    assert max(e["lr"] for e in trains if e.get("stage") == "control") > 1e-3
     # the control: the corrected teacher, the pruned model's budget, the same loss, evaluated like it
     c = res["control"]
     assert c["start"] == "teacher" and c["steps"] == ft["steps"] and c["tokens"] == ft["tokens"]

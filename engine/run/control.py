@@ -44,7 +44,8 @@ def stage_teacher(ctx) -> None:
     f = ctx.cfg.finetune
     model = ctx.base_model()
     ctx.model_is = ""  # trained in place below: no longer the base model
-    cfg = dataclasses.replace(f, loss="ce", max_steps=f.teacher_steps, max_epochs=0.0, target_ppl_ratio=0.0)
+    cfg = dataclasses.replace(f, loss="ce", max_steps=f.teacher_steps, max_epochs=0.0, target_ppl_ratio=0.0,
+                              lr=f.teacher_lr or f.lr)
     base_ppl = ctx.results.get("models", {}).get("base", {}).get("ppl")
     job = recovery.Job("teacher", model, ctx.tokenizer, ctx.domain(), cfg, teacher_mod.checkpoints(ctx.session),
                        before=None, after="teacher", base_ppl=base_ppl, total_steps=f.teacher_steps)

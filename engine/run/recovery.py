@@ -181,6 +181,8 @@ def _fingerprint(ctx, job: Job, block_size: int, n_blocks: int) -> dict:
     from engine.train.finetune import RESUMABLE_KEYS
 
     f = {k: v for k, v in dataclasses.asdict(ctx.cfg.finetune).items() if k not in RESUMABLE_KEYS}
+    if not f["teacher_lr"]:  # added later: absent at its default, so checkpoints written before it still resume
+        del f["teacher_lr"]
     fp = {"finetune": f, "seed": ctx.cfg.seed, "model": ctx.cfg.model.source,
           "data": dataclasses.asdict(ctx.cfg.data), "prune": dataclasses.asdict(ctx.cfg.prune),
           "widths": ctx.results.get("prune", {}).get("widths"), "block_size": block_size, "blocks": n_blocks}
