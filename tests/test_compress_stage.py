@@ -87,3 +87,25 @@ def test_a_speed_floor_limits_the_search_to_mixes_that_reach_it(tmp_path):
     with open(s.path / "search.csv") as f:
         assert all(float(r["mac_speedup"]) >= 1.7 for r in csv.DictReader(f))
     assert any("estimated ≥ 1.7x faster" in (e.get("message") or e.get("text") or "") for e in s.events())
+
+
+@pytest.mark.parametrize("candidates", [1, 2])
+def test_the_budget_prices_and_tries_the_vocabulary_cut_the_keep_rule_makes(tmp_path, candidates):
+    """With `vocab_rule = "heldout"` and a row budget, the search priced (and tried) ε_emb's cut
+    while the stage then cut to `vocab_rows`: the model missed the size the search chose for it
+    (20,512 parameters where the chosen mix said 20,896). One plan now serves all three."""
+    cfg = _cfg(tmp_path, target_params=0.7, search_axes=["mlp", "vocab"], search_candidates=candidates,
+               search_steps=1, vocab_rule="heldout", vocab_prior=0.0, vocab_rows=290)
+    s = ft_case.session(tmp_path, f"vocab{candidates}", cfg)
+    res = pipeline.run(s, stages=PRE)
+    search = res["search"]
+    assert 0 < search["vocab_rows_cut"] <= 290
+    if candidates > 1:  # each candidate pruned on a copy: its real size is the one priced
+        assert any("no vocab" not in r["label"] for r in search["candidates"])
+        assert all(r["params"] == r["estimated_params"] for r in search["candidates"])
+    if "no vocab" not in search["chosen"]["label"]:
+        assert res["vocab"]["rows_after"] == res["vocab"]["heldout"]["chosen_rows"] == search["vocab_rows_cut"]
+    else:
+        assert "vocab" not in res
+    assert res["models"]["pruned"]["params"] == search["chosen"]["estimated_params"]
+    assert size.count_params(export.load_model(s.model_dir)) == res["models"]["pruned"]["params"]

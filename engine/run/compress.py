@@ -87,21 +87,22 @@ def chosen_config(p, mix):
 
 
 # ---- the search ------------------------------------------------------------------------------------
-def search(ctx, model, stats, struct, calib, retokenize, sensitivities=None):
+def search(ctx, model, stats, struct, calib, retokenize, vocab_cut, sensitivities=None):
     """Candidates within the budget, each pruned on a copy, distilled for `search_steps` and
     measured in held-out bits per byte; returns the best `budget.Mix`. Writes the table.
     `calib()`: the calibration blocks; `retokenize(tokenizer)`: the fine-tune split's ids under
-    a pruned tokenizer."""
+    a pruned tokenizer; `vocab_cut(ε_emb)`: (plan, counts) of the vocabulary cut the prune stage
+    makes (`stages.vocab_plan`: the keep rule's, `vocab_rows` included), priced and tried as is."""
     from engine.models import adapters, size
-    from engine.prune import budget, vocab
+    from engine.prune import budget
 
     p = ctx.cfg.prune
     rows_cut = 0
     if "vocab" in p.search_axes and stats.token_counts is not None:
-        rows_cut = int(vocab.plan(ctx.tokenizer, stats.token_counts, 0.0, model).keep.numel())
+        rows_cut = int(vocab_cut(0.0)[0].keep.numel())
     costs = budget.costs(model, adapters.for_model(model), rows_cut)
     if "vocab" not in p.search_axes and p.embedding_threshold >= 0 and stats.token_counts is not None:
-        costs.vocab_rows = int(vocab.plan(ctx.tokenizer, stats.token_counts, p.embedding_threshold, model).keep.numel())
+        costs.vocab_rows = int(vocab_cut(p.embedding_threshold)[0].keep.numel())
     total = size.count_params(model)
     target = budget.target_count(total, p.target_params)
     context = ctx.cfg.evaluate.block_size  # the speed floor is estimated for a prefill of this length
@@ -117,7 +118,7 @@ def search(ctx, model, stats, struct, calib, retokenize, sensitivities=None):
     if len(cands) == 1:
         trials = [budget.Trial(cands[0][0], cands[0][1])]
     else:
-        trial = _trial(ctx, model, stats, struct, calib, retokenize, sensitivities)
+        trial = _trial(ctx, model, stats, struct, calib, retokenize, vocab_cut, sensitivities)
         trials = budget.search(cands, trial,
                                progress=lambda d, n, r: ctx.rep.progress("prune", d, n, "items", r, phase="search"),
                                stop=ctx.rep.check_stop)
@@ -147,7 +148,7 @@ def _write_csv(path, rows: list[dict]) -> None:
     atomic.write_text(path, buf.getvalue())
 
 
-def _trial(ctx, model, stats, struct, calib, retokenize, sensitivities):
+def _trial(ctx, model, stats, struct, calib, retokenize, vocab_cut, sensitivities):
     """The candidate's score: prune a copy, distil it from the unpruned model for
     `search_steps` steps on the fine-tune split, then held-out bits per byte."""
     from engine.data.domain import blocks as to_blocks
@@ -169,8 +170,10 @@ def _trial(ctx, model, stats, struct, calib, retokenize, sensitivities):
         pc = chosen_config(p, mix)
         tok, keep_ids = ctx.tokenizer, None
         if pc.embedding_threshold >= 0:
-            keep_ids = vocab.plan(ctx.tokenizer, stats.token_counts, pc.embedding_threshold, model).keep
-            student, tok, _ = vocab.prune_vocabulary(student, ctx.tokenizer, stats.token_counts, pc.embedding_threshold)
+            cut, counts = vocab_cut(pc.embedding_threshold)
+            keep_ids = cut.keep
+            student, tok, _ = vocab.prune_vocabulary(student, ctx.tokenizer, counts, pc.embedding_threshold,
+                                                     the_plan=cut)
         if pc.ratio > 0:
             plan = prune_mlp.select_and_compensate(student, stats, pc, calib,
                                                    ctx.cfg.calibrate.batch_size, ctx.cfg.seed,

@@ -40,6 +40,7 @@ class Context:
     model_is: str = ""  # "base" | "teacher" (corrected, engine.run.teacher) | "pruned" | "finetuned"
     masks: dict = field(default_factory=dict)
     vocab_keep: object = None  # a pruned vocabulary's kept ids (new id i = old id keep[i]), saved with the model
+    vocab_cut: tuple | None = None  # (ε_emb, stages.vocab_plan's answer): the prune stage's one vocabulary plan
     dist: Dist = field(default_factory=Dist)  # under torchrun: this rank (every rank runs every stage)
     finetune_overlap: dict = field(default_factory=dict)  # the held-out text's overlap with the fine-tune split
 
@@ -312,8 +313,9 @@ def stage_prune(ctx: Context) -> None:
                                            "prune", d, n, "items", phase=what),
                                        dist=ctx.dist) if "mlp" in p.search_axes else None
         retokenize = lambda tok: load_domain(ctx.cfg, ctx.cfg.data, tok, ctx.calib_block_size()).finetune  # noqa: E731
+        vocab_cut = lambda eps: vocab_plan(ctx, model, stats, eps)[:2]  # noqa: E731
         p = compress.chosen_config(p, compress.search(ctx, model, stats, struct, lambda: _calib_blocks(ctx),
-                                                      retokenize, sens))
+                                                      retokenize, vocab_cut, sens))
     widths_before = adapters.for_model(model).widths()
     # mask mode counts nonzero parameters before and after: a base model may hold exact zeros
     # already (a dequantised GGUF: 325k in SmolLM2), which no pruning removed
@@ -368,9 +370,16 @@ def _same_on_every_rank(ctx: Context, report: dict) -> None:
                            "minigpt prune SESSION, then resume under torchrun")
 
 
-def _prune_vocabulary(ctx: Context, model, stats, threshold: float):
+def vocab_plan(ctx: Context, model, stats, threshold: float):
+    """The vocabulary cut this run makes: (plan, the counts it ranks by, the held-out rule's
+    record or None), made once per prune stage from the unpruned model, so the budget search
+    prices and tries the very cut the stage then applies (it used to price ε_emb's cut whatever
+    `vocab_rule` said). "seen": the ε_emb threshold's plan; "heldout": the ranked cut, sized by
+    validation documents or to `vocab_rows`."""
     from engine.prune import vocab
 
+    if ctx.vocab_cut is not None and ctx.vocab_cut[0] == threshold:
+        return ctx.vocab_cut[1]
     p = ctx.cfg.prune
     counts, chosen, rule = stats.token_counts, None, None
     if p.vocab_rule == "heldout":
@@ -396,8 +405,18 @@ def _prune_vocabulary(ctx: Context, model, stats, threshold: float):
                                                                                       phase="vocabulary cut"))
             ctx.rep.log(f"vocabulary rule heldout: {len(rule['candidates'])} cuts tried on "
                         f"{rule['validation_bytes']:,} validation bytes; kept {rule['chosen_rows']:,} rows")
+    out = (chosen or vocab.plan(ctx.tokenizer, counts, threshold, model)), counts, rule
+    ctx.vocab_cut = (threshold, out)
+    return out
+
+
+def _prune_vocabulary(ctx: Context, model, stats, threshold: float):
+    from engine.prune import vocab
+
+    p = ctx.cfg.prune
+    chosen, counts, rule = vocab_plan(ctx, model, stats, threshold)
     # the kept ids (the same plan prune_vocabulary makes): distillation maps the student's ids to the teacher's
-    ctx.vocab_keep = (chosen or vocab.plan(ctx.tokenizer, counts, threshold, model)).keep
+    ctx.vocab_keep = chosen.keep
     model, ctx.tokenizer, info = vocab.prune_vocabulary(model, ctx.tokenizer, counts, threshold,
                                                         held_out=ctx.domain().eval_texts, eval_cfg=ctx.cfg.evaluate,
                                                         the_plan=chosen)
