@@ -30,12 +30,15 @@ goal, at the quality it costs (its sessions tagged `-s{10X}`, its files `-sX`).
 
 Usage: .venv/bin/python scripts/compress_table.py --root /tmp/compress --out docs/results/compress_smollm2
        [--budgets 0.5 0.7] [--corpus builtin:licenses] [--steps 48] [--only mlp] [--teacher-steps 32]
-       [--only mix --speedup 2.0] [--kd-ce-weight 1.0] [--lr 6e-4]
+       [--only mix --speedup 2.0] [--kd-ce-weight 1.0] [--lr 6e-4] [--vocab-rows 12288]
 
 With --lr X every recovery (CE, KD, KD + CE and the control) runs at learning rate X, while the
 teacher correction stays at the table's 2e-4 (`finetune.teacher_lr`), so the rows start from the
-same corrected teacher as the default table's (files tagged `-lrX`). A root holds one setting: a
-session made with other settings is refused, never read back as this table's.
+same corrected teacher as the default table's (files tagged `-lrX`). With --vocab-rows N the
+vocabulary is cut to N rows ranked by domain count plus the unpruned model's expected counts
+(`vocab_rule = "heldout"`, `vocab_rows`), not to the ids the domain used, and the budget takes
+the rest from the other axes (files tagged `-vN`). A root holds one setting: a session made with
+other settings is refused, never read back as this table's.
 """
 
 from __future__ import annotations
@@ -227,10 +230,18 @@ def main() -> None:
                          "in MACs per token a candidate must reach (0 = off)")
     ap.add_argument("--kd-ce-weight", type=float, default=0.0,
                     help="also recover each pruned model by KD + this weight x CE (a third copy, -kc; 0 = off)")
+    ap.add_argument("--vocab-rows", type=int, default=0,
+                    help="cut the vocabulary to this many rows, ranked by domain count plus the model's prior "
+                         "(prune.vocab_rule = \"heldout\", vocab_rows), not to the ids the domain used "
+                         "(0 = that default); use its own --root")
     ap.add_argument("--lr", type=float, default=LR,
                     help=f"recovery learning rate of every recovered row and the control (the teacher correction "
                          f"stays at {LR:g}); use its own --root")
     args = ap.parse_args()
+    if args.vocab_rows < 0:
+        print("error: --vocab-rows must be >= 0 — give a row count, e.g. 12288, or 0 for the ids the domain used",
+              file=sys.stderr)
+        raise SystemExit(2)
     if not args.lr > 0:
         print("error: --lr must be > 0 — give a learning rate, e.g. 2e-4", file=sys.stderr)
         raise SystemExit(2)
@@ -243,7 +254,7 @@ def main() -> None:
     tag = (corpus_tag + (f"-t{args.teacher_steps}" if args.teacher_steps else "")
            + "".join(f"-{int(round(100 * b))}" for b in args.budgets)
            + (f"-s{args.speedup:g}" if args.speedup else "") + (f"-kc{args.kd_ce_weight:g}" if args.kd_ce_weight else "")
-           + (f"-lr{args.lr:g}" if args.lr != LR else ""))
+           + (f"-lr{args.lr:g}" if args.lr != LR else "") + (f"-v{args.vocab_rows}" if args.vocab_rows else ""))
     for b in args.budgets:  # a name too long stops here, before any run
         for var in ("mlp", "mix"):
             session_name(corpus_tag, args.teacher_steps, var, b, args.speedup)
@@ -256,6 +267,8 @@ def main() -> None:
             cfg = base_config(args.corpus, args.steps, session_name(corpus_tag, args.teacher_steps, var, b, args.speedup),
                               args.model, args.teacher_steps, args.lr)
             cfg["prune"].update(keys)
+            if args.vocab_rows:
+                cfg["prune"].update(vocab_rule="heldout", vocab_rows=args.vocab_rows)
             # the first variant of the first budget runs the control, unless this root has it already
             first = var == (args.only or "mlp")
             control = i == 0 and first and not args.kd_only and not _has_control(args.root, cfg["name"])
@@ -309,6 +322,8 @@ def write(out: Path, tag: str, rows: list[dict], args, seconds: float, corpus_sh
              f"(8,192 tokens), generated MCQ (100 questions, acc ± SE)"
              + (f"; every pruned row pruned from, and distilled from, a teacher first fine-tuned {args.teacher_steps}"
                 f" CE steps at lr {LR:g} (the control: that teacher after the same recovery)" if args.teacher_steps else "")
+             + (f"; the vocabulary cut to {args.vocab_rows:,} rows ranked by domain count and the model's prior"
+                if args.vocab_rows else "")
              + (f"; corpus sha256 {corpus_sha256[:16]}" if corpus_sha256 else "")
              + (f"; {overlap:.0%} of the held-out 13-word windows occur in the fine-tune split"
                 if overlap is not None else "")

@@ -89,12 +89,17 @@ def test_teacher_corrected_table_and_its_own_control(tmp_path):
     assert r.returncode == 2 and "finetune.lr differs" in r.stderr and "another --root" in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1 and not (tmp_path / "out-lr").exists()
     # in a root of its own it runs: every recovery at that lr, from the very same corrected teacher
-    fast = _table(tmp_path / "root-lr", tmp_path / "out-lr", model, corpus, "--teacher-steps", "2", "--lr", "1e-3")
+    # (and the vocabulary cut to a row budget ranked with the model's prior, --vocab-rows)
+    fast = _table(tmp_path / "root-lr", tmp_path / "out-lr", model, corpus, "--teacher-steps", "2", "--lr", "1e-3",
+                  "--vocab-rows", "290")
     res = session_mod.open_session(tmp_path / "root-lr" / "corpus-t2-mlp-80-ce").results()
     assert res["teacher"]["lr"] == 2e-4 and res["finetune"]["lr"] == res["control"]["lr"] == 1e-3
     assert fast[1]["row"].startswith("(a') corrected teacher") and fast[1]["bpb"] == rows[1]["bpb"]
     assert fast[2]["bpb"] != rows[2]["bpb"]  # the control recovered at the other lr
-    assert (tmp_path / "out-lr" / "corpus-t2-80-lr0.001.md").is_file()
+    assert res["vocab"]["rule"] == "heldout" and res["vocab"]["rows_after"] == res["search"]["vocab_rows_cut"] <= 290
+    first = session_mod.open_session(root / "corpus-t2-mlp-80-ce").results()
+    assert first["vocab"]["rule"] == "seen" and first["vocab"]["rows_after"] != res["vocab"]["rows_after"]
+    assert (tmp_path / "out-lr" / "corpus-t2-80-lr0.001-v290.md").is_file()
 
 
 def test_session_names_fit_the_store_and_keep_the_control_prefix():
