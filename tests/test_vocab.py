@@ -633,3 +633,31 @@ def test_smollm2_vocabulary_pruning_is_exact_on_kept_text():
                 break
     assert same > 500
     assert new.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).startswith("<|im_start|>")
+
+
+@pytest.mark.process
+def test_vocab_cost_prices_the_cut_alone_on_the_sessions_own_bytes(tmp_path):
+    """scripts/vocab_cost.py: the session's unpruned model with only its vocabulary cut. The ε_emb
+    = 0 row is the cut the prune stage makes (the same rows and the same held-out bits per byte
+    as the session's own vocab record); a row budget ranked both ways keeps at most that many rows."""
+    import ft_case
+    from engine.run import pipeline
+
+    cfg = ft_case.config(tmp_path, "llama", prune={"embedding_threshold": 0.0, "ratio": 0.0},
+                         finetune={"enabled": False})
+    s = ft_case.session(tmp_path, "vc", cfg)
+    with ft_case.single_thread():
+        res = pipeline.run(s, stages=["baseline", "calibrate", "prune"])
+    script = Path(__file__).resolve().parent.parent / "scripts" / "vocab_cost.py"
+    out = tmp_path / "cost.json"
+    r = subprocess.run([sys.executable, str(script), str(s.path), "--rows", "316", "--prior", "0.3", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    seen, freq, prior = rows
+    assert seen["rows"] == res["vocab"]["rows_after"] and seen["params_removed"] == res["vocab"]["params_saved"]
+    assert seen["bpb_uncut"] == pytest.approx(res["models"]["base"]["bpb"], rel=1e-5)
+    assert seen["rows"] <= freq["rows"] <= 316 and prior["rows"] <= 316
+    assert freq["coverage"] >= seen["coverage"] and all(x["bpb"] > 0 for x in rows)
+    bad = subprocess.run([sys.executable, str(script), str(s.path), "--rows", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--rows" in bad.stderr
